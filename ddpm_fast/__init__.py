@@ -1,0 +1,42 @@
+"""ddpm-fast: fast, verified DDPM sampling.
+
+Imports nothing heavy: Triton, onnxruntime and the U-Net are loaded where they are used.
+"""
+
+from __future__ import annotations
+
+from ddpm_fast.schedule import Schedule, spaced_timesteps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule",
+    "spaced_timesteps",
+    "sample",
+    "UNet",
+    "UNetConfig",
+    "load_model",
+    "save_model",
+    "default_model",
+    "__version__",
+]
+
+# name -> module that defines it; resolved on first attribute access (PEP 562).
+_LAZY = {
+    "sample": "ddpm_fast.sampling",
+    "UNet": "ddpm_fast.unet",
+    "UNetConfig": "ddpm_fast.unet",
+    "load_model": "ddpm_fast.checkpoint",
+    "save_model": "ddpm_fast.checkpoint",
+    "default_model": "ddpm_fast.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")

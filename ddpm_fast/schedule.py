@@ -1,0 +1,171 @@
+"""Noise schedules: every table in float64, named after its formula (Ho et al. 2020, Nichol & Dhariwal 2021).
+
+Timesteps are 0-based: index i of every table is the model timestep t = i (the paper's t = i + 1).
+A respaced schedule keeps a subset of the original timesteps and rebuilds its betas from the kept
+alphas_cumprod, so a sampler walks it exactly like a full schedule; `timesteps[i]` is the original
+timestep that index i stands for, and is what the model is called with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["Schedule", "spaced_timesteps"]
+
+_F64 = torch.float64
+
+
+def _as_betas(betas) -> torch.Tensor:
+    if isinstance(betas, torch.Tensor):
+        b = betas.detach().to("cpu", _F64)
+    else:
+        try:
+            b = torch.as_tensor(betas, dtype=_F64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"betas must be a 1-D sequence of floats; got {type(betas).__name__}") from e
+    if b.ndim != 1 or b.numel() < 1:
+        raise ValueError(f"betas must be a non-empty 1-D sequence; got shape {tuple(b.shape)}")
+    if not torch.isfinite(b).all():
+        raise ValueError("betas must be finite; got NaN or Inf")
+    if not ((b > 0) & (b < 1)).all():
+        bad = b[(b <= 0) | (b >= 1)][0].item()
+        raise ValueError(f"betas must lie in (0, 1); got {bad!r}")
+    return b
+
+
+class Schedule:
+    """A DDPM noise schedule over `num_timesteps` steps; build with `linear`, `cosine` or raw betas."""
+
+    def __init__(self, betas, *, timesteps: Sequence[int] | None = None, spec: dict | None = None):
+        b = _as_betas(betas)
+        T = b.numel()
+        self.betas = b
+        # The original timestep each index stands for (identity unless respaced).
+        ts = torch.arange(T, dtype=torch.int64) if timesteps is None else torch.as_tensor(timesteps)
+        if ts.shape != (T,):
+            raise ValueError(f"timesteps must have one entry per beta ({T}); got shape {tuple(ts.shape)}")
+        self.timesteps = ts.to(torch.int64)
+        self.spec = dict(spec) if spec is not None else {"kind": "betas", "betas": b.tolist()}
+
+        # q(x_t | x_0)
+        self.alphas = 1.0 - b
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=_F64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log1p(-self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+
+        # q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta-tilde is 0 at t = 0; improved-diffusion clips the log with its value at t = 1.
+        pv = self.posterior_variance
+        first = pv[1] if T > 1 else b[0]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first.reshape(1), pv[1:]]))
+        self.posterior_mean_coef1 = b * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+        """DDPM's linear betas, scaled as improved-diffusion does when T != 1000 is not wanted: plain linspace."""
+        T = _check_T(num_timesteps)
+        if not (0 < beta_start < 1 and 0 < beta_end < 1):
+            raise ValueError(f"beta_start and beta_end must lie in (0, 1); got {beta_start}, {beta_end}")
+        betas = torch.linspace(beta_start, beta_end, T, dtype=_F64)
+        spec = {"kind": "linear", "num_timesteps": T, "beta_start": beta_start, "beta_end": beta_end}
+        return cls(betas, spec=spec)
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+        """Improved DDPM: alphabar(t) = cos^2((t/T + s)/(1 + s) * pi/2); beta_t = min(1 - abar(t+1)/abar(t), max_beta)."""
+        T = _check_T(num_timesteps)
+        if not 0 < max_beta < 1:
+            raise ValueError(f"max_beta must lie in (0, 1); got {max_beta}")
+
+        def abar(u):
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)]
+        spec = {"kind": "cosine", "num_timesteps": T, "s": s, "max_beta": max_beta}
+        return cls(torch.tensor(betas, dtype=_F64), spec=spec)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> Schedule:
+        """Inverse of `spec`: {"kind": "linear"|"cosine"|"betas", ...}."""
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise ValueError(f"schedule spec must be a dict with a 'kind'; got {spec!r}")
+        kind = spec["kind"]
+        args = {k: v for k, v in spec.items() if k != "kind"}
+        if kind == "linear":
+            return cls.linear(**args)
+        if kind == "cosine":
+            return cls.cosine(**args)
+        if kind == "betas":
+            return cls(args["betas"])
+        raise ValueError(f"schedule kind must be 'linear', 'cosine' or 'betas'; got {kind!r}")
+
+    # ------------------------------------------------------------------ respacing
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"Schedule(T={self.num_timesteps}, spec={self.spec.get('kind')})"
+
+    def respace(self, timesteps: Sequence[int]) -> Schedule:
+        """Keep `timesteps` (indices into this schedule); beta_i = 1 - abar[k_i] / abar[k_{i-1}] (improved-diffusion)."""
+        kept = check_timesteps(timesteps, self.num_timesteps)
+        abar = self.alphas_cumprod[kept]
+        prev = torch.cat([torch.ones(1, dtype=_F64), abar[:-1]])
+        betas = 1.0 - abar / prev
+        return Schedule(betas, timesteps=self.timesteps[kept], spec=self.spec)
+
+
+def _check_T(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_timesteps must be a positive int; got {T!r}")
+    return T
+
+
+def check_timesteps(timesteps, T: int) -> torch.Tensor:
+    """Validate an explicit list of kept timesteps (any order) and return it sorted ascending, int64."""
+    try:
+        ts = torch.as_tensor(list(timesteps) if not isinstance(timesteps, torch.Tensor) else timesteps)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"timesteps must be a sequence of ints; got {timesteps!r}") from e
+    if ts.ndim != 1 or ts.numel() == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence; got shape {tuple(ts.shape)}")
+    if ts.is_floating_point() or ts.dtype == torch.bool:
+        if ts.dtype == torch.bool or not torch.equal(ts, ts.round()):
+            raise TypeError(f"timesteps must be integers; got {ts.tolist()}")
+    ts = ts.to(torch.int64).cpu()
+    if ((ts < 0) | (ts >= T)).any():
+        bad = ts[(ts < 0) | (ts >= T)][0].item()
+        raise ValueError(f"timesteps must lie in [0, {T - 1}]; got {bad}")
+    srt = torch.sort(ts).values
+    if srt.numel() > 1 and (srt[1:] == srt[:-1]).any():
+        raise ValueError(f"timesteps must not repeat; got {ts.tolist()}")
+    return srt
+
+
+def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps spread evenly over [0, T-1], both ends kept: round(i (T-1)/(steps-1)).
+
+    This is improved-diffusion's `space_timesteps(T, [steps])` (one section); for steps == T it is all of them.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int; got {type(steps).__name__}")
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}]; got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (steps - 1)
+    return [round(i * stride) for i in range(steps)]
