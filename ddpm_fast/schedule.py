@@ -67,7 +67,9 @@ class Schedule:
         first = pv[1] if T > 1 else b[0]
         self.posterior_log_variance_clipped = torch.log(torch.cat([first.reshape(1), pv[1:]]))
         self.posterior_mean_coef1 = b * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        )
 
     # ------------------------------------------------------------------ constructors
     @classmethod
