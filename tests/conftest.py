@@ -1,0 +1,22 @@
+"""Test set-up: without CUDA, Triton kernels run through Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before Triton is first imported, so it is decided here, at collection start.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run by benchmarks/gpu_check.py)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
