@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.errors import Unavailable
 from ddpm_fast.schedule import Schedule, check_timesteps, spaced_timesteps
 from ddpm_fast.steps import METHODS, VARIANCES, StepTable, build_step_table
 
@@ -130,7 +131,7 @@ def make_plan(
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"device must name a torch device; got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} was asked for but CUDA is not available")
+        raise Unavailable(f"device {device} was asked for but CUDA is not available")
     return Plan(
         shape=shape,
         schedule=run_schedule,

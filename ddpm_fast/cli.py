@@ -1,0 +1,107 @@
+"""`ddpm-fast` command line. Each subcommand lives in its own module with `add_arguments(p)` and `run(args) -> int`.
+
+A user error (bad option, missing file, unavailable device) prints one line to stderr and exits 2;
+set DDPM_FAST_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from ddpm_fast.errors import Unavailable, UserError
+
+# name -> (module, one-line help, examples)
+COMMANDS = {
+    "sample": (
+        "ddpm_fast.generate",
+        "sample images (a PNG grid, a folder of PNGs, an .npz, or a sharded run directory)",
+        "ddpm-fast sample\n  ddpm-fast sample --num 16 --steps 250 --out grid.png\n"
+        "  ddpm-fast sample --model ckpt/ --num 50000 --batch-size 256 --out run/",
+    ),
+    "merge": (
+        "ddpm_fast.generate",
+        "merge the shards of a sharded run into one .npz in index order",
+        "ddpm-fast merge run/ samples.npz",
+    ),
+    "train": (
+        "ddpm_fast.train",
+        "train a DDPM (digits, an image folder or an .npz)",
+        "ddpm-fast train --data digits --steps 2000 --out runs/digits",
+    ),
+    "convert": (
+        "ddpm_fast.convert_cmd",
+        "convert a diffusers UNet2DModel or pipeline directory to the native format",
+        "ddpm-fast convert ./ddpm-cifar10-32 ./cifar10-native",
+    ),
+    "export": (
+        "ddpm_fast.export.cli",
+        "export a model (or a whole sampling step) to ONNX",
+        "ddpm-fast export ckpt/ model.onnx\n  ddpm-fast export ckpt/ step.onnx --step",
+    ),
+    "bench": (
+        "ddpm_fast.bench",
+        "benchmark the backends side by side",
+        "ddpm-fast bench --device cpu --out bench/",
+    ),
+    "info": (
+        "ddpm_fast.info",
+        "versions, devices and which backends are available (and why not)",
+        "ddpm-fast info",
+    ),
+}
+
+
+USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast, verified DDPM sampling.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_, examples) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog="examples:\n  " + examples,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # a part not installed: say so when the command is used
+            p.set_defaults(_missing=f"'{name}' is unavailable: {e}")
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"ddpm-fast: error: {args._missing}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("ddpm-fast: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("DDPM_FAST_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ddpm-fast {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
