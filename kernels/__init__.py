@@ -1,0 +1,44 @@
+"""Fused sampling-step kernels (Triton) and their torch twin; installed as `ddpm_fast.kernels`.
+
+Importing this package never imports Triton; the Triton module loads on the first fused launch.
+
+One step of a run, for row `step` of a `ddpm_fast.steps.StepTable` (DDPM fixed_small / fixed_large /
+learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
+
+    coefs, timesteps = table.to(device)               # float32 [S, 8], int64 [S], built once per run
+    counter = make_step_counter(0, device)            # int64 [1], read on the device
+    for _ in range(S):
+        eps = model(x, timesteps[counter])            # (engine's business)
+        posterior_step(x, eps, coefs, timesteps, counter, seed=seed, start_index=start_index,
+                       clip_range=1.0, learned=table.learned, out=x, advance=True)
+
+- `posterior_step(...)`: the public entry. Triton when `use_triton(x)` (x on CUDA, or TRITON_INTERPRET=1),
+  else the torch twin; a missing Triton falls back with one logged line. `ddpm_step` is the same function;
+  `ddim_step` fixes learned=False.
+- `step_torch(...)`: the twin, same signature; compiles with torch.compile(fullgraph=True) (no `.item()`).
+- `step_triton(...)`: the fused kernel, forced (RuntimeError without Triton or a CUDA tensor).
+- `make_step_counter(start, device)`: the device counter `advance=True` increments inside the launch, so one
+  CUDA graph replays every step.
+"""
+
+from ddpm_fast.kernels.step import (
+    check_step_args,
+    ddim_step,
+    ddpm_step,
+    make_step_counter,
+    posterior_step,
+    step_torch,
+    step_triton,
+    use_triton,
+)
+
+__all__ = [
+    "posterior_step",
+    "ddpm_step",
+    "ddim_step",
+    "step_torch",
+    "step_triton",
+    "use_triton",
+    "make_step_counter",
+    "check_step_args",
+]

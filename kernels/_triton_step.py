@@ -1,0 +1,212 @@
+"""The fused posterior-step Triton kernel and its launcher. Imported only when Triton is used.
+
+One launch computes, for a whole batch, x_{t-1} from x_t and the model output (formula in
+`ddpm_fast.steps`), drawing z in registers from the counter-based Philox of `ddpm_fast.noise`:
+the noise never touches memory. Bytes moved per element: read x, read eps (and v when learned),
+write x_{t-1}.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ddpm_fast.steps import C_EPS, C_X0, C_XT, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
+
+__all__ = ["launch_step"]
+
+# Counter lanes per program: each lane makes 4 normals, so a program updates 4 * BLOCK elements.
+# 1024 lanes with 4 warps gives each thread 8 contiguous elements per quarter (vectorised 16 B loads when Q
+# is a multiple of 16, as it is for 3x32x32 and 3x256x256). Not yet tuned on a GPU.
+MAX_BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _philox_normals(seed, q, n, slot):
+    """Four float32 normals per counter lane q of sample n, noise slot `slot` (ddpm_fast.noise formula)."""
+    zero = q.to(tl.uint32) * 0
+    n64 = n.to(tl.int64)
+    c1 = zero + n64.to(tl.uint32)
+    c2 = zero + slot.to(tl.uint32)
+    c3 = zero + (n64 >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, q.to(tl.uint32), c1, c2, c3)
+    z0, z1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    z2, z3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _quarter(
+    x_ptr,
+    m_ptr,
+    out_ptr,
+    e,
+    mask,
+    z,
+    sra,
+    srm1,
+    c_x0,
+    c_xt,
+    c_eps,
+    sigma,
+    min_log,
+    max_log,
+    N,
+    clip_r,
+    LEARNED: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    """Update the elements e (int64 offsets inside one row, already shifted to the row) of one quarter."""
+    x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(m_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    x0 = sra * x - srm1 * eps
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_r), clip_r)
+    if LEARNED:
+        # improved DDPM: log-variance interpolated between beta-tilde (MIN_LOG) and beta (MAX_LOG)
+        v = tl.load(m_ptr + N + e, mask=mask, other=0.0).to(tl.float32)
+        f = (v + 1.0) * 0.5
+        std = sigma * tl.exp(0.5 * (f * max_log + (1.0 - f) * min_log))
+    else:
+        std = sigma
+    y = c_x0 * x0 + c_xt * x + c_eps * eps + std * z
+    tl.store(out_ptr + e, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_kernel(
+    x_ptr,
+    m_ptr,
+    out_ptr,
+    coefs_ptr,
+    ts_ptr,
+    step_ptr,
+    seed,
+    start_index,
+    N,
+    Q,
+    blocks_per_row,
+    m_row,
+    clip_r,
+    LEARNED: tl.constexpr,
+    CLIP: tl.constexpr,
+    ADVANCE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # 1-D grid, row-major over (sample row, block of counter lanes): any batch size fits (a 2-D grid
+    # would cap the batch at 65535).
+    pid = tl.program_id(0)
+    row = pid // blocks_per_row
+    blk = pid - row * blocks_per_row
+
+    if ADVANCE:
+        # The int64 counter holds step in its low 32 bits and a ticket in its high 32 bits (zero between
+        # launches). Each program reads the step through its own atomic, which also takes a ticket; the
+        # program holding the last ticket is ordered after every other program's read, so it alone moves
+        # the counter to (step + 1, ticket 0). One launch, no separate increment kernel.
+        nprog = tl.num_programs(0).to(tl.int64)
+        old = tl.atomic_add(step_ptr, 1 << 32, sem="acq_rel")
+        step = old & 0xFFFFFFFF
+        last = (old >> 32) == nprog - 1
+        tl.atomic_add(step_ptr, 1 - (nprog << 32), mask=last, sem="acq_rel")
+    else:
+        step = tl.load(step_ptr).to(tl.int64)
+
+    c = coefs_ptr + step * 8
+    sra = tl.load(c + SRA)
+    srm1 = tl.load(c + SRM1)
+    c_x0 = tl.load(c + C_X0)
+    c_xt = tl.load(c + C_XT)
+    c_eps = tl.load(c + C_EPS)
+    sigma = tl.load(c + SIGMA)
+    min_log = tl.load(c + MIN_LOG)
+    max_log = tl.load(c + MAX_LOG)
+    slot = tl.load(ts_ptr + step)
+
+    q = blk * BLOCK + tl.arange(0, BLOCK)
+    lane = q < Q
+    n = start_index.to(tl.int64) + row.to(tl.int64)
+
+    z0 = tl.zeros([BLOCK], dtype=tl.float32)
+    z1 = z0
+    z2 = z0
+    z3 = z0
+    if sigma != 0.0:  # SIGMA = 0 (last step, DDIM eta = 0): the noise term vanishes, skip the Philox rounds
+        z0, z1, z2, z3 = _philox_normals(seed, q, n, slot)
+
+    row64 = row.to(tl.int64)
+    xr = x_ptr + row64 * N
+    mr = m_ptr + row64 * m_row
+    orow = out_ptr + row64 * N
+    e0 = q.to(tl.int64)
+    e1 = e0 + Q
+    e2 = e1 + Q
+    e3 = e2 + Q
+    _quarter(
+        xr, mr, orow, e0, lane & (e0 < N), z0, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
+        LEARNED, CLIP,
+    )  # fmt: skip
+    _quarter(
+        xr, mr, orow, e1, lane & (e1 < N), z1, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
+        LEARNED, CLIP,
+    )  # fmt: skip
+    _quarter(
+        xr, mr, orow, e2, lane & (e2 < N), z2, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
+        LEARNED, CLIP,
+    )  # fmt: skip
+    _quarter(
+        xr, mr, orow, e3, lane & (e3 < N), z3, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
+        LEARNED, CLIP,
+    )  # fmt: skip
+
+
+def _block_for(Q: int) -> int:
+    """Smallest power of two covering Q lanes, at least 16 and at most MAX_BLOCK."""
+    return max(16, min(MAX_BLOCK, triton.next_power_of_2(Q)))
+
+
+def launch_step(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
+    step: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    seed: int,
+    start_index: int,
+    clip_range: float | None,
+    learned: bool,
+    advance: bool,
+) -> torch.Tensor:
+    """Launch `_step_kernel` on arguments already validated by ``ddpm_fast.kernels.step.check_step_args``."""
+    B = x.shape[0]
+    N = x.numel() // B
+    Q = (N + 3) // 4
+    BLOCK = _block_for(Q)
+    blocks_per_row = triton.cdiv(Q, BLOCK)
+    grid = (blocks_per_row * B,)
+    clip = clip_range is not None
+    _step_kernel[grid](
+        x,
+        model_out,
+        out,
+        coefs,
+        timesteps,
+        step,
+        seed,
+        start_index,
+        N,
+        Q,
+        blocks_per_row,
+        model_out.numel() // B,
+        float(clip_range) if clip else 0.0,
+        LEARNED=learned,
+        CLIP=clip,
+        ADVANCE=advance,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    return out

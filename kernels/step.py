@@ -1,0 +1,354 @@
+"""The posterior step x_t -> x_{t-1}: validation, the torch twin, and the one branch that picks Triton or the twin.
+
+With eps and v the two halves of the model output (v only for learned_range) and c = coefs[step]:
+
+    x0      = clamp(c.SRA * x_t - c.SRM1 * eps, -r, r)          (no clamp when clip_range is None)
+    sigma   = c.SIGMA                                           (learned=False)
+            = c.SIGMA * exp(0.5 (f c.MAX_LOG + (1 - f) c.MIN_LOG)), f = (v + 1) / 2      (learned=True)
+    x_{t-1} = c.C_X0 * x0 + c.C_XT * x_t + c.C_EPS * eps + sigma * z
+    z[i, e] = ddpm_fast.noise.normals(seed, start_index + i, slot = timesteps[step], e)
+
+All arithmetic is float32 whatever the storage dtype; the result is rounded once to x's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from ddpm_fast import noise
+from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
+
+__all__ = [
+    "posterior_step",
+    "ddpm_step",
+    "ddim_step",
+    "step_torch",
+    "step_triton",
+    "use_triton",
+    "make_step_counter",
+    "check_step_args",
+]
+
+log = logging.getLogger("ddpm_fast")
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
+    """A device step counter for `advance=True`: int64, shape [1], value `start`."""
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**31:
+        raise ValueError(f"start must be an int in [0, 2**31); got {start!r}")
+    return torch.full((1,), start, dtype=torch.int64, device=device)
+
+
+def check_step_args(
+    x, model_out, coefs, timesteps, step, *, seed, start_index, clip_range, learned, out, advance
+) -> tuple[torch.Tensor, float | None]:
+    """Validate one step's arguments; returns (out tensor, clip_range or None). Errors name argument and value."""
+    for name, t in (("x", x), ("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if x.ndim < 2 or x.numel() == 0:
+        raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
+    if x.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if model_out.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"model_out must be float32, float16 or bfloat16; got {model_out.dtype}")
+    C = x.shape[1]
+    two_c = (x.shape[0], 2 * C, *x.shape[2:])
+    if learned and tuple(model_out.shape) != two_c:
+        raise ValueError(
+            f"model_out must have 2C channels {two_c} when learned=True; got {tuple(model_out.shape)}"
+        )
+    if tuple(model_out.shape) not in (tuple(x.shape), two_c):
+        raise ValueError(
+            f"model_out must have x's shape {tuple(x.shape)} (or {two_c} with a variance half); "
+            f"got {tuple(model_out.shape)}"
+        )
+    if (
+        coefs.dtype != torch.float32
+        or coefs.ndim != 2
+        or coefs.shape[1] != len(COLUMNS)
+        or coefs.shape[0] < 1
+    ):
+        raise ValueError(
+            f"coefs must be a float32 [S, {len(COLUMNS)}] table (StepTable.to(device)); "
+            f"got {coefs.dtype} {tuple(coefs.shape)}"
+        )
+    S = coefs.shape[0]
+    if timesteps.dtype != torch.int64 or tuple(timesteps.shape) != (S,):
+        raise ValueError(
+            f"timesteps must be int64 of shape ({S},); got {timesteps.dtype} {tuple(timesteps.shape)}"
+        )
+    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
+    if isinstance(step, torch.Tensor):
+        if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
+            raise ValueError(
+                f"step must be an int or a one-element int32/int64 tensor; got {step.dtype} {tuple(step.shape)}"
+            )
+        if advance and (step.dtype != torch.int64 or not step.is_contiguous()):
+            raise ValueError(
+                f"advance=True needs an int64 step counter (make_step_counter); got {step.dtype}"
+            )
+        tensors.append(("step", step))
+    elif isinstance(step, int) and not isinstance(step, bool):
+        if not 0 <= step < S:
+            raise ValueError(f"step must lie in [0, {S}); got {step}")
+        if advance:
+            raise ValueError("advance=True needs a step tensor to advance; got an int step")
+    else:
+        raise TypeError(f"step must be an int or an int tensor; got {type(step).__name__}")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
+    tensors.append(("out", out))
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    for name, t in (
+        ("x", x),
+        ("model_out", model_out),
+        ("coefs", coefs),
+        ("timesteps", timesteps),
+        ("out", out),
+    ):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
+            )
+    noise.check_seed(seed)
+    if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
+        raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+    if start_index + x.shape[0] > 2**63:
+        raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
+    if clip_range is not None:
+        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
+        if clip_range == float("inf"):
+            clip_range = None
+    return out, (None if clip_range is None else float(clip_range))
+
+
+# ------------------------------------------------------------------------------------------------ twin
+
+
+def step_torch(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
+    step,
+    *,
+    seed: int,
+    start_index: int = 0,
+    clip_range: float | None = None,
+    learned: bool = False,
+    out: torch.Tensor | None = None,
+    advance: bool = False,
+) -> torch.Tensor:
+    """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
+
+    Tables are indexed with the step tensor (index_select), never `.item()`, so the function compiles with
+    `torch.compile(fullgraph=True)` and a device-resident counter works unchanged.
+    """
+    out, clip_range = check_step_args(
+        x,
+        model_out,
+        coefs,
+        timesteps,
+        step,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=learned,
+        out=out,
+        advance=advance,
+    )
+    B = x.shape[0]
+    N = x.numel() // B
+    if isinstance(step, torch.Tensor):
+        idx = step.reshape(1).to(torch.int64)
+        c = coefs.index_select(0, idx)  # [1, 8]
+        slot = timesteps.index_select(0, idx)
+    else:
+        c = coefs[step : step + 1]
+        slot = timesteps[step : step + 1]
+
+    def col(k):
+        return c[:, k : k + 1]  # [1, 1], broadcasts over [B, N]
+
+    m = model_out.reshape(B, -1)
+    xf = x.reshape(B, N).float()
+    eps = m[:, :N].float()
+    x0 = col(SRA) * xf - col(SRM1) * eps
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    sigma = col(SIGMA)
+    if learned:
+        f = (m[:, N:].float() + 1.0) * 0.5
+        sigma = sigma * torch.exp(0.5 * (f * col(MAX_LOG) + (1.0 - f) * col(MIN_LOG)))
+    n = torch.arange(start_index, start_index + B, dtype=torch.int64, device=x.device)
+    z = noise.normals(seed, n, slot, N)
+    y = col(C_X0) * x0 + col(C_XT) * xf + col(C_EPS) * eps + sigma * z
+    out.copy_(y.reshape(x.shape))
+    if advance:
+        step.add_(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    log.warning("fused step kernel unavailable (%s); using the torch twin", reason)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The one choice: Triton when x is on CUDA (or TRITON_INTERPRET=1 runs it on CPU) and Triton imports."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    if not _triton_importable():
+        _log_fallback("triton is not installed")
+        return False
+    return True
+
+
+def step_triton(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
+    step,
+    *,
+    seed: int,
+    start_index: int = 0,
+    clip_range: float | None = None,
+    learned: bool = False,
+    out: torch.Tensor | None = None,
+    advance: bool = False,
+) -> torch.Tensor:
+    """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers."""
+    if not _triton_importable():
+        raise RuntimeError("step_triton needs triton, which is not installed")
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError(f"step_triton needs a CUDA tensor (or TRITON_INTERPRET=1); x is on {x.device}")
+    out, clip_range = check_step_args(
+        x,
+        model_out,
+        coefs,
+        timesteps,
+        step,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=learned,
+        out=out,
+        advance=advance,
+    )
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((1,), step, dtype=torch.int64, device=x.device)
+    from ddpm_fast.kernels._triton_step import launch_step
+
+    return launch_step(
+        x,
+        model_out,
+        coefs,
+        timesteps,
+        step,
+        out,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=learned,
+        advance=advance,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+
+def posterior_step(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
+    step,
+    *,
+    seed: int,
+    start_index: int = 0,
+    clip_range: float | None = None,
+    learned: bool = False,
+    out: torch.Tensor | None = None,
+    advance: bool = False,
+) -> torch.Tensor:
+    """x_{t-1} for row `step` of a StepTable (formula in the module docstring); Triton or the twin per `use_triton`.
+
+    x: [B, C, ...] float32/float16/bfloat16; model_out: eps [B, C, ...] or (eps | v) [B, 2C, ...], any of those
+    dtypes; coefs: float32 [S, 8] and timesteps: int64 [S] from `StepTable.to(device)`; step: an int, or a
+    one-element int tensor on x's device read on the device (advance=True adds 1 to it, int64 only);
+    out: where to write (may be x), else a new tensor. Returns out.
+    """
+    fn = step_triton if use_triton(x) else step_torch
+    return fn(
+        x,
+        model_out,
+        coefs,
+        timesteps,
+        step,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=learned,
+        out=out,
+        advance=advance,
+    )
+
+
+# DDPM (fixed_small, fixed_large, learned_range) uses posterior_step as it is.
+ddpm_step = posterior_step
+
+
+def ddim_step(
+    x: torch.Tensor,
+    model_out: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
+    step,
+    *,
+    seed: int,
+    start_index: int = 0,
+    clip_range: float | None = None,
+    out: torch.Tensor | None = None,
+    advance: bool = False,
+) -> torch.Tensor:
+    """DDIM step (Song et al. eq. 12) on a DDIM StepTable: posterior_step with learned=False (v is ignored)."""
+    return posterior_step(
+        x,
+        model_out,
+        coefs,
+        timesteps,
+        step,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=False,
+        out=out,
+        advance=advance,
+    )
