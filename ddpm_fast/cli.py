@@ -58,8 +58,15 @@ COMMANDS = {
 USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast, verified DDPM sampling.")
+    parser = _Parser(prog="ddpm-fast", description="Fast, verified DDPM sampling.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_, examples) in COMMANDS.items():
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError as e:  # a part not installed: say so when the command is used
             p.set_defaults(_missing=f"'{name}' is unavailable: {e}")
             continue
-        mod.add_arguments(p)
+        (getattr(mod, f"add_arguments_{name}", None) or mod.add_arguments)(p)
         p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
     return parser
 
