@@ -326,6 +326,9 @@ class UNet(nn.Module):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"config must be a UNetConfig; got {type(config).__name__}")
         self.config = c = config
+        # Set by ddpm_fast.checkpoint.load_model; ddpm_fast.sample reads its defaults from them.
+        self.schedule = None
+        self.sampling: dict = {}
         ch, L, nl = c.block_out_channels, c.num_levels, c.layers_per_block
         g, eps, dp, td = c.norm_num_groups, c.norm_eps, c.dropout, c.temb_dim
 

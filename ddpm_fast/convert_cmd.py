@@ -1,0 +1,46 @@
+"""`ddpm-fast convert SRC DST`: a diffusers UNet2DModel or pipeline directory (or a native one) -> native format."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("ddpm_fast")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "src", help="diffusers UNet2DModel dir, pipeline dir (unet/ + scheduler/) or native checkpoint"
+    )
+    p.add_argument("dst", help="output directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--variance",
+        choices=("fixed_small", "fixed_large", "learned_range"),
+        help="override the sampling variance stored with the model",
+    )
+    p.add_argument("--no-clip", action="store_true", help="store clip=False (do not clip predicted x0)")
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already at DST")
+
+
+def run(args) -> int:
+    from ddpm_fast.checkpoint import CONFIG_FILE, load_model, save_model
+
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"dst must differ from src; got {dst} for both")
+    if (dst / CONFIG_FILE).exists() and not args.force:
+        raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
+    model = load_model(src)
+    sampling = dict(model.sampling)
+    if args.variance:
+        sampling["variance"] = args.variance
+    if args.no_clip:
+        sampling["clip"] = False
+    save_model(model, dst, sampling=sampling)
+    n = sum(p.numel() for p in model.parameters())
+    sched = "none" if model.schedule is None else f"T={model.schedule.num_timesteps}"
+    print(
+        f"wrote {dst}: {n:,} parameters, schedule {sched}, variance {sampling['variance']}, clip {sampling['clip']}"
+    )
+    return 0
