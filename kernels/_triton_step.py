@@ -38,6 +38,18 @@ def _philox_normals(seed, q, n, slot):
 
 
 @triton.jit
+def _to_bfloat16_rne(y):
+    """float32 -> bfloat16, round to nearest even, in integer ops.
+
+    A plain `.to(tl.bfloat16)` rounds to nearest on a GPU but truncates under the Triton interpreter (3.9),
+    which would make CPU checks of bf16 storage disagree with torch by an ulp; this agrees everywhere.
+    """
+    b = y.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _quarter(
     x_ptr,
     m_ptr,
@@ -57,6 +69,7 @@ def _quarter(
     clip_r,
     LEARNED: tl.constexpr,
     CLIP: tl.constexpr,
+    OUT_BF16: tl.constexpr,
 ):
     """Update the elements e (int64 offsets inside one row, already shifted to the row) of one quarter."""
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
@@ -72,6 +85,8 @@ def _quarter(
     else:
         std = sigma
     y = c_x0 * x0 + c_xt * x + c_eps * eps + std * z
+    if OUT_BF16:
+        y = _to_bfloat16_rne(y)
     tl.store(out_ptr + e, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -92,6 +107,7 @@ def _step_kernel(
     clip_r,
     LEARNED: tl.constexpr,
     CLIP: tl.constexpr,
+    OUT_BF16: tl.constexpr,
     ADVANCE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -127,7 +143,7 @@ def _step_kernel(
 
     q = blk * BLOCK + tl.arange(0, BLOCK)
     lane = q < Q
-    n = start_index.to(tl.int64) + row.to(tl.int64)
+    n = row.to(tl.int64) + start_index  # int64 whatever type Triton gives start_index (1 becomes a constexpr)
 
     z0 = tl.zeros([BLOCK], dtype=tl.float32)
     z1 = z0
@@ -146,19 +162,19 @@ def _step_kernel(
     e3 = e2 + Q
     _quarter(
         xr, mr, orow, e0, lane & (e0 < N), z0, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP,
+        LEARNED, CLIP, OUT_BF16,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e1, lane & (e1 < N), z1, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP,
+        LEARNED, CLIP, OUT_BF16,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e2, lane & (e2 < N), z2, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP,
+        LEARNED, CLIP, OUT_BF16,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e3, lane & (e3 < N), z3, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP,
+        LEARNED, CLIP, OUT_BF16,
     )  # fmt: skip
 
 
@@ -205,6 +221,7 @@ def launch_step(
         float(clip_range) if clip else 0.0,
         LEARNED=learned,
         CLIP=clip,
+        OUT_BF16=out.dtype == torch.bfloat16,
         ADVANCE=advance,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
