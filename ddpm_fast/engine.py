@@ -1,0 +1,577 @@
+"""The `fast` backend: one sampling step as a function of static buffers, compiled, captured, replayed.
+
+A `StepRunner` owns, for one batch size (its bucket), the buffers a step reads and writes: x (float32,
+NCHW), the step table (coefs float32 [S, 8], timesteps int64 [S]) and the device step counter. Its `step()`
+
+    t   = timesteps[counter]                                   (gathered on the device, no host sync)
+    out = U-Net(x, t)                                          (torch.compile; autocast bf16/fp16; channels_last)
+    x   = posterior_step(x, out, coefs, timesteps, counter)    (fused Triton update + Philox noise; counter += 1)
+
+is an ordinary function: on CPU it is called S times; on CUDA it is captured once into a CUDA graph and the
+graph is replayed S times. The update and the state x stay float32 whatever the U-Net's dtype; the result is
+float32. Row i of a batch is global sample start_index + i whatever the batch size: a batch is padded to
+its bucket with rows of their own global indices, which never touch the real rows' noise.
+
+Options (keyword arguments of `df.sample(..., backend="fast")`; environment variables switch them off):
+
+    compile=True         torch.compile the U-Net (and the torch twin of the update)   DDPM_FAST_NO_COMPILE=1
+    compile_mode=None    CUDA: "default"; CPU: "default"                              (see DEFAULT_COMPILE_MODE)
+    cuda_graph=True      capture the step in a CUDA graph (CUDA only)                 DDPM_FAST_NO_CUDA_GRAPH=1
+    triton=True          fused Triton update (CUDA, or CPU under TRITON_INTERPRET=1)  DDPM_FAST_NO_TRITON=1
+    channels_last=True   U-Net input and weights in channels_last (CUDA only; the model's weights are
+                         converted in place, same values)
+    buckets=None         batch sizes to capture; a batch runs in the smallest bucket that holds it, larger
+                         batches are split at the largest. None: a batch reuses an already prepared size
+                         holding it with at most 2x padding, else its own size is prepared.
+
+Warm-up, compile and capture happen once per (model, bucket, image shape, dtype, options) and are reused by
+later calls: the cache is keyed weakly on the model (a module's entry holds a shallow copy sharing its
+submodules and parameters, never the module itself). `counters` counts what was built ("runners",
+"compiles", "captures"). The fused kernel takes seed and start_index as launch arguments, which a CUDA graph
+freezes: a call with a new (seed, start_index) re-captures (one eager warm step plus the capture, about two
+steps' time); the compiled U-Net is reused.
+
+Backend "auto" (`auto_backend`): float64 -> reference. Otherwise it times one eager forward at the plan's
+batch (t_fwd) and estimates the eager run as E = S * t_fwd. CUDA -> fast; compile stays on unless the caller
+set it or E < COMPILE_COST_S["cuda"] (then compile=False: graphs and the fused update still apply). CPU ->
+fast (compiled) when the compiled forward is already cached for this model, or when
+E * (1 - 1 / CPU_COMPILE_SPEEDUP) > COMPILE_COST_S["cpu"], i.e. the time compiling saves exceeds what it
+costs; else reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ddpm_fast import noise
+from ddpm_fast.sampling import Plan, check_model_output
+
+__all__ = [
+    "sample_fast",
+    "auto_backend",
+    "resolve_options",
+    "EngineOptions",
+    "StepRunner",
+    "get_runner",
+    "counters",
+    "clear_cache",
+    "DEFAULT_COMPILE_MODE",
+    "COMPILE_COST_S",
+    "CPU_COMPILE_SPEEDUP",
+]
+
+log = logging.getLogger("ddpm_fast")
+
+# torch.compile mode per device type. "default" on CUDA: we capture the whole step in our own graph, so the
+# cudagraph modes would only nest graphs, and max-autotune's conv/matmul templates rarely beat cuDNN/cuBLAS
+# on this U-Net while adding minutes of autotuning; benchmarks/gpu_check.py measures the alternatives.
+DEFAULT_COMPILE_MODE = {"cuda": "default", "cpu": "default"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# What compiling costs and saves, measured with benchmarks/bench_sampling.py (see benchmarks/README.md).
+# cpu: tiny/digits U-Net + twin, cold inductor cache, 2-core CPU. cuda: not yet measured; a conservative guess.
+COMPILE_COST_S = {"cpu": 40.0, "cuda": 60.0}
+CPU_COMPILE_SPEEDUP = 1.3
+
+ENV_SWITCHES = {
+    "compile": "DDPM_FAST_NO_COMPILE",
+    "cuda_graph": "DDPM_FAST_NO_CUDA_GRAPH",
+    "triton": "DDPM_FAST_NO_TRITON",
+}
+OPTION_NAMES = ("compile", "compile_mode", "cuda_graph", "triton", "channels_last", "buckets")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Eager steps before the first capture: inductor and cuDNN choose kernels on first calls; three is the
+# count the CUDA-graph docs use for warm-up on a side stream.
+WARMUP_STEPS = 3
+
+counters: collections.Counter = collections.Counter()
+_logged: set = set()
+
+
+def _log_once(key: str, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(msg, *args)
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Resolved switches for one call (after arguments, environment and availability)."""
+
+    compile: bool
+    compile_mode: str
+    cuda_graph: bool
+    triton: bool
+    channels_last: bool
+    buckets: tuple[int, ...] | None
+
+
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _bool_option(opts: dict, name: str) -> bool:
+    v = opts.get(name, True)
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool; got {v!r}")
+    return v
+
+
+def resolve_options(plan: Plan) -> EngineOptions:
+    """Validate `plan.options` (errors name the option) and apply environment switches and availability."""
+    opts = plan.options
+    unknown = sorted(set(opts) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
+    dev = plan.device.type
+    on = {name: _bool_option(opts, name) for name in ("compile", "cuda_graph", "triton", "channels_last")}
+    mode = opts.get("compile_mode")
+    if mode is None:
+        mode = DEFAULT_COMPILE_MODE.get(dev, "default")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
+    buckets = opts.get("buckets")
+    if buckets is not None:
+        try:
+            buckets = tuple(sorted({int(b) for b in buckets}))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"buckets must be a sequence of positive ints; got {buckets!r}") from e
+        if not buckets or any(isinstance(b, bool) or b < 1 for b in opts["buckets"]):
+            raise ValueError(
+                f"buckets must be a non-empty sequence of positive ints; got {opts['buckets']!r}"
+            )
+
+    for name, env in ENV_SWITCHES.items():
+        if on[name] and _env_off(env):
+            _log_once(f"env:{name}", "ddpm_fast fast backend: %s off (%s is set)", name, env)
+            on[name] = False
+    if dev != "cuda":
+        if on["cuda_graph"] and "cuda_graph" in opts:
+            _log_once(
+                "graph:device", "ddpm_fast fast backend: cuda_graph applies to CUDA only; running eagerly"
+            )
+        on["cuda_graph"] = False
+        on["channels_last"] = False
+    if on["compile"] and not hasattr(torch, "compile"):
+        _log_once("compile:missing", "ddpm_fast fast backend: torch.compile is unavailable; running eagerly")
+        on["compile"] = False
+    if on["cuda_graph"] and mode in ("reduce-overhead", "max-autotune") and on["compile"]:
+        raise ValueError(
+            f"compile_mode={mode!r} captures its own CUDA graphs; use it with cuda_graph=False, "
+            "or use 'default' / 'max-autotune-no-cudagraphs'"
+        )
+    if on["triton"]:
+        from ddpm_fast.kernels import use_triton
+
+        probe = torch.empty(0, device=plan.device)
+        if not use_triton(probe):  # logs its own reason when Triton is missing
+            on["triton"] = False
+    return EngineOptions(
+        compile=on["compile"],
+        compile_mode=mode,
+        cuda_graph=on["cuda_graph"],
+        triton=on["triton"],
+        channels_last=on["channels_last"],
+        buckets=buckets,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def _set_compile_cache_dir() -> None:
+    """Keep inductor's compiled kernels across processes and reboots (~/.cache/ddpm-fast/inductor)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "ddpm-fast", "inductor")
+
+
+def _model_handle(model):
+    """What the cache may hold: a module's shallow copy shares submodules, parameters and buffers, not the module."""
+    if isinstance(model, torch.nn.Module):
+        return copy.copy(model)
+    return model
+
+
+class _UNetCall(torch.nn.Module):
+    """model(x, t) as the step calls it: channels_last input, autocast, a contiguous NCHW output."""
+
+    def __init__(self, model, amp_dtype: torch.dtype | None, channels_last: bool, device_type: str):
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        self.device_type = device_type
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # cache_enabled=False: autocast's weight-cast cache must not live across CUDA graph capture.
+        with torch.autocast(
+            self.device_type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+            cache_enabled=False,
+        ):
+            out = self.model(x, t)
+        out = getattr(out, "sample", out)  # diffusers' UNet2DOutput
+        return out.contiguous()
+
+
+class _Engine:
+    """Per-model state: the model handle, its (compiled) forwards and the step runners built for it."""
+
+    def __init__(self, model):
+        self.handle = _model_handle(model)
+        self.forwards: dict = {}
+        self.runners: dict = {}
+        self.pool = None  # one CUDA graph memory pool shared by this model's graphs (replayed one at a time)
+
+    def forward(self, amp_dtype, opts: EngineOptions, device_type: str):
+        key = (amp_dtype, opts.channels_last, opts.compile, opts.compile_mode, device_type)
+        fn = self.forwards.get(key)
+        if fn is None:
+            if opts.channels_last and isinstance(self.handle, torch.nn.Module):
+                # In place on the shared parameters (same values): cuDNN's NHWC convs need no per-step transpose.
+                self.handle.to(memory_format=torch.channels_last)
+            fn = _UNetCall(self.handle, amp_dtype, opts.channels_last, device_type)
+            if opts.compile:
+                _set_compile_cache_dir()
+                # dynamic=False: one graph per bucket, as the CUDA graph needs; buckets bound the count.
+                fn = _Compiled(fn, opts.compile_mode, "U-Net", dynamic=False)
+            self.forwards[key] = fn
+        return fn
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNCACHEABLE: dict = {}  # id -> engine for callables that take no weak reference (kept for the process)
+
+
+def _engine_for(model) -> _Engine:
+    try:
+        eng = _ENGINES.get(model)
+    except TypeError:  # not weakly referenceable
+        eng = _UNCACHEABLE.get(id(model))
+        if eng is None:
+            eng = _UNCACHEABLE[id(model)] = _Engine(model)
+        return eng
+    if eng is None:
+        eng = _ENGINES[model] = _Engine(model)
+    if isinstance(model, torch.nn.Module):
+        eng.handle.training = model.training  # the shallow copy's own flag; children are shared
+    return eng
+
+
+def clear_cache() -> None:
+    """Drop every compiled forward, runner and captured graph."""
+    _ENGINES.clear()
+    _UNCACHEABLE.clear()
+
+
+class _Compiled:
+    """torch.compile(fn) whose compile failure falls back to fn with one logged line (a bug in fn still raises)."""
+
+    def __init__(self, fn, mode: str, what: str, **kwargs):
+        self.eager = fn
+        self.fn = torch.compile(fn, mode=mode, **kwargs)
+        self.what = what
+        self.failed = False
+        counters["compiles"] += 1
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # compile errors come in many types (dynamo, inductor, a missing C++ compiler)
+            out = self.eager(*args, **kwargs)  # raises here if fn itself is at fault
+            self.failed = True
+            _log_once(
+                f"compile:{self.what}",
+                "ddpm_fast fast backend: compiling the %s failed (%s: %s); running it eagerly",
+                self.what,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
+            return out
+
+
+_TWINS: dict = {}
+
+
+def _compiled_twin(mode: str):
+    """The torch twin of the update, compiled once per mode (it knows no model)."""
+    if mode not in _TWINS:
+        from ddpm_fast.kernels import step_torch
+
+        _TWINS[mode] = _Compiled(step_torch, mode, "update", fullgraph=True)
+    return _TWINS[mode]
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+class StepRunner:
+    """Static buffers and the step for one batch size; `step()` is what a CUDA graph captures."""
+
+    def __init__(self, engine: _Engine, plan: Plan, opts: EngineOptions, batch: int):
+        from ddpm_fast import kernels
+
+        C, H, W = plan.shape[1:]
+        dev = plan.device
+        self.batch = batch
+        self.device = dev
+        self.opts = opts
+        self.amp_dtype = plan.dtype if plan.dtype in HALF_DTYPES else None
+        self.out_shape = (batch, plan.out_channels, H, W)
+        self.learned = plan.table.learned
+        self.x = torch.zeros((batch, C, H, W), dtype=torch.float32, device=dev)
+        self.counter = kernels.make_step_counter(0, dev)
+        self.coefs = torch.zeros((0, 8), dtype=torch.float32, device=dev)
+        self.timesteps = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.seed, self.start_index, self.clip_range = 0, 0, None
+        self.forward = engine.forward(self.amp_dtype, opts, dev.type)
+        if opts.triton:
+            self.update = kernels.posterior_step
+        elif opts.compile:
+            self.update = _compiled_twin(opts.compile_mode)
+        else:
+            self.update = kernels.step_torch
+        self.engine = engine
+        self.graph = None
+        self.graph_key = None
+        self.checked = False
+        counters["runners"] += 1
+
+    # ---- state
+    def load(self, plan: Plan, coefs: torch.Tensor, timesteps: torch.Tensor, start_index: int) -> None:
+        """x <- x_T of rows start_index .. start_index + batch - 1; counter <- 0; the run's table and scalars."""
+        S = coefs.shape[0]
+        if self.coefs.shape[0] < S:  # grow the table buffers (a captured graph holds the old pointers)
+            self.coefs = torch.zeros((S, 8), dtype=torch.float32, device=self.device)
+            self.timesteps = torch.zeros(S, dtype=torch.int64, device=self.device)
+            self.graph = None
+        self.coefs[:S].copy_(coefs)
+        self.timesteps[:S].copy_(timesteps)
+        self.seed, self.start_index = plan.seed, start_index
+        self.clip_range = plan.clip_range if plan.clip else None
+        self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
+        self.counter.zero_()
+
+    def step(self) -> None:
+        """One reverse step in place: x <- posterior_step(x, U-Net(x, timesteps[counter])); counter += 1."""
+        t = self.timesteps.index_select(0, self.counter).expand(self.batch)
+        out = self.forward(self.x, t)
+        if not self.checked:  # first call only (a host sync): shape and finiteness, errors name the step
+            check_model_output(out, self.out_shape, 0, -1)
+            self.checked = True
+        self.update(
+            self.x,
+            out,
+            self.coefs,
+            self.timesteps,
+            self.counter,
+            seed=self.seed,
+            start_index=self.start_index,
+            clip_range=self.clip_range,
+            learned=self.learned,
+            out=self.x,
+            advance=True,
+        )
+
+    # ---- CUDA graph
+    def _graph_key(self):
+        params = ()
+        handle = self.engine.handle
+        if isinstance(handle, torch.nn.Module):
+            params = tuple(p.data_ptr() for p in handle.parameters())
+        return (self.seed, self.start_index, self.clip_range, self.coefs.data_ptr(), params)
+
+    def ensure_graph(self) -> None:
+        """Capture `step()` unless the graph for these buffers, scalars and weights exists; leaves x, counter as loaded."""
+        key = self._graph_key()
+        if self.graph is not None and self.graph_key == key:
+            return
+        self.graph = None
+        saved_x, saved_counter = self.x.clone(), self.counter.clone()
+        warm = WARMUP_STEPS if self.graph_key is None else 1  # later captures: new launch arguments only
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warm):
+                self.step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.counter.copy_(saved_counter)
+        if self.engine.pool is None:
+            self.engine.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.engine.pool):
+            self.step()
+        # Capture records without running; warm-up ran for real: restore the loaded state.
+        self.x.copy_(saved_x)
+        self.counter.copy_(saved_counter)
+        self.graph, self.graph_key = graph, key
+        counters["captures"] += 1
+
+    def run(self, steps: int, on_step=None) -> None:
+        """`steps` steps from the loaded state: graph replays on CUDA (when enabled), else eager calls."""
+        if self.opts.cuda_graph:
+            self.ensure_graph()
+            do = self.graph.replay
+        else:
+            do = self.step
+        for i in range(steps):
+            do()
+            if on_step is not None:
+                on_step(i)
+
+
+def get_runner(model, plan: Plan, batch: int, opts: EngineOptions | None = None) -> StepRunner:
+    """The cached runner for (model, batch, image shape, dtype, options, variance kind), built on first use."""
+    opts = resolve_options(plan) if opts is None else opts
+    eng = _engine_for(model)
+    key = (batch, plan.shape[1:], plan.out_channels, plan.device, plan.dtype, opts, plan.table.learned)
+    runner = eng.runners.get(key)
+    if runner is None:
+        runner = eng.runners[key] = StepRunner(eng, plan, opts, batch)
+    return runner
+
+
+def _chunks(B: int, opts: EngineOptions, prepared: list[int]) -> list[tuple[int, int, int]]:
+    """(offset, rows, bucket) per chunk of a batch of B rows."""
+    if opts.buckets is not None:
+        top = opts.buckets[-1]
+        out = []
+        for off in range(0, B, top):
+            rows = min(top, B - off)
+            out.append((off, rows, next(b for b in opts.buckets if b >= rows)))
+        return out
+    if opts.compile or opts.cuda_graph:  # padding saves a compile or a capture; reuse at most 2x
+        fits = [b for b in prepared if B <= b <= 2 * B]
+        if fits:
+            return [(0, B, min(fits))]
+    return [(0, B, B)]
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _check(model, plan: Plan) -> None:
+    if plan.dtype == torch.float64:
+        raise ValueError(
+            "dtype must be float32, bfloat16 or float16 for backend='fast' (its update runs in float32); "
+            "got torch.float64: use backend='reference'"
+        )
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.device != plan.device:
+                raise ValueError(f"model is on {p.device} but device={plan.device}; move the model first")
+            break
+
+
+def sample_fast(model, plan: Plan) -> torch.Tensor:
+    """backend='fast': float32 [B, C, H, W], row i = global sample plan.start_index + i (module docstring)."""
+    _check(model, plan)
+    opts = resolve_options(plan)
+    eng = _engine_for(model)
+    coefs, timesteps = plan.table.to(plan.device)
+    S = plan.table.num_steps
+    ts_host = plan.table.timesteps.tolist()
+    B = plan.shape[0]
+    prepared = sorted(
+        k[0]
+        for k, r in eng.runners.items()
+        if k[1:] == (plan.shape[1:], plan.out_channels, plan.device, plan.dtype, opts, plan.table.learned)
+    )
+    out = torch.empty(plan.shape, dtype=torch.float32, device=plan.device)
+    bar = None
+    if plan.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=S * B, desc="sampling", unit="img-step")
+    with torch.no_grad():
+        for off, rows, bucket in _chunks(B, opts, prepared):
+            runner = get_runner(model, plan, bucket, opts)
+            runner.load(plan, coefs, timesteps, plan.start_index + off)
+
+            def on_step(i, runner=runner, rows=rows):
+                if bar is not None:
+                    bar.update(rows)
+                if plan.callback is not None:
+                    plan.callback(i, ts_host[i], runner.x[:rows])
+
+            runner.run(S, on_step if (bar is not None or plan.callback is not None) else None)
+            out[off : off + rows].copy_(runner.x[:rows])
+    if bar is not None:
+        bar.close()
+    if not torch.isfinite(out).all():
+        raise ValueError("model returned NaN or Inf during sampling (backend='fast')")
+    return out
+
+
+def _time_forward(model, plan: Plan) -> float:
+    """Seconds for one eager forward at the plan's batch (capped at 64 rows and scaled)."""
+    B = plan.shape[0]
+    b = min(B, 64)
+    x = torch.zeros((b, *plan.shape[1:]), dtype=plan.dtype, device=plan.device)
+    t = torch.full((b,), int(plan.table.timesteps[0]), dtype=torch.int64, device=plan.device)
+    sync = torch.cuda.synchronize if plan.device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        sync()
+        t0 = time.perf_counter()
+        model(x, t)
+        sync()
+    return (time.perf_counter() - t0) * B / b
+
+
+def auto_backend(model, plan: Plan) -> str:
+    """backend='auto': "reference" or "fast" by the rule in the module docstring; may set plan.options['compile']."""
+    if plan.dtype == torch.float64:
+        return "reference"
+    dev = plan.device.type
+    opts = resolve_options(plan)
+    pays = opts.compile and (_compiled_already(model, plan, opts) or _compile_pays(model, plan))
+    if dev == "cuda" or pays or plan.dtype in HALF_DTYPES:
+        # CUDA: graphs and the fused update pay off at once. CPU half dtypes: the reference would need the
+        # model itself cast to that dtype; fast autocasts it.
+        if opts.compile and not pays and "compile" not in plan.options:
+            plan.options["compile"] = False
+            log.info("ddpm_fast auto: compiling would not pay off for this run; fast without compile")
+        return "fast"
+    return "reference"
+
+
+def _compiled_already(model, plan: Plan, opts: EngineOptions) -> bool:
+    eng = _ENGINES.get(model) if _weakrefable(model) else _UNCACHEABLE.get(id(model))
+    if eng is None:
+        return False
+    amp = plan.dtype if plan.dtype in HALF_DTYPES else None
+    return (amp, opts.channels_last, True, opts.compile_mode, plan.device.type) in eng.forwards
+
+
+def _compile_pays(model, plan: Plan) -> bool:
+    """Eager run estimate E = S * t_fwd against the compile cost (module docstring)."""
+    est = plan.table.num_steps * _time_forward(model, plan)
+    if plan.device.type == "cuda":
+        return est > COMPILE_COST_S["cuda"]
+    return est * (1 - 1 / CPU_COMPILE_SPEEDUP) > COMPILE_COST_S["cpu"]
+
+
+def _weakrefable(obj) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
