@@ -1,0 +1,146 @@
+"""The torch modules that become ONNX graphs: the noise model and the whole sampling step.
+
+    EpsGraph(unet)(x [B,C,H,W] float32, t [B] int64)            -> eps [B, C_out, H, W] float32
+    StepGraph(unet, table, clip_range)(x_t, step int64 [], z)   -> x_{t-1} float32
+
+The step graph gathers row `step` of a `ddpm_fast.steps.StepTable` (float32 [S, 8], an initializer) and the
+model timestep t = timesteps[step], calls the U-Net and applies the table's update (formula in
+`ddpm_fast.steps`); z is an input, drawn by the caller with `ddpm_fast.noise` (slot = t), so a runtime in any
+language samples by looping the graph.
+
+`half_unet(unet)` is the float16 variant: weights float16, every GroupNorm and the attention softmax in
+float32 (a float16 GroupNorm over 32x32 activations loses the mean in rounding; softmax logits overflow).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_fast.steps import C_EPS, C_X0, C_XT, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
+from ddpm_fast.unet import Attention
+
+__all__ = ["EpsGraph", "StepGraph", "half_unet", "update_with_noise"]
+
+
+class _Float32GroupNorm(nn.Module):
+    """GroupNorm computed in float32 whatever the activation dtype; the result is cast back."""
+
+    def __init__(self, gn: nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = gn.num_groups, gn.eps
+        self.weight = nn.Parameter(gn.weight.detach().float().clone(), requires_grad=False)
+        self.bias = nn.Parameter(gn.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class _Float32SoftmaxAttention(nn.Module):
+    """`ddpm_fast.unet.Attention` with q k^T / sqrt(d) and the softmax in float32 (the rest in the weights' dtype)."""
+
+    def __init__(self, attn: Attention):
+        super().__init__()
+        self.norm = attn.norm
+        self.q, self.k, self.v, self.proj = attn.q, attn.k, attn.v, attn.proj
+        self.heads, self.out_scale = attn.heads, attn.out_scale
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = x if self.norm is None else self.norm(x)
+        h = h.reshape(B, C, H * W).transpose(1, 2)
+        d = C // self.heads
+
+        def heads(y):
+            return y.reshape(B, H * W, self.heads, d).transpose(1, 2).float()
+
+        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        w = torch.softmax(q @ k.transpose(-1, -2) * (1.0 / math.sqrt(d)), dim=-1)
+        a = (w @ v).to(x.dtype).transpose(1, 2).reshape(B, H * W, C)
+        out = x + self.proj(a).transpose(1, 2).reshape(B, C, H, W)
+        return out if self.out_scale == 1.0 else out / self.out_scale
+
+
+def half_unet(unet: nn.Module) -> nn.Module:
+    """A float16 copy of `unet` with GroupNorms and attention softmax kept in float32."""
+    m = copy.deepcopy(unet).eval().half()
+
+    def swap(parent: nn.Module):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, _Float32GroupNorm(child))
+            elif isinstance(child, Attention):
+                swap(child)  # its own GroupNorm first
+                setattr(parent, name, _Float32SoftmaxAttention(child))
+            else:
+                swap(child)
+
+    swap(m)
+    return m
+
+
+def _weight_dtype(unet: nn.Module) -> torch.dtype:
+    for p in unet.parameters():
+        if p.dtype in (torch.float16, torch.float64):  # float16 export, or a float64 oracle
+            return p.dtype
+    return torch.float32
+
+
+class EpsGraph(nn.Module):
+    """eps = unet(x, t) with float32 inputs and outputs whatever the weights' dtype."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.compute_dtype = _weight_dtype(unet)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.to(self.compute_dtype), t).float()
+
+
+def update_with_noise(
+    c: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    clip_range: float | None,
+    learned: bool,
+) -> torch.Tensor:
+    """x_{t-1} from one StepTable row c (float32 [8]), x_t, the model output (eps or eps|v) and z; all float32.
+
+    The same formula as `ddpm_fast.kernels.step.step_torch` with z given instead of drawn.
+    """
+    C = x.shape[1]
+    eps = out[:, :C]
+    x0 = c[SRA] * x - c[SRM1] * eps
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    sigma = c[SIGMA]
+    if learned:
+        f = (out[:, C:] + 1.0) * 0.5
+        sigma = sigma * torch.exp(0.5 * (f * c[MAX_LOG] + (1.0 - f) * c[MIN_LOG]))
+    return c[C_X0] * x0 + c[C_XT] * x + c[C_EPS] * eps + sigma * z
+
+
+class StepGraph(nn.Module):
+    """x_{t-1} = step(x_t, step index, z) for one sampling run: the U-Net plus the StepTable update."""
+
+    def __init__(self, unet: nn.Module, table: StepTable, clip_range: float | None):
+        super().__init__()
+        self.eps = EpsGraph(unet)
+        coefs, timesteps = table.to("cpu", torch.float32)
+        self.register_buffer("coefs", coefs)  # [S, 8]: becomes an initializer
+        self.register_buffer("timesteps", timesteps)  # [S] int64
+        self.clip_range = clip_range
+        self.learned = table.learned
+
+    def forward(self, x: torch.Tensor, step: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        idx = step.reshape(1)
+        c = self.coefs.index_select(0, idx).reshape(-1)  # [8]
+        t = self.timesteps.index_select(0, idx).expand(x.shape[0])
+        out = self.eps(x, t)
+        return update_with_noise(c, x, out, z, self.clip_range, self.learned)

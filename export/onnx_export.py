@@ -1,0 +1,438 @@
+"""Export a DDPM U-Net (or one whole sampling step) to ONNX, with the metadata that says how to sample from it.
+
+    report = export_onnx(model, "model.onnx")                        # eps graph: (x, t) -> eps
+    report = export_onnx(model, "step.onnx", step=True, steps=50)    # step graph: (x, step, z) -> x_prev
+    report = export_onnx(model, "model16.onnx", fp16=True)           # float16 weights, float32 I/O
+
+Opset 18 by default: it is the lowest opset the torch.export-based exporter emits (asking it for 17 runs a
+version conversion that fails on Pad), ONNX Runtime has run it since 1.14 (our floor, onnxruntime-gpu 1.18,
+covers it), and every op the U-Net needs (InstanceNormalization for GroupNorm, Softmax, Resize, Pad) is in it.
+
+Exporter: torch's torch.export-based exporter (`dynamo=True`, default since torch 2.9; needs onnxscript) on
+torch >= 2.6, where it handles a dynamic batch axis reliably; the TorchScript exporter on older torch or
+without onnxscript (it is deprecated upstream and warns). `exporter=` forces one.
+
+After writing, the file is checked with `onnx.checker` and, unless `validate=False`, run by ONNX Runtime at
+batch 1 and batch 3 against the PyTorch module on random inputs (`validate_onnx`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ddpm_fast import noise
+from ddpm_fast.export.graphs import EpsGraph, StepGraph, half_unet
+from ddpm_fast.schedule import Schedule, spaced_timesteps
+from ddpm_fast.steps import METHODS, VARIANCES, build_step_table
+
+__all__ = [
+    "OPSET",
+    "MIN_OPSET",
+    "META_PREFIX",
+    "ExportReport",
+    "export_onnx",
+    "validate_onnx",
+    "read_metadata",
+    "default_exporter",
+]
+
+log = logging.getLogger("ddpm_fast")
+
+OPSET = 18
+MIN_OPSET = (
+    17  # the TorchScript exporter's floor for this graph (LayerNorm-free, but Pad-18 / Resize-13 semantics)
+)
+META_PREFIX = "ddpm_fast."
+FORMAT_VERSION = 1
+INPUTS = {"eps": ("x", "t"), "step": ("x", "step", "z")}
+OUTPUTS = {"eps": "eps", "step": "x_prev"}
+VALIDATE_BATCHES = (1, 3)  # 1 and a batch that differs from the one traced (2)
+TRACE_BATCH = 2
+NOISE_DOC = (
+    "z[n, e] = ddpm_fast.noise.normals(seed, n = start_index + row, slot = t, e) for steps, "
+    "slot = 2**32 - 1 for x_T; Philox-4x32-10 + Box-Muller (formula in ddpm_fast/noise.py)"
+)
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how well ONNX Runtime reproduced PyTorch."""
+
+    path: Path
+    kind: str  # "eps" or "step"
+    opset: int
+    exporter: str
+    fp16: bool
+    export_seconds: float
+    file_bytes: int
+    # batch -> max |ORT - PyTorch| (same weights dtype), and the tolerance it was held to
+    max_abs_diff: dict = field(default_factory=dict)
+    tolerance: dict = field(default_factory=dict)
+    validate_seconds: float = 0.0
+
+    def summary(self) -> str:
+        diffs = ", ".join(
+            f"batch {b}: {d:.2e} (tol {self.tolerance[b]:.1e})" for b, d in self.max_abs_diff.items()
+        )
+        return (
+            f"{self.path}: {self.kind} graph, opset {self.opset}, {self.exporter} exporter"
+            f"{', fp16 weights' if self.fp16 else ''}, {self.file_bytes / 2**20:.1f} MiB, "
+            f"export {self.export_seconds:.1f} s; ORT vs PyTorch max |diff| " + (diffs or "not validated")
+        )
+
+
+# ---------------------------------------------------------------------------------------------- exporter
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def default_exporter() -> str:
+    """'dynamo' on torch >= 2.6 with onnxscript installed, else 'torchscript'."""
+    if _torch_version() < (2, 6):
+        return "torchscript"
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "torchscript"
+    return "dynamo"
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError as e:
+        from ddpm_fast.errors import Unavailable
+
+        raise Unavailable("ONNX export needs the 'onnx' package: pip install 'ddpm-fast[onnx]'") from e
+    return onnx
+
+
+def _trace_inputs(kind: str, image_shape, num_steps: int):
+    C, H, W = image_shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(TRACE_BATCH, C, H, W, generator=g)
+    if kind == "eps":
+        return (x, torch.tensor([1, 2], dtype=torch.int64)[:TRACE_BATCH])
+    return (x, torch.tensor(min(1, num_steps - 1), dtype=torch.int64), torch.randn(x.shape, generator=g))
+
+
+def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str):
+    """Run torch's exporter; returns an onnx.ModelProto with named inputs/outputs and a dynamic batch axis."""
+    onnx = _import_onnx()
+    names, out_name = INPUTS[kind], OUTPUTS[kind]
+    batch_args = [n for n in names if n != "step"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer chatter
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", min=1, max=2**20)
+            dyn = {n: ({0: batch} if n in batch_args else None) for n in names}
+            quiet = logging.getLogger("torch.onnx")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                prog = torch.onnx.export(
+                    graph,
+                    example,
+                    input_names=list(names),
+                    output_names=[out_name],
+                    opset_version=opset,
+                    dynamic_shapes=dyn,
+                    dynamo=True,
+                    verbose=False,
+                )
+            finally:
+                quiet.setLevel(level)
+            return prog.model_proto
+        buf = io.BytesIO()
+        kwargs = {"dynamo": False} if _torch_version() >= (2, 5) else {}
+        torch.onnx.export(
+            graph,
+            example,
+            buf,
+            input_names=list(names),
+            output_names=[out_name],
+            opset_version=opset,
+            dynamic_axes={n: {0: "batch"} for n in [*batch_args, out_name]},
+            do_constant_folding=True,
+            **kwargs,
+        )
+        return onnx.load_from_string(buf.getvalue())
+
+
+def _check_opset(opset, exporter: str) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int; got {opset!r}")
+    low = OPSET if exporter == "dynamo" else MIN_OPSET
+    if not low <= opset <= 23:
+        raise ValueError(f"opset must lie in [{low}, 23] for the {exporter} exporter; got {opset}")
+    return opset
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def _set_metadata(proto, meta: dict) -> None:
+    keep = [p for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key = META_PREFIX + key
+        entry.value = json.dumps(value, sort_keys=True)
+
+
+def read_metadata(source) -> dict:
+    """{key: value} of the ddpm_fast.* metadata in an ONNX file or ModelProto, values decoded from JSON."""
+    if isinstance(source, (str, os.PathLike)):
+        onnx = _import_onnx()
+        source = onnx.load(os.fspath(source), load_external_data=False)
+    out = {}
+    for p in source.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            try:
+                out[p.key[len(META_PREFIX) :]] = json.loads(p.value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"ONNX metadata {p.key!r} is not valid JSON: {e}") from e
+    return out
+
+
+def _sampling_defaults(model, config) -> dict:
+    d = getattr(model, "sampling", None)
+    d = dict(d) if isinstance(d, dict) else {}
+    learned = config is not None and config.out_channels == 2 * config.in_channels
+    d.setdefault("variance", "learned_range" if learned else "fixed_small")
+    d.setdefault("clip", True)
+    d.setdefault("clip_range", 1.0)
+    if config is not None:
+        d.setdefault("image_shape", list(config.image_shape))
+    d.setdefault("data_range", [-1.0, 1.0])
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_onnx(
+    model: nn.Module,
+    path,
+    *,
+    step: bool = False,
+    fp16: bool = False,
+    opset: int = OPSET,
+    exporter: str | None = None,
+    schedule: Schedule | None = None,
+    image_shape=None,
+    steps: int | None = None,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    variance: str | None = None,
+    clip: bool | None = None,
+    validate: bool = True,
+) -> ExportReport:
+    """Export `model` (a ddpm_fast.UNet, or any (x, t) -> eps module) to `path`; returns an ExportReport.
+
+    step=True exports one sampling step for the run (`steps`, `method`, `eta`, `variance`, `clip`) instead
+    of the noise model. The schedule, image shape and sampling defaults come from the model
+    (`model.schedule`, `model.config`, `model.sampling`) unless given. The file is written atomically.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(step, bool) or not isinstance(fp16, bool):
+        raise TypeError(f"step and fp16 must be bools; got step={step!r}, fp16={fp16!r}")
+    exporter = default_exporter() if exporter is None else exporter
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
+    opset = _check_opset(opset, exporter)
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx; got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(path.parent)!r} does not exist")
+    config = getattr(model, "config", None)
+    if schedule is None:
+        schedule = getattr(model, "schedule", None)
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+    if image_shape is None:
+        if config is None:
+            raise ValueError("image_shape must be given (C, H, W): the model has no .config to read it from")
+        image_shape = config.image_shape
+    image_shape = tuple(int(d) for d in image_shape)
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
+    defaults = _sampling_defaults(model, config)
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "step" if step else "eps",
+        "inputs": list(INPUTS["step" if step else "eps"]),
+        "output": OUTPUTS["step" if step else "eps"],
+        "image_shape": list(image_shape),
+        "weights_dtype": "float16" if fp16 else "float32",
+        "exporter": exporter,
+        "opset": opset,
+        "torch": torch.__version__,
+        "model": config.to_dict() if hasattr(config, "to_dict") else None,
+        "schedule": schedule.spec if schedule is not None else None,
+        "sampling": defaults,
+        "noise": NOISE_DOC,
+    }
+
+    net = half_unet(model) if fp16 else model
+    was_training = model.training
+    model.eval()
+    try:
+        if step:
+            if schedule is None:
+                raise ValueError("a step graph needs a schedule: pass schedule= (the model carries none)")
+            if method not in METHODS:
+                raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+            variance = defaults["variance"] if variance is None else variance
+            if variance not in VARIANCES:
+                raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+            clip = bool(defaults["clip"]) if clip is None else clip
+            if not isinstance(clip, bool):
+                raise TypeError(f"clip must be a bool; got {clip!r}")
+            clip_range = float(defaults["clip_range"]) if clip else None
+            T = schedule.num_timesteps
+            run = schedule if steps is None or steps == T else schedule.respace(spaced_timesteps(T, steps))
+            table = build_step_table(run, method=method, variance=variance, eta=eta)
+            graph = StepGraph(net, table, clip_range).eval()
+            meta["step"] = {
+                "method": method,
+                "eta": float(eta),
+                "variance": variance,
+                "clip": clip,
+                "clip_range": float(defaults["clip_range"]),
+                "num_steps": table.num_steps,
+                "timesteps": table.timesteps.tolist(),  # model timestep (and noise slot) of step 0, 1, ...
+                "xT_slot": noise.XT_SLOT,
+            }
+        else:
+            graph = EpsGraph(net).eval()
+            table = None
+        example = _trace_inputs("step" if step else "eps", image_shape, table.num_steps if table else 1)
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            proto = _to_proto(graph, meta["kind"], example, opset, exporter)
+        _set_metadata(proto, meta)
+        onnx = _import_onnx()
+        onnx.checker.check_model(proto)
+        data = proto.SerializeToString()
+        _write_atomic(path, data)
+        seconds = time.perf_counter() - t0
+        report = ExportReport(
+            path=path,
+            kind=meta["kind"],
+            opset=opset,
+            exporter=exporter,
+            fp16=fp16,
+            export_seconds=seconds,
+            file_bytes=len(data),
+        )
+        log.info("exported %s in %.1f s (%s exporter)", path, seconds, exporter)
+        if validate:
+            oracle = None
+            if fp16:
+                m64 = copy.deepcopy(model).double().eval()
+                oracle = StepGraph(m64, table, graph.clip_range) if step else EpsGraph(m64)
+            validate_onnx(path, graph, oracle=oracle, report=report)
+        return report
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _tolerance(scale: float) -> float:
+    """Max |ORT - PyTorch| allowed for float32 weights, for outputs of magnitude `scale`.
+
+    Both sides sum the same products in different orders (ORT's convolutions vs oneDNN's); measured
+    differences are about 1e-6 of the output scale on these U-Nets, so 1e-4 leaves room for deeper models
+    and still catches a wrong op (those differ by O(scale)).
+    """
+    return 1e-4 * max(1.0, scale)
+
+
+def validate_onnx(
+    path, graph: nn.Module, *, oracle: nn.Module | None = None, report: ExportReport | None = None
+):
+    """Run the exported file with ORT's CPU provider at batches 1 and 3 against `graph` (PyTorch) on random inputs.
+
+    float32 weights: max |ORT - PyTorch| <= `_tolerance`. float16 weights (STYLE 6): `oracle` is the same
+    graph in float64, and ORT may err at most twice as much as PyTorch's float16 graph does, both measured
+    against it (plus the float32 tolerance). Raises ValueError naming the batch, the difference and the bound.
+    """
+    from ddpm_fast.export.runtime import OnnxModel
+
+    m = OnnxModel.load(path)
+    sess = m.session("cpu")
+    C, H, W = m.image_shape
+    T = m.schedule.num_timesteps if m.schedule is not None else 1000
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(1234)
+    for B in VALIDATE_BATCHES:
+        x = torch.randn(B, C, H, W, generator=g)
+        if m.kind == "eps":
+            feeds = (x, torch.randint(0, T, (B,), generator=g))
+        else:
+            S = m.metadata["step"]["num_steps"]
+            feeds = (x, torch.tensor(S // 2, dtype=torch.int64), torch.randn(B, C, H, W, generator=g))
+        got = torch.from_numpy(sess.run(None, {n: v.numpy() for n, v in zip(INPUTS[m.kind], feeds)})[0])
+        with torch.no_grad():
+            want = graph(*feeds).float()
+        if got.shape != want.shape:
+            raise ValueError(
+                f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(want.shape)} at batch {B}"
+            )
+        diff = (got - want).abs().max().item()
+        tol = _tolerance(want.abs().max().item())
+        err, what = diff, "max |ORT - PyTorch|"
+        if oracle is not None:
+            with torch.no_grad():
+                exact = oracle(*feeds).double()
+            err = (got.double() - exact).abs().max().item()
+            tol += 2 * (want.double() - exact).abs().max().item()
+            what = "max |ORT - float64| (bound: 2 x PyTorch float16's error + float32 tolerance)"
+        if report is not None:
+            report.max_abs_diff[B] = diff
+            report.tolerance[B] = tol
+        if not err <= tol:
+            raise ValueError(
+                f"ONNX export of {path} does not reproduce PyTorch at batch {B}: {what} {err:.3e} > {tol:.1e} "
+                f"({m.kind} graph)"
+            )
+    if report is not None:
+        report.validate_seconds = time.perf_counter() - t0
+    return report
