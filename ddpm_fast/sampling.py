@@ -7,6 +7,7 @@ one small function per method. Fast backends receive a validated `Plan` and a `S
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -200,6 +201,12 @@ def sample(
                 "Use seed= for counter-based noise on other backends."
             )
         backend = "reference"
+    if backend in ("auto", "onnx") and (
+        isinstance(model, (str, os.PathLike)) or type(model).__name__ == "InferenceSession"
+    ):
+        from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
+
+        model = as_onnx_model(model)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
     plan = make_plan(
@@ -237,7 +244,7 @@ def sample(
 
 def _choose_auto(model, plan: Plan) -> str:
     """auto: ONNX sessions/files go to onnx; otherwise the engine decides whether compiling pays off."""
-    if isinstance(model, (str,)) or type(model).__name__ in ("InferenceSession", "OnnxModel"):
+    if isinstance(model, (str, os.PathLike)) or type(model).__name__ in ("InferenceSession", "OnnxModel"):
         return "onnx"
     try:
         from ddpm_fast.engine import auto_backend
