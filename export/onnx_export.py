@@ -252,6 +252,7 @@ def export_onnx(
     schedule: Schedule | None = None,
     image_shape=None,
     steps: int | None = None,
+    timesteps=None,
     method: str = "ddpm",
     eta: float = 0.0,
     variance: str | None = None,
@@ -261,7 +262,7 @@ def export_onnx(
     """Export `model` (a ddpm_fast.UNet, or any (x, t) -> eps module) to `path`; returns an ExportReport.
 
     step=True exports one sampling step for the run (`steps`, `method`, `eta`, `variance`, `clip`) instead
-    of the noise model. The schedule, image shape and sampling defaults come from the model
+    of the noise model (`timesteps`: explicit kept timesteps instead of `steps`). The schedule, image shape and sampling defaults come from the model
     (`model.schedule`, `model.config`, `model.sampling`) unless given. The file is written atomically.
     """
     if not isinstance(model, nn.Module):
@@ -324,7 +325,12 @@ def export_onnx(
                 raise TypeError(f"clip must be a bool; got {clip!r}")
             clip_range = float(defaults["clip_range"]) if clip else None
             T = schedule.num_timesteps
-            run = schedule if steps is None or steps == T else schedule.respace(spaced_timesteps(T, steps))
+            if timesteps is not None:
+                run = schedule.respace(timesteps)
+            else:
+                run = (
+                    schedule if steps is None or steps == T else schedule.respace(spaced_timesteps(T, steps))
+                )
             table = build_step_table(run, method=method, variance=variance, eta=eta)
             graph = StepGraph(net, table, clip_range).eval()
             meta["step"] = {

@@ -100,10 +100,15 @@ def create_session(model_path, device, *, threads: int | None = None):
                 f"ONNX Runtime {ort.__version__} here has no CUDAExecutionProvider (providers: {available}); "
                 "install onnxruntime-gpu built for this CUDA, or sample with --device cpu"
             )
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(index).cuda_stream
-        # ORT enqueues on torch's stream, so torch's update after run_with_iobinding is ordered after it.
-        providers = [("CUDAExecutionProvider", {"device_id": index, "user_compute_stream": str(stream)})]
+        options = {"device_id": device.index or 0}
+        if torch.cuda.is_available():  # else ORT's own CUDA check below reports the failure
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            # ORT enqueues on torch's stream, so torch's update after run_with_iobinding is ordered after it.
+            options = {
+                "device_id": index,
+                "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
+            }
+        providers = [("CUDAExecutionProvider", options)]
         providers.append("CPUExecutionProvider")  # shape ops ORT places on the host
     else:
         raise ValueError(f"device must be cpu or cuda for backend='onnx'; got {device}")
@@ -185,6 +190,9 @@ class OnnxModel:
         spec = metadata.get("schedule")
         self.schedule = Schedule.from_spec(spec) if spec else None
         self.sampling = dict(metadata.get("sampling") or {})
+        step = metadata.get("step")
+        # The run a step graph was exported for: its number of steps is the only one it can sample.
+        self.steps = int(step["num_steps"]) if kind == "step" and isinstance(step, dict) else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -254,7 +262,8 @@ class OnnxModel:
                     "(pass the .onnx path to let ddpm_fast create the session)"
                 )
             return self._session
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
         key = (_file_key(self.path), str(device), threads, stream)
         sess = _SESSIONS.get(key)
         if sess is None:
@@ -303,6 +312,11 @@ class OnnxModel:
         _bind(binding, self.output_name, out, input=False)
         sess.run_with_iobinding(binding)
         return out
+
+
+def load_onnx(path) -> OnnxModel:
+    """`OnnxModel.load(path)`: an exported file with its metadata; sessions are created per device on use."""
+    return OnnxModel.load(path)
 
 
 def _decode_metadata(props: dict, source: str) -> dict:

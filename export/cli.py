@@ -1,0 +1,81 @@
+"""`ddpm-fast export MODEL_DIR OUT.onnx [--step] [--fp16] [--opset N]`: write and validate an ONNX graph."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ddpm_fast.export.onnx_export import OPSET
+
+    p.add_argument(
+        "model", metavar="MODEL_DIR", help="native checkpoint or diffusers UNet2DModel/pipeline directory"
+    )
+    p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write (atomically)")
+    p.add_argument(
+        "--step",
+        action="store_true",
+        help="export one whole sampling step (x_t, step, z) -> x_{t-1} instead of the noise model (x, t) -> eps",
+    )
+    p.add_argument("--fp16", action="store_true", help="float16 weights; GroupNorm and softmax stay float32")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        help="torch exporter (default: dynamo on torch >= 2.6)",
+    )
+    g = p.add_argument_group("step graph (--step): the run it is exported for")
+    g.add_argument("--steps", type=int, help="sampling steps, evenly respaced (default: all of the schedule)")
+    g.add_argument("--method", default="ddpm", help="ddpm or ddim (default ddpm)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
+    g.add_argument("--variance", help="fixed_small, fixed_large or learned_range (default: the checkpoint's)")
+    g.add_argument(
+        "--clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clip x0 (default: the checkpoint's)",
+    )
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+
+
+def run(args) -> int:
+    import os
+
+    from ddpm_fast.checkpoint import load_model
+    from ddpm_fast.export.onnx_export import export_onnx
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"MODEL_DIR {args.model!r} is not a directory")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+    if not args.step and (
+        args.steps is not None
+        or args.method != "ddpm"
+        or args.eta != 0.0
+        or args.variance is not None
+        or args.clip is not None
+    ):
+        raise ValueError("--steps, --method, --eta, --variance and --clip describe a step graph: add --step")
+    model = load_model(args.model, device="cpu")
+    if args.step and model.schedule is None:
+        raise ValueError(f"{args.model} names no noise schedule; a step graph needs one")
+    report = export_onnx(
+        model,
+        args.out,
+        step=args.step,
+        fp16=args.fp16,
+        opset=args.opset,
+        exporter=args.exporter,
+        steps=args.steps,
+        method=args.method,
+        eta=args.eta,
+        variance=args.variance,
+        clip=args.clip,
+        validate=not args.no_validate,
+    )
+    print(report.summary(), file=sys.stderr)
+    print(report.path)
+    return 0
