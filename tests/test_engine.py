@@ -1,0 +1,453 @@
+"""The fast backend against the reference sampler, with the same counter-based noise.
+
+Tolerances. Both backends evaluate the same float32 formulas; they may differ by rounding only (op order in
+a compiled U-Net, batch-dependent conv blocking, FMA contraction in the fused kernel), and the reverse chain
+amplifies a rounding difference exactly as it amplifies the reference's own float32 rounding. So each run
+is measured against a float64 reference: err(fast, dtype) must be at most 2 x err(reference, dtype) (STYLE.md
+6), float32 included. The reference in float32 is itself about 1e-6..1e-4 from float64 on these chains.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import pytest
+import torch
+from analytic_model import GaussianEps
+
+import ddpm_fast as df
+from ddpm_fast import engine
+from ddpm_fast.sampling import make_plan, sample_reference
+
+CPU = torch.device("cpu")
+
+
+def reference(model, schedule, shape, dtype=torch.float32, **kw):
+    """The oracle: df.sample(backend="reference") with the model cast to `dtype` (float64 for the truth)."""
+    if isinstance(model, torch.nn.Module) and dtype != torch.float32:
+        model = _cast(model, dtype)
+    return df.sample(model, schedule, shape, backend="reference", dtype=dtype, **kw).double()
+
+
+def _cast(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def fast(model, schedule, shape, **kw):
+    kw.setdefault("compile", False)
+    return df.sample(model, schedule, shape, backend="fast", **kw)
+
+
+def unet(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = df.UNet(cfg).eval()
+    with torch.no_grad():  # default init leaves GroupNorm at (1, 0): perturb so every weight matters
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return m
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engine(monkeypatch):
+    monkeypatch.delenv("DDPM_FAST_NO_COMPILE", raising=False)
+    monkeypatch.delenv("DDPM_FAST_NO_CUDA_GRAPH", raising=False)
+    monkeypatch.delenv("DDPM_FAST_NO_TRITON", raising=False)
+    engine.clear_cache()
+    engine._logged.clear()
+    yield
+    engine.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------- fp32 == reference
+
+
+@pytest.mark.slow
+def test_fp32_equals_reference_1000_steps_tiny():
+    """~25 s: 1000 U-Net steps each for fast, reference float32 and float64 (the issue's full-length check)."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    shape = (1, 3, 16, 16)
+    kw = dict(seed=3, start_index=5)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    ref32 = reference(model, s, shape, **kw)
+    out = fast(model, s, shape, triton=False, **kw)
+    assert out.dtype == torch.float32 and out.shape == shape
+    err_ref = max_err(ref32, truth)
+    assert 0 < err_ref < 1e-2
+    assert max_err(out, truth) <= 2 * err_ref
+    assert max_err(out, ref32) <= 2 * err_ref
+
+
+def test_fp32_equals_reference_respaced_cifar10_architecture_triton_interpreter():
+    """The cifar10 architecture narrowed to 16 channels (same blocks, attention at 16x16), 10 respaced steps,
+    fused update through the Triton interpreter when TRITON_INTERPRET=1 (tests/conftest.py sets it)."""
+    cfg = df.UNetConfig.cifar10(block_out_channels=(16, 32, 32, 32), norm_num_groups=8, dropout=0.0)
+    model = unet(cfg)
+    s = df.Schedule.linear(1000)
+    shape = (1, 3, 32, 32)
+    kw = dict(steps=10, seed=1, start_index=7)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    ref32 = reference(model, s, shape, **kw)
+    out = fast(model, s, shape, **kw)
+    err_ref = max_err(ref32, truth)
+    assert max_err(out, truth) <= 2 * err_ref
+    assert max_err(out, ref32) <= 2 * err_ref
+
+
+@pytest.mark.parametrize(
+    "method, variance, eta, out_channels",
+    [("ddpm", "fixed_large", 0.0, 3), ("ddpm", "learned_range", 0.0, 6), ("ddim", "fixed_small", 0.5, 3)],
+)
+def test_methods_and_variances_match_reference(method, variance, eta, out_channels):
+    model = unet(df.UNetConfig.tiny(out_channels=out_channels))
+    s = df.Schedule.cosine(1000)
+    shape = (2, 3, 16, 16)
+    kw = dict(steps=4, seed=9, method=method, variance=variance, eta=eta)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    err_ref = max_err(reference(model, s, shape, **kw), truth)
+    assert max_err(fast(model, s, shape, triton=False, **kw), truth) <= 2 * err_ref
+
+
+def test_runner_step_is_an_ordinary_function_of_static_buffers():
+    """What a CUDA graph captures: runner.step() called S times eagerly is the reference run."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    plan = make_plan(model, s, (2, 3, 16, 16), steps=6, seed=4, start_index=3, options={"compile": False})
+    runner = engine.get_runner(model, plan, 2)
+    coefs, ts = plan.table.to(CPU)
+    runner.load(plan, coefs, ts, plan.start_index)
+    for _ in range(plan.table.num_steps):
+        runner.step()
+    assert runner.counter.item() == plan.table.num_steps
+    with torch.no_grad():
+        ref = sample_reference(model, plan)
+    truth = reference(model, s, plan.shape, torch.float64, steps=6, seed=4, start_index=3)
+    assert max_err(runner.x, truth) <= 2 * max_err(ref, truth)
+
+
+# ---------------------------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_twice_reference_error(dtype):
+    """U-Net under autocast, update and state in float32: at most 2x the all-`dtype` reference's error."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    shape = (1, 3, 16, 16)
+    kw = dict(steps=8, seed=2)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    err_ref = max_err(reference(model, s, shape, dtype, **kw), truth)
+    out = fast(model, s, shape, dtype=dtype, triton=False, **kw)
+    assert out.dtype == torch.float32
+    err_fast = max_err(out, truth)
+    assert err_fast <= 2 * err_ref
+    assert err_fast > max_err(reference(model, s, shape, **kw), truth)  # autocast really ran in `dtype`
+
+
+# ---------------------------------------------------------------------------------------------- batch independence
+
+
+def test_sample_n_is_the_same_in_batches_of_1_7_16():
+    s = df.Schedule.linear(200)
+    model = GaussianEps(s, 0.3, 0.04)
+    shape = (16, 3, 5, 7)  # odd image: N = 105 is no multiple of 4
+    kw = dict(steps=8, seed=21, start_index=100)
+    full = fast(model, s, shape, triton=False, **kw)
+    for B in (1, 7):
+        for off in (0, 9):
+            part = fast(model, s, (B, 3, 5, 7), triton=False, steps=8, seed=21, start_index=100 + off)
+            assert torch.equal(part, full[off : off + B]), (B, off)
+    assert torch.equal(full, fast(model, s, shape, triton=False, **kw))  # deterministic
+    assert not torch.equal(full, fast(model, s, shape, triton=False, steps=8, seed=22, start_index=100))
+
+
+def test_padding_to_a_bucket_leaves_real_rows_alone():
+    s = df.Schedule.linear(200)
+    model = GaussianEps(s, 0.3, 0.04)
+    kw = dict(steps=6, seed=5, start_index=2, triton=False)
+    plain = fast(model, s, (5, 1, 4, 4), **kw)
+    padded = fast(model, s, (5, 1, 4, 4), buckets=(8,), **kw)  # 3 padded rows
+    split = fast(model, s, (5, 1, 4, 4), buckets=(1, 2), **kw)  # chunks of 2, 2, 1
+    assert torch.equal(plain, padded)
+    assert torch.equal(plain, split)
+    sizes = sorted(k[0] for e in engine._ENGINES.values() for k in e.runners)
+    assert sizes == [1, 2, 5, 8]
+
+
+def test_unet_rows_agree_across_batch_sizes():
+    """A real U-Net: rows agree to conv rounding (its blocking depends on the batch size), not bit for bit."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    kw = dict(steps=3, seed=8, triton=False)
+    full = fast(model, s, (7, 3, 16, 16), **kw)
+    one = fast(model, s, (1, 3, 16, 16), start_index=6, **kw)
+    truth = reference(model, s, (1, 3, 16, 16), torch.float64, steps=3, seed=8, start_index=6)
+    assert max_err(one, full[6:]) <= 2 * max_err(
+        reference(model, s, (1, 3, 16, 16), steps=3, seed=8, start_index=6), truth
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reuse and cache
+
+
+def test_second_call_reuses_the_runner_and_a_smaller_batch_pads():
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, 0.0, 1.0)
+    before = engine.counters.copy()
+    fast(model, s, (4, 1, 4, 4), steps=3, cuda_graph=True)
+    fast(model, s, (4, 1, 4, 4), steps=5, seed=3)  # other steps and seed: same runner
+    fast(model, s, (3, 1, 4, 4), steps=5, compile=False)  # 3 rows: no compile or graph, runs its own size
+    grown = engine.counters - before
+    assert grown["runners"] == 2 and grown["compiles"] == 0 and grown["captures"] == 0
+
+
+def test_cache_is_weak_on_the_model():
+    model = unet(df.UNetConfig.tiny())
+    fast(model, df.Schedule.linear(100), (1, 3, 16, 16), steps=2, triton=False)
+    assert len(engine._ENGINES) == 1
+    del model
+    gc.collect()
+    assert len(engine._ENGINES) == 0
+
+
+def test_weight_updates_are_seen_by_the_cached_step():
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(100)
+    kw = dict(steps=3, seed=1, triton=False)
+    a = fast(model, s, (1, 3, 16, 16), **kw)
+    with torch.no_grad():
+        model.conv_out.bias.add_(0.5)
+    b = fast(model, s, (1, 3, 16, 16), **kw)
+    truth = reference(model, s, (1, 3, 16, 16), steps=3, seed=1)
+    assert not torch.allclose(a, b)
+    assert max_err(b, truth) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_and_is_compiled_once():
+    """~40 s cold (inductor on 2 cores; the FX graph cache makes reruns faster)."""
+    torch._dynamo.reset()
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    shape = (2, 3, 16, 16)
+    kw = dict(steps=6, seed=6, triton=False)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    err_ref = max_err(reference(model, s, shape, **kw), truth)
+    before = engine.counters.copy()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = df.sample(model, s, shape, backend="fast", compile=True, **kw)
+    assert max_err(out, truth) <= 2 * err_ref
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+    assert compiled >= 2  # the U-Net and the update
+    again = df.sample(model, s, shape, backend="fast", compile=True, start_index=1, **kw)
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames <= compiled + 1
+    )  # twin: start_index
+    assert max_err(again[0], out[1]) <= 2 * err_ref
+    grown = engine.counters - before
+    assert grown["compiles"] == 2 and grown["runners"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- switches
+
+
+def test_triton_interpreter_path_equals_twin():
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, 0.2, 0.1)
+    shape = (2, 3, 5, 3)  # N = 45: a partial counter lane
+    kw = dict(steps=4, seed=13, start_index=1)
+    plan = make_plan(model, s, shape, **kw)
+    if not engine.resolve_options(plan).triton:
+        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1 with triton installed")
+    tri = fast(model, s, shape, **kw)
+    twin = fast(model, s, shape, triton=False, **kw)
+    assert max_err(tri, twin) < 1e-5  # float32 log/sqrt/cos/sin rounding of the same Philox integers
+
+
+@pytest.mark.parametrize("name", ["compile", "cuda_graph", "triton"])
+def test_env_switch_turns_option_off_and_logs_once(monkeypatch, caplog, name):
+    monkeypatch.setenv(engine.ENV_SWITCHES[name], "1")
+    plan = make_plan(lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        for _ in range(3):
+            opts = engine.resolve_options(plan)
+    assert getattr(opts, name) is False
+    hits = [r for r in caplog.records if engine.ENV_SWITCHES[name] in r.getMessage()]
+    assert len(hits) == 1
+
+
+def test_cuda_graph_on_cpu_is_logged_once(caplog):
+    s = df.Schedule.linear(10)
+    model = GaussianEps(s, 0.0, 1.0)
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        fast(model, s, (1, 1, 2, 2), cuda_graph=True, triton=False)
+        fast(model, s, (1, 1, 2, 2), cuda_graph=True, triton=False)
+    assert sum("CUDA only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compile_failure_falls_back_with_one_log(monkeypatch, caplog):
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("simulated inductor failure\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    s = df.Schedule.linear(50)
+    model = GaussianEps(s, 0.0, 1.0)
+    kw = dict(steps=4, seed=2, triton=False)
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        out = df.sample(model, s, (2, 1, 3, 3), backend="fast", compile=True, **kw)
+        df.sample(model, s, (2, 1, 3, 3), backend="fast", compile=True, **kw)
+    assert torch.equal(out, fast(model, s, (2, 1, 3, 3), **kw))
+    msgs = [r.getMessage() for r in caplog.records if "simulated inductor failure" in r.getMessage()]
+    assert len(msgs) == 2  # once for the U-Net, once for the update
+    assert all("second line" not in m for m in msgs)
+
+
+def test_model_errors_are_not_swallowed_by_the_compile_fallback():
+    def bad(x, t):
+        return x[:, :1]
+
+    with pytest.raises(ValueError, match="model output must have shape"):
+        df.sample(bad, df.Schedule.linear(10), (1, 3, 2, 2), backend="fast", compile=False)
+
+
+# ---------------------------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(compiel=True), TypeError, "compiel"),
+        (dict(compile="yes"), TypeError, "compile must be a bool"),
+        (dict(compile_mode="fastest"), ValueError, "compile_mode"),
+        (dict(buckets=[0, 4]), ValueError, "buckets"),
+        (dict(buckets="big"), TypeError, "buckets"),
+        (dict(dtype=torch.float64), ValueError, "float64"),
+    ],
+)
+def test_bad_options_name_themselves(kw, exc, match):
+    s = df.Schedule.linear(10)
+    with pytest.raises(exc, match=match):
+        df.sample(GaussianEps(s, 0.0, 1.0), s, (1, 1, 2, 2), backend="fast", **kw)
+
+
+def test_nan_model_is_reported():
+    with pytest.raises(ValueError, match="NaN"):
+        fast(lambda x, t: x * float("nan"), df.Schedule.linear(10), (1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- auto
+
+
+def test_auto_rule(monkeypatch):
+    s = df.Schedule.linear(20)
+    model = GaussianEps(s, 0.0, 1.0)
+
+    def plan(**kw):
+        return make_plan(model, s, (2, 1, 4, 4), device="cpu", **kw)
+
+    assert engine.auto_backend(model, plan(dtype=torch.float64)) == "reference"
+    assert engine.auto_backend(model, plan()) == "reference"  # microseconds of work: never compile
+    p = plan(dtype=torch.bfloat16)
+    assert engine.auto_backend(model, p) == "fast" and p.options["compile"] is False
+    monkeypatch.setitem(engine.COMPILE_COST_S, "cpu", 0.0)
+    assert engine.auto_backend(model, plan()) == "fast"
+    assert engine.auto_backend(model, plan(options={"compile": False})) == "reference"
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+def _cuda_model(cfg=None):
+    return unet(cfg or df.UNetConfig.tiny()).cuda()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_equals_eager_steps():
+    model = _cuda_model()
+    s = df.Schedule.linear(1000)
+    kw = dict(steps=25, seed=3, start_index=2, compile=False)
+    before = engine.counters["captures"]
+    graph = df.sample(model, s, (5, 3, 16, 16), backend="fast", **kw)
+    eager = df.sample(model, s, (5, 3, 16, 16), backend="fast", cuda_graph=False, **kw)
+    assert torch.equal(graph, eager)
+    assert engine.counters["captures"] == before + 1
+    again = df.sample(model, s, (5, 3, 16, 16), backend="fast", **kw)
+    assert torch.equal(graph, again) and engine.counters["captures"] == before + 1
+    # a new start_index is a new launch argument of the fused kernel: one re-capture, same rows
+    shifted = df.sample(model, s, (4, 3, 16, 16), backend="fast", **{**kw, "start_index": 3})
+    assert engine.counters["captures"] == before + 2
+    assert torch.allclose(shifted, graph[1:], atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_fp32_matches_reference(compile_):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = df.UNetConfig.cifar10(block_out_channels=(64, 128, 128, 128), norm_num_groups=16, dropout=0.0)
+    model = _cuda_model(cfg)
+    s = df.Schedule.linear(1000)
+    shape = (9, 3, 32, 32)
+    kw = dict(steps=50, seed=1, start_index=5)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    err_ref = max_err(reference(model, s, shape, **kw), truth)
+    out = df.sample(model, s, shape, backend="fast", compile=compile_, **kw)
+    assert max_err(out, truth) <= 2 * err_ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_within_twice_reference_error(dtype):
+    model = _cuda_model()
+    s = df.Schedule.linear(1000)
+    shape = (8, 3, 16, 16)
+    kw = dict(steps=100, seed=4)
+    truth = reference(model, s, shape, torch.float64, **kw)
+    err_ref = max_err(reference(model, s, shape, dtype, **kw), truth)
+    out = df.sample(model, s, shape, backend="fast", dtype=dtype, **kw)
+    assert max_err(out, truth) <= 2 * err_ref
+
+
+@pytest.mark.cuda
+def test_cuda_rows_independent_of_bucket():
+    s = df.Schedule.linear(200)
+    model = GaussianEps(s, 0.3, 0.04)
+    kw = dict(steps=10, seed=21, start_index=100, compile=False)
+    full = df.sample(model, s, (16, 3, 8, 8), backend="fast", device="cuda", **kw)
+    for B, off in ((1, 0), (7, 9)):
+        part = df.sample(
+            model, s, (B, 3, 8, 8), backend="fast", device="cuda", **{**kw, "start_index": 100 + off}
+        )
+        assert torch.equal(part, full[off : off + B])
+    padded = df.sample(model, s, (5, 3, 8, 8), backend="fast", device="cuda", buckets=(8,), **kw)
+    assert torch.equal(padded, full[:5])
+
+
+@pytest.mark.cuda
+def test_cuda_replay_has_no_host_sync():
+    model = _cuda_model()
+    s = df.Schedule.linear(1000)
+    plan = make_plan(model, s, (2, 3, 16, 16), steps=5, options={"compile": False})
+    runner = engine.get_runner(model, plan, 2)
+    coefs, ts = plan.table.to(plan.device)
+    with torch.no_grad():
+        runner.load(plan, coefs, ts, 0)
+        runner.ensure_graph()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runner.run(plan.table.num_steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert runner.counter.item() == plan.table.num_steps
