@@ -152,6 +152,13 @@ def _image_shape(model) -> tuple[int, int, int]:
     return tuple(int(d) for d in shape)
 
 
+def _model_device(model) -> str:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return str(p.device)
+    return "cpu"
+
+
 def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
@@ -186,26 +193,44 @@ class Sampler:
         return out
 
 
-def run_settings(model, sampler: Sampler, *, model_id: str, shard_size: int, fmt: str) -> dict:
-    """Everything a sample's bytes depend on; a resumed run must match it exactly."""
+def _plan(model, kwargs: dict, shape):
+    """The validated Plan `ddpm_fast.sample` would build for these keywords."""
     from ddpm_fast.sampling import make_plan
 
+    names = ("steps", "timesteps", "method", "eta", "variance", "clip", "seed", "device", "dtype")
+    schedule = kwargs.get("schedule") or getattr(model, "schedule", None)
+    return make_plan(model, schedule, shape, **{k: kwargs[k] for k in names if k in kwargs})
+
+
+def resolve_backend(model, sampler: Sampler, num: int, dist: Dist) -> None:
+    """Fix the backend (and its options) once per run, on rank 0's judgement, in `sampler.kwargs`.
+
+    "auto" decided per batch could pick differently from one batch to the next (it times a forward), and
+    ranks could disagree: both would make a shard's bytes depend on who drew it. The estimate is made for
+    the whole run (shape [num, ...]), which is what compiling has to pay off against. The fast backend gets
+    one bucket, the batch size: a shard's short last batch is padded to it, so the graph a batch runs in
+    never depends on what the process ran before.
+    """
+    kw = sampler.kwargs
+    choice = None
+    if kw.get("backend", "auto") == "auto" and dist.rank == 0:
+        from ddpm_fast.sampling import _choose_auto
+
+        plan = _plan(model, kw, (num, *sampler.image_shape))
+        choice = (_choose_auto(model, plan), dict(plan.options))
+    if kw.get("backend", "auto") == "auto":
+        backend, options = dist.broadcast(choice)
+        kw["backend"] = backend
+        kw.update(options)
+    if kw["backend"] == "fast":
+        kw.setdefault("buckets", (sampler.batch_size,))
+
+
+def run_settings(model, sampler: Sampler, *, model_id: str, shard_size: int, fmt: str) -> dict:
+    """Everything a sample's bytes depend on; a resumed run must match it exactly."""
     kw = sampler.kwargs
     base = kw.get("schedule") or getattr(model, "schedule", None)
-    plan = make_plan(
-        model,
-        base,
-        (1, *sampler.image_shape),
-        steps=kw.get("steps"),
-        timesteps=kw.get("timesteps"),
-        method=kw.get("method", "ddpm"),
-        eta=kw.get("eta", 0.0),
-        variance=kw.get("variance"),
-        clip=kw.get("clip"),
-        seed=kw.get("seed", 0),
-        dtype=kw.get("dtype", torch.float32),
-        device="cpu",
-    )
+    plan = _plan(model, {**kw, "device": "cpu"}, (1, *sampler.image_shape))
     spec = {k: v for k, v in (base.spec or {}).items() if k != "betas"}
     return {
         "model_sha256": model_id,
@@ -372,6 +397,7 @@ def generate(
     kind = output_kind(out)
     if kind != "dir" and dist.world > 1:
         raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {out!r}")
+    resolve_backend(model, sampler, num, dist)
     progress = progress and dist.rank == 0
     if kind == "png":
         if num > MAX_GRID:
@@ -523,7 +549,7 @@ def _run_sharded(
         "world_size": dist.world,
         "batch_size": sampler.batch_size,
         "backend": str(sampler.kwargs.get("backend", "auto")),
-        "device": str(sampler.kwargs.get("device")),
+        "device": str(sampler.kwargs.get("device") or _model_device(sampler.model)),
         "torch": torch.__version__,
     }
     fmt, size = settings["format"], settings["shard_size"]
@@ -748,6 +774,9 @@ def run_sample(args) -> int:
             schedule = Schedule.linear(1000)
             if dist.rank == 0:
                 log.warning("the model names no noise schedule: using DDPM's linear betas over 1000 steps")
+        steps = args.steps
+        if steps is None and getattr(model, "steps", None):
+            steps = model.steps  # an ONNX step graph samples exactly the run it was exported for
         dtype = DTYPES[args.dtype]
         if backend == "reference" and dtype != torch.float32 and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
@@ -762,7 +791,7 @@ def run_sample(args) -> int:
             merge=not args.no_merge,
             progress=not args.quiet,
             dist=dist,
-            steps=args.steps,
+            steps=steps,
             method=args.method,
             eta=args.eta,
             seed=args.seed,
