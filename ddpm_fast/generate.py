@@ -764,6 +764,8 @@ def run_sample(args) -> int:
     kind = output_kind(args.out)
 
     rank, world, local = env_world()
+    if world > 1 and kind != "dir":
+        raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {args.out!r}")
     device = _resolve_device(args.device, local, world)
     dist = init_distributed(device) if kind == "dir" else Dist()
     try:
