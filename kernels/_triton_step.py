@@ -12,9 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ddpm_fast.steps import C_EPS, C_X0, C_XT, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
+from ddpm_fast import steps
 
 __all__ = ["launch_step"]
+
+# StepTable column indices; jit code may read only constexpr globals.
+SRA = tl.constexpr(steps.SRA)
+SRM1 = tl.constexpr(steps.SRM1)
+C_X0 = tl.constexpr(steps.C_X0)
+C_XT = tl.constexpr(steps.C_XT)
+C_EPS = tl.constexpr(steps.C_EPS)
+SIGMA = tl.constexpr(steps.SIGMA)
+MIN_LOG = tl.constexpr(steps.MIN_LOG)
+MAX_LOG = tl.constexpr(steps.MAX_LOG)
+NCOLS = tl.constexpr(len(steps.COLUMNS))
 
 # Counter lanes per program: each lane makes 4 normals, so a program updates 4 * BLOCK elements.
 # 1024 lanes with 4 warps gives each thread 8 contiguous elements per quarter (vectorised 16 B loads when Q
@@ -130,7 +141,7 @@ def _step_kernel(
     else:
         step = tl.load(step_ptr).to(tl.int64)
 
-    c = coefs_ptr + step * 8
+    c = coefs_ptr + step * NCOLS
     sra = tl.load(c + SRA)
     srm1 = tl.load(c + SRM1)
     c_x0 = tl.load(c + C_X0)
