@@ -183,16 +183,19 @@ def test_padding_to_a_bucket_leaves_real_rows_alone():
 
 
 def test_unet_rows_agree_across_batch_sizes():
-    """A real U-Net: rows agree to conv rounding (its blocking depends on the batch size), not bit for bit."""
+    """A real U-Net: rows agree to conv rounding (its algorithm depends on the batch size), not bit for bit."""
     model = unet(df.UNetConfig.tiny())
     s = df.Schedule.linear(1000)
-    kw = dict(steps=3, seed=8, triton=False)
-    full = fast(model, s, (7, 3, 16, 16), **kw)
-    one = fast(model, s, (1, 3, 16, 16), start_index=6, **kw)
-    truth = reference(model, s, (1, 3, 16, 16), torch.float64, steps=3, seed=8, start_index=6)
-    assert max_err(one, full[6:]) <= 2 * max_err(
-        reference(model, s, (1, 3, 16, 16), steps=3, seed=8, start_index=6), truth
+    kw = dict(steps=3, seed=8)
+    truth = reference(model, s, (7, 3, 16, 16), torch.float64, **kw)
+    err_ref = max(
+        max_err(reference(model, s, (7, 3, 16, 16), **kw), truth),
+        max_err(reference(model, s, (1, 3, 16, 16), start_index=6, **kw), truth[6:]),
     )
+    full = fast(model, s, (7, 3, 16, 16), triton=False, **kw)
+    one = fast(model, s, (1, 3, 16, 16), start_index=6, triton=False, **kw)
+    assert max_err(full, truth) <= 2 * err_ref
+    assert max_err(one, truth[6:]) <= 2 * err_ref
 
 
 # ---------------------------------------------------------------------------------------------- reuse and cache
