@@ -1,0 +1,705 @@
+"""`ddpm-fast train`: the DDPM training loop (Ho et al. 2020, Algorithm 1) with EMA weights and exact resume.
+
+One step, for a batch of x0 in [-1, 1]:
+
+    t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = mean || eps - eps_theta(x_t, t) ||^2        (the paper's L_simple)
+
+AdamW with linear learning-rate warm-up, gradient-norm clipping, and an EMA of the weights
+(decay min(ema_decay, (1 + s) / (10 + s)) at step s) which is what gets sampled and saved.
+
+Output directory:
+
+    config.json, model.safetensors     the EMA model in the native format (`ddpm_fast.load_model` reads it)
+    state.json, state-<step>.safetensors   training state: weights, EMA, optimizer, RNG; JSON names the tensor file
+    samples/step-<step>.png             a grid sampled from the EMA at each checkpoint
+    log.jsonl                           step, loss, learning rate, wall time
+
+Exact resume: the batch order, t and eps of step s are drawn from generators seeded by (seed, s), so they
+do not depend on what ran before; dropout draws from the global RNG, whose state is saved. A run stopped
+at step N and resumed to 2N gives the same weights as one that ran to 2N uninterrupted (tested).
+
+Multi-GPU: launch the same command under `torchrun`; each rank takes its slice of the global batch
+(batch size per rank x world size) and DDP averages the gradients. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ddpm_fast.schedule import Schedule
+
+__all__ = [
+    "TrainConfig",
+    "load_dataset",
+    "train",
+    "diffusion_loss",
+    "save_state",
+    "load_state",
+    "add_arguments",
+    "run",
+]
+
+log = logging.getLogger("ddpm_fast")
+
+PRESETS = ("digits", "tiny", "cifar10", "celebahq256")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+STATE_JSON = "state.json"
+STATE_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the weights a run produces (saved in state.json; a resume must match it)."""
+
+    data: str = "digits"
+    preset: str = "digits"
+    image_size: int | None = None  # None: the preset's sample_size (digits: 8, their native size)
+    channels: int | None = None  # None: the data's channel count
+    dropout: float | None = None  # None: the preset's
+    hflip: bool = False  # random horizontal flips (DDPM used them on CIFAR-10; wrong for digits)
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    steps: int = 10000
+    batch_size: int = 128  # per process
+    lr: float = 2e-4
+    warmup: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    variance: str = "fixed_large"  # the sampling default written into the checkpoint
+    bf16: bool = False
+
+    def validate(self) -> None:
+        def pos_int(name, minimum=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}; got {v!r}")
+
+        for name in ("steps", "batch_size", "num_timesteps"):
+            pos_int(name)
+        pos_int("warmup", 0)
+        pos_int("seed", 0)
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}; got {self.preset!r}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule must be 'linear' or 'cosine'; got {self.schedule!r}")
+        if self.variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"variance must be 'fixed_small' or 'fixed_large'; got {self.variance!r}")
+        if self.image_size is not None:
+            pos_int("image_size")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3; got {self.channels!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive float; got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay!r}")
+        if not self.grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be positive (use a large value to disable); got {self.grad_clip!r}"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
+
+    def make_schedule(self) -> Schedule:
+        if self.schedule == "linear":
+            return Schedule.linear(self.num_timesteps)
+        return Schedule.cosine(self.num_timesteps)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_dataset(source: str, *, image_size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """All training images as one uint8 or float32 tensor [N, C, H, W]; `to_model_space` maps it to [-1, 1].
+
+    source: "digits" (scikit-learn's 8x8 digits, values 0..16, kept as float32), a folder of images
+    (Pillow; resized so the short side is `image_size`, then center-cropped), or an .npz whose `arr_0` is
+    uint8 NHWC (0..255) or float NHWC in [-1, 1].
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
+    if source == "digits":
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise RuntimeError("data='digits' needs scikit-learn: pip install scikit-learn") from e
+        x = torch.from_numpy(load_digits().images.astype(np.float32))[:, None]  # [1797, 1, 8, 8], 0..16
+        x = x / 8.0 - 1.0
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"data {source!r} does not exist (expected 'digits', a folder or an .npz)"
+            )
+        if path.is_dir():
+            x = _load_folder(path, image_size, channels)
+        elif path.suffix == ".npz":
+            x = _load_npz(path)
+        else:
+            raise ValueError(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1).contiguous()
+        else:  # ITU-R 601 luma, as Pillow's convert("L")
+            luma = (to_model_space(x) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(
+                1, keepdim=True
+            )
+            x = luma.clamp(-1, 1)
+    if image_size is not None and x.shape[-1] != image_size:
+        xf = to_model_space(x)
+        xf = F.interpolate(
+            xf, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
+        x = xf.clamp(-1, 1)
+    if x.shape[0] == 0:
+        raise ValueError(f"data {source!r} holds no images")
+    return x
+
+
+def _load_npz(path: Path) -> torch.Tensor:
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{path} has no 'arr_0' array; found {list(f.keys())}")
+        a = f["arr_0"]
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: arr_0 must be NHWC with 1 or 3 channels; got shape {a.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    if t.dtype == torch.uint8:
+        return t
+    if not t.is_floating_point():
+        raise ValueError(f"{path}: arr_0 must be uint8 or float; got {a.dtype}")
+    t = t.float()
+    if t.min() < -1.0001 or t.max() > 1.0001:
+        raise ValueError(f"{path}: float arr_0 must lie in [-1, 1]; got [{t.min():.3g}, {t.max():.3g}]")
+    return t.clamp(-1, 1)
+
+
+def _load_folder(path: Path, image_size: int | None, channels: int | None) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"data folder {str(path)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    if image_size is None:
+        raise ValueError("image_size must be given for an image folder")
+    mode = "L" if channels == 1 else "RGB"
+    out = np.empty((len(files), image_size, image_size, 1 if mode == "L" else 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            s = image_size / min(w, h)
+            im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+            out[i] = np.asarray(im).reshape(image_size, image_size, -1)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def to_model_space(x: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> [-1, 1] float32; float data is already in model space."""
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1.0
+    return x.float()
+
+
+def batch_indices(n: int, step: int, batch: int, seed: int) -> torch.Tensor:
+    """The dataset rows of global batch `step`: epochs are random permutations, each a function of (seed, epoch)."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from a few ints (splitmix64-style), so (seed, step) pairs never share a stream."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def diffusion_loss(
+    model, x0: torch.Tensor, schedule_buffers: dict, generator: torch.Generator
+) -> torch.Tensor:
+    """L_simple = mean ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2, t ~ U{0..T-1}."""
+    sa, s1 = schedule_buffers["sqrt_alphas_cumprod"], schedule_buffers["sqrt_one_minus_alphas_cumprod"]
+    B = x0.shape[0]
+    t = torch.randint(0, sa.numel(), (B,), generator=generator, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = sa[t].view(B, 1, 1, 1) * x0 + s1[t].view(B, 1, 1, 1) * eps
+    out = model(x_t, t)
+    return F.mse_loss(out[:, : x0.shape[1]].float(), eps)
+
+
+# ---------------------------------------------------------------------------------------------- state files
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state(out: Path, *, step: int, model, ema, optimizer, config: TrainConfig, extra: dict) -> None:
+    """Write state-<step>.safetensors (tensors) then state.json (scalars, names the tensor file), both atomically."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    for k, v in ema.state_dict().items():
+        tensors[f"ema.{k}"] = v.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    scalars = {}
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    name = f"state-{step:08d}.safetensors"
+    _atomic_write_bytes(out / name, save(tensors))
+    meta = {
+        "version": STATE_VERSION,
+        "step": step,
+        "tensors": name,
+        "config": config.__dict__,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        **extra,
+    }
+    _atomic_write_bytes(out / STATE_JSON, (json.dumps(meta, indent=1) + "\n").encode())
+    for old in out.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    _fsync_dir(out)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_state(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(state.json contents, tensors) of the last checkpoint in `out`."""
+    from safetensors.torch import load_file
+
+    meta_path = out / STATE_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"--resume: no training state in {str(out)!r} (expected {STATE_JSON})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") != STATE_VERSION:
+        raise ValueError(f"{meta_path}: unsupported state version {meta.get('version')!r}")
+    return meta, load_file(str(out / meta["tensors"]))
+
+
+def _restore(meta: dict, tensors: dict, model, ema, optimizer) -> None:
+    def sub(prefix):
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(sub("model."))
+    ema.load_state_dict(sub("ema."))
+    state: dict = {}
+    for k, v in sub("optim.").items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for k, v in meta["optimizer"]["scalars"].items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len([k for k in tensors if k.startswith("rng.cuda.")]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _build_model_config(cfg: TrainConfig, data_shape):
+    from ddpm_fast.unet import UNetConfig
+
+    C, H = data_shape[1], data_shape[-1]
+    overrides = {"in_channels": C, "out_channels": C, "sample_size": H}
+    if cfg.dropout is not None:
+        overrides["dropout"] = cfg.dropout
+    return getattr(UNetConfig, cfg.preset)(**overrides)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must name a torch device; got {device!r}") from e
+    if d.type == "cuda":
+        from ddpm_fast.errors import Unavailable
+
+        if not torch.cuda.is_available():
+            raise Unavailable(f"device {device!r} was asked for but CUDA is not available")
+        if d.index is None:
+            d = torch.device(f"cuda:{local_rank}")
+    return d
+
+
+def _save_model(ema, out: Path, cfg: TrainConfig, schedule: Schedule) -> None:
+    from ddpm_fast.checkpoint import save_model
+
+    save_model(ema, out, schedule=schedule, sampling={"variance": cfg.variance, "clip": True})
+
+
+def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int, n: int = 64) -> None:
+    from ddpm_fast.sampling import sample
+
+    C, H = ema.config.in_channels, ema.config.sample_size
+    x = sample(
+        ema,
+        schedule,
+        (n, C, H, H),
+        steps=min(steps, schedule.num_timesteps),
+        variance=cfg.variance,
+        seed=0,
+        backend="reference",
+    )
+    write_grid_png(x, path)
+
+
+def write_grid_png(x: torch.Tensor, path: Path, nrow: int | None = None, scale: int | None = None) -> None:
+    """Write images in [-1, 1] [N, C, H, W] as one PNG grid (1 px gaps), atomically; small images are enlarged."""
+    import io
+
+    from PIL import Image
+
+    N, C, H, W = x.shape
+    nrow = nrow or math.ceil(math.sqrt(N))
+    ncol = math.ceil(N / nrow)
+    scale = scale or max(1, 32 // max(H, W))
+    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    h, w = H * scale, W * scale
+    grid = torch.zeros((C, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=torch.uint8)
+    for i in range(N):
+        r, c = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    im = Image.fromarray(arr[..., 0] if C == 1 else arr, mode="L" if C == 1 else "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    _atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def train(
+    cfg: TrainConfig,
+    out,
+    *,
+    resume: bool = False,
+    device=None,
+    save_every: int = 1000,
+    sample_steps: int = 100,
+    compile: bool = False,
+    progress: bool = True,
+    log_every: int = 50,
+    stop_after: int | None = None,
+):
+    """Train to `cfg.steps` optimizer steps, writing checkpoints to `out`; returns the EMA model.
+
+    `stop_after`: return after this many steps of this call (tests use it to cut a run short).
+    """
+    cfg.validate()
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be a positive int; got {save_every!r}")
+    if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
+        raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
+    out = Path(out)
+    rank, local_rank, world = _dist_info()
+    dev = _pick_device(device, local_rank)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    main = rank == 0
+
+    from ddpm_fast.unet import UNet
+
+    data = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels)
+    mcfg = _build_model_config(cfg, data.shape)
+    schedule = cfg.make_schedule()
+    buffers = {
+        k: getattr(schedule, k).to(dev, torch.float32)
+        for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+    }
+
+    torch.manual_seed(_mix(cfg.seed, 0xF00D))  # initial weights; dropout later draws from this RNG
+    model = UNet(mcfg).to(dev)
+    ema = UNet(mcfg).to(dev).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm gains
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    step = 0
+    if resume and (out / STATE_JSON).exists():
+        meta, tensors = load_state(out)
+        saved = dict(meta["config"])
+        mine = dict(cfg.__dict__)
+        saved.pop("steps", None), mine.pop("steps", None)  # a resume may extend the run
+        if saved != mine:
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(
+                f"--resume: options differ from the run in {str(out)!r}: "
+                + ", ".join(f"{k}={mine.get(k)!r} (saved {saved.get(k)!r})" for k in diff)
+            )
+        _restore(meta, tensors, model, ema, optimizer)
+        step = int(meta["step"])
+        if main:
+            log.info("resumed %s at step %d", out, step)
+    elif resume and main:
+        log.info("--resume: no state in %s, starting from scratch", out)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=1) + "\n")
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    fwd = torch.compile(net) if compile else net
+    use_bf16 = cfg.bf16 and dev.type == "cuda"
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    gen = torch.Generator(device=dev)
+    global_batch = cfg.batch_size * world
+    running, t_start, last_loss = None, time.perf_counter(), float("nan")
+    model.train()
+    while step < end:
+        idx = batch_indices(data.shape[0], step, global_batch, cfg.seed)[rank::world]
+        x0 = to_model_space(data[idx]).to(dev, non_blocking=True)
+        gen.manual_seed(_mix(cfg.seed, step, rank, 2))
+        if cfg.hflip:
+            flip = torch.rand(x0.shape[0], generator=gen, device=dev) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diffusion_loss(fwd, x0, buffers, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+
+        # .item() synchronises a GPU: read the loss every 10 steps only.
+        if step % 10 == 0 or step % log_every == 0 or step == end:
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
+            running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
+            if bar is not None:
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if main and (step % log_every == 0 or step == end):
+            rec = {"step": step, "loss": last_loss, "loss_avg": running, "lr": lr}
+            rec["time_s"] = round(time.perf_counter() - t_start, 2)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if step % save_every == 0 or step == end:
+            if main:
+                save_state(
+                    out,
+                    step=step,
+                    model=model,
+                    ema=ema,
+                    optimizer=optimizer,
+                    config=cfg,
+                    extra={"loss_avg": running, "world_size": world, "model_config": mcfg.to_dict()},
+                )
+                _save_model(ema, out, cfg, schedule)
+                if sample_steps:
+                    _save_grid(ema, schedule, cfg, out / "samples" / f"step-{step:08d}.png", sample_steps)
+            if world > 1:
+                torch.distributed.barrier()
+    if bar is not None:
+        bar.close()
+    return ema
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
+    ep, mp = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="'digits' (scikit-learn, 8x8), an image folder, or an .npz (arr_0 NHWC)",
+    )
+    p.add_argument("--out", default="runs/digits", help="output directory (default: %(default)s)")
+    p.add_argument("--preset", default=d.preset, choices=PRESETS, help="U-Net size (default: %(default)s)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="train resolution (default: the data's; required for folders)",
+    )
+    p.add_argument(
+        "--channels", type=int, default=None, choices=(1, 3), help="convert the data to 1 or 3 channels"
+    )
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    p.add_argument("--schedule", default=d.schedule, choices=("linear", "cosine"))
+    p.add_argument("--timesteps", type=int, default=d.num_timesteps, help="T (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (default: %(default)s)"
+    )
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--variance",
+        default=d.variance,
+        choices=("fixed_small", "fixed_large"),
+        help="sampling variance recorded in the checkpoint (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=1000, help="checkpoint every N steps (default: %(default)s)"
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=100,
+        help="respaced steps for the sample grid at each checkpoint; 0: no grid (default: %(default)s)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        data=args.data,
+        preset=args.preset,
+        image_size=args.image_size,
+        channels=args.channels,
+        dropout=args.dropout,
+        hflip=args.hflip,
+        schedule=args.schedule,
+        num_timesteps=args.timesteps,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        variance=args.variance,
+        bf16=args.bf16,
+    )
+    t0 = time.perf_counter()
+    train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        device=args.device,
+        save_every=args.save_every,
+        sample_steps=args.sample_steps,
+        compile=args.compile,
+        progress=not args.no_progress,
+    )
+    if _dist_info()[0] == 0:
+        print(f"trained to step {cfg.steps} in {time.perf_counter() - t0:.0f} s; model in {args.out}")
+    return 0
