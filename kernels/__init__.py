@@ -8,7 +8,7 @@ learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
     coefs, timesteps = table.to(device)               # float32 [S, 8], int64 [S], built once per run
     counter = make_step_counter(0, device)            # int64 [1], read on the device
     for _ in range(S):
-        eps = model(x, timesteps[counter])            # (engine's business)
+        eps = model(x, timesteps.index_select(0, counter).expand(B))   # the engine's business
         posterior_step(x, eps, coefs, timesteps, counter, seed=seed, start_index=start_index,
                        clip_range=1.0, learned=table.learned, out=x, advance=True)
 
@@ -18,7 +18,8 @@ learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
 - `step_torch(...)`: the twin, same signature; compiles with torch.compile(fullgraph=True) (no `.item()`).
 - `step_triton(...)`: the fused kernel, forced (RuntimeError without Triton or a CUDA tensor).
 - `make_step_counter(start, device)`: the device counter `advance=True` increments inside the launch, so one
-  CUDA graph replays every step.
+  CUDA graph replays every step. Between launches it holds the step; during an advancing launch its high
+  32 bits count the programs that have read it, and the last one writes (step + 1, 0): one launch, no race.
 """
 
 from ddpm_fast.kernels.step import (

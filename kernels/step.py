@@ -301,9 +301,10 @@ def posterior_step(
     """x_{t-1} for row `step` of a StepTable (formula in the module docstring); Triton or the twin per `use_triton`.
 
     x: [B, C, ...] float32/float16/bfloat16; model_out: eps [B, C, ...] or (eps | v) [B, 2C, ...], any of those
-    dtypes; coefs: float32 [S, 8] and timesteps: int64 [S] from `StepTable.to(device)`; step: an int, or a
-    one-element int tensor on x's device read on the device (advance=True adds 1 to it, int64 only);
-    out: where to write (may be x), else a new tensor. Returns out.
+    dtypes; coefs: float32 [S, 8] and timesteps: int64 [S] from `StepTable.to(device)`; step: an int in
+    [0, S), or a one-element int tensor on x's device, read on the device and so not range-checked (that would
+    need a sync); advance=True adds 1 to it (int64 only). out: where to write (may be x), else a new tensor.
+    Returns out.
     """
     fn = step_triton if use_triton(x) else step_torch
     return fn(
