@@ -658,33 +658,47 @@ def _run_sharded(
 
 
 def add_arguments_sample(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", metavar="DIR|FILE.onnx", help="checkpoint directory or .onnx file (default: bundled)"
+    a = p.add_argument
+    a(
+        "--model",
+        metavar="DIR|FILE.onnx",
+        help="checkpoint directory or .onnx file (default: the bundled model)",
     )
-    p.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--batch-size", type=int, help="samples per model call (default 256 on CUDA, 64 on CPU)")
-    p.add_argument("--steps", type=int, help="sampling steps, evenly respaced (default: all of the schedule)")
-    p.add_argument("--method", default="ddpm", help="ddpm (ancestral) or ddim (default ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; sample n depends only on (seed, n)")
-    p.add_argument("--backend", default="auto", help="auto, reference, fast or onnx (default auto)")
-    p.add_argument(
-        "--device", help="torch device (default: cuda if available, else cpu; cuda:LOCAL_RANK under torchrun)"
+    a("--num", type=int, default=64, metavar="N", help="number of samples (default 64)")
+    a("--batch-size", type=int, metavar="B", help="samples per model call (default 256 on CUDA, 64 on CPU)")
+    a("--steps", type=int, metavar="S", help="sampling steps, evenly respaced (default: the whole schedule)")
+    a("--method", default="ddpm", metavar="M", help="ddpm (ancestral) or ddim (default ddpm)")
+    a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
+    a("--seed", type=int, default=0, metavar="K", help="noise seed; sample n depends only on (seed, n)")
+    a("--backend", default="auto", metavar="B", help="auto, reference, fast or onnx (default auto)")
+    a(
+        "--device",
+        metavar="D",
+        help="torch device (default: cuda if available, else cpu; cuda:LOCAL_RANK under torchrun)",
     )
-    p.add_argument("--dtype", default="float32", help=f"compute dtype: {', '.join(DTYPES)} (default float32)")
-    p.add_argument(
+    a("--dtype", default="float32", metavar="T", help=f"compute dtype: {', '.join(DTYPES)} (default float32)")
+    a(
         "--out",
         default="samples.png",
-        help="FILE.png: one grid; FILE.npz: arr_0 uint8 NHWC; DIR: sharded, resumable run (default samples.png)",
+        metavar="PATH",
+        help="FILE.png: one grid; FILE.npz: arr_0 uint8 NHWC; DIR: sharded, resumable run (default samples.png). "
+        "Under torchrun put `--` before `sample`: torchrun would read --num as its own --numa-binding",
     )
-    p.add_argument(
-        "--shard-size", type=int, help=f"samples per shard of a DIR run (default {DEFAULT_SHARD_SIZE})"
+    a(
+        "--shard-size",
+        type=int,
+        metavar="N",
+        help=f"samples per shard of a DIR run (default {DEFAULT_SHARD_SIZE})",
     )
-    p.add_argument(
-        "--format", default="npz", dest="shard_format", help="shard files of a DIR run: npz or png"
+    a(
+        "--format",
+        default="npz",
+        dest="shard_format",
+        metavar="F",
+        help="shards of a DIR run: npz or png (default npz)",
     )
-    p.add_argument("--no-merge", action="store_true", help="DIR run: do not write DIR/samples.npz at the end")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a("--no-merge", action="store_true", help="DIR run: do not write DIR/samples.npz at the end")
+    a("--quiet", action="store_true", help="no progress bar")
 
 
 def add_arguments_merge(p: argparse.ArgumentParser) -> None:
@@ -780,6 +794,8 @@ def run_sample(args) -> int:
         if steps is None and getattr(model, "steps", None):
             steps = model.steps  # an ONNX step graph samples exactly the run it was exported for
         dtype = DTYPES[args.dtype]
+        if backend == "auto" and dtype == torch.float64:
+            backend = "reference"  # the only backend computing in float64
         if backend == "reference" and dtype != torch.float32 and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
         summary = generate(
