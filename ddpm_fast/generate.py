@@ -369,8 +369,9 @@ def generate(
 
     `out` ending in .png: one PNG grid; in .npz: one .npz (`arr_0` uint8 NHWC), streamed batch by batch;
     anything else: a sharded, resumable run directory (merged into out/samples.npz at the end unless
-    merge=False). `sample_kwargs` go to `ddpm_fast.sample` (steps, method, eta, seed, backend, device, dtype,
-    variance, clip, ...).
+    merge=False). Under torchrun (WORLD_SIZE > 1) with `dist` None, a directory run joins the process group
+    (or uses the one already initialised). `sample_kwargs` go to `ddpm_fast.sample` (steps, method, eta,
+    seed, backend, device, dtype, variance, clip, ...).
     """
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive int; got {num!r}")
@@ -384,7 +385,26 @@ def generate(
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a path; got {type(out).__name__}")
     out = os.fspath(out)
-    dist = dist or Dist()
+    if dist is None:
+        # Under torchrun, a directory run joins the job (and leaves it at the end); a file run is refused below.
+        own_dist = env_world()[1] > 1 and output_kind(out) == "dir"
+        dev = sample_kwargs.get("device")
+        dist = (
+            init_distributed(torch.device(dev) if dev is not None else torch.device("cpu"))
+            if own_dist
+            else Dist()
+        )
+        if dist.owns_group:
+            try:
+                return generate(
+                    model, out, num=num, batch_size=batch_size, schedule=schedule, image_shape=image_shape,
+                    model_id=model_id, shard_size=shard_size, shard_format=shard_format, merge=merge,
+                    progress=progress, dist=dist, **sample_kwargs,
+                )  # fmt: skip
+            finally:
+                dist.close()
+        if env_world()[1] > 1 and dist.world == 1 and output_kind(out) != "dir":
+            raise UserError(f"under torchrun, out must be a directory (a sharded run); got {out!r}")
     shape = tuple(int(d) for d in image_shape) if image_shape is not None else _image_shape(model)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W) with positive sizes; got {shape}")
