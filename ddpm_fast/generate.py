@@ -619,9 +619,10 @@ def _run_sharded(
                         exc = exc or _write_error(e, k, shards.shard_path(run_dir, k, fmt))
                 return records, exc
 
+            carried = None  # rank 0's manifest write failure, told to every rank at the next gather
             for r in range(rounds + 1):  # the extra round waits for the last writes
-                drawn, failure = 0, None
-                if r < len(mine):
+                drawn, failure, carried = 0, carried, None
+                if failure is None and r < len(mine):
                     k = mine[r]
                     start, count = ranges[k]
                     try:
@@ -641,7 +642,12 @@ def _run_sharded(
                     fresh = [rec for g in gathered for rec in g[1]]
                     if fresh:
                         done.update(fresh)
-                        shards.atomic_write_json(manifest_path, _manifest(num, settings, info, done))
+                        try:
+                            shards.atomic_write_json(manifest_path, _manifest(num, settings, info, done))
+                        except OSError as e:
+                            carried = OSError(e.errno, f"cannot write {manifest_path}: {e.strerror or e}")
+                            if r >= rounds:  # no gather left to wait for: the other ranks are done
+                                raise carried from e
                 if failure is not None:
                     raise failure
                 errors = [(i, g[2]) for i, g in enumerate(gathered) if g[2]]

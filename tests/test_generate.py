@@ -222,6 +222,26 @@ def test_full_disk_gives_a_clear_error_and_an_honest_manifest(model_dir, tmp_pat
     assert manifest(run)["complete"]
 
 
+def test_full_disk_on_the_manifest_stops_the_run_with_a_clear_error(model, tmp_path, monkeypatch):
+    real, calls = shards.atomic_write_json, []
+
+    def full_on_third(path, obj):
+        calls.append(path)
+        if len(calls) >= 3:  # the start, the first shard(s) recorded, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, obj)
+
+    monkeypatch.setattr(shards, "atomic_write_json", full_on_third)
+    run = str(tmp_path / "run")
+    with pytest.raises(OSError, match="cannot write .*manifest.json: No space left on device"):
+        generate(model, run, num=8, batch_size=2, shard_size=2, steps=STEPS)
+    m = manifest(run)  # the last one written in full: what it claims is on disk
+    assert m["done"] and not m["complete"]
+    for k, rec in m["done"].items():
+        path = shards.shard_path(run, int(k), "npz")
+        assert shards.check_shard(path, "npz", 2 * int(k), 2, (8, 8, 3), rec["sha256"]) is None
+
+
 def test_unwritable_output_is_one_line_and_no_manifest(model_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
