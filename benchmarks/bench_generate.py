@@ -15,7 +15,8 @@ Providers (same model, settings, backend and batch cuts; a fresh output director
                 per-image cost writing adds, whatever the step count.
 
 `x sampler` is a provider's images/s over the sampler's: 1.0 means writing costs nothing, because the
-writer thread overlaps it with drawing the next shard. Medians with 20/80 quantiles over --repeats.
+writer thread overlaps it with drawing the next shard. Medians with 20/80 quantiles over --repeats,
+taken round-robin over the providers.
 """
 
 from __future__ import annotations
@@ -158,32 +159,35 @@ def run(
         "numpy": np.__version__,
     }
     rows = []
-    base = None
+    # Repeats go round-robin over the providers, so a slow spell on a shared machine hits them all alike.
+    secs = {name: [] for name, _, _ in providers}
     with tempfile.TemporaryDirectory(dir=tmp) as root:
         prep_dir = tempfile.mkdtemp(dir=root)
-        for name, fn, prep in providers:
+        for _, _, prep in providers:
             if prep is not None:
                 prep(prep_dir)
-            secs = []
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for name, fn, _ in providers:
                 d = tempfile.mkdtemp(dir=root)
                 t0 = time.perf_counter()
                 fn(d)
-                secs.append(time.perf_counter() - t0)
-            med, p20, p80 = _quantiles([num / s for s in secs])
-            if name == "sampler":
-                base = med
-            rows.append(
-                {
-                    **common,
-                    "provider": name,
-                    "images_per_s": med,
-                    "p20": p20,
-                    "p80": p80,
-                    "ms_per_image": 1e3 / med,
-                    "x_sampler": med / base if name.startswith(("shards", "file")) else None,
-                }
-            )
+                secs[name].append(time.perf_counter() - t0)
+    base = None
+    for name, _, _ in providers:
+        med, p20, p80 = _quantiles([num / s for s in secs[name]])
+        if name == "sampler":
+            base = med
+        rows.append(
+            {
+                **common,
+                "provider": name,
+                "images_per_s": med,
+                "p20": p20,
+                "p80": p80,
+                "ms_per_image": 1e3 / med,
+                "x_sampler": med / base if name.startswith(("shards", "file")) else None,
+            }
+        )
     return rows
 
 
