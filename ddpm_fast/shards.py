@@ -136,7 +136,8 @@ class NpzWriter:
             )
         if self.rows + rows.shape[0] > self.shape[0]:
             raise ValueError(f"too many rows: {self.rows} + {rows.shape[0]} > {self.shape[0]}")
-        self._member.write(rows.data.cast("B"))
+        if rows.size:  # memoryview cannot cast an empty view
+            self._member.write(rows.data.cast("B"))
         self.rows += rows.shape[0]
 
     def close(self) -> None:
