@@ -1,0 +1,475 @@
+"""`ddpm-fast bench`: sampling backends side by side on one device, in one run.
+
+    ddpm-fast bench --device cpu --out bench/                       # tiny U-Net, batch 1 and 4, 10 steps
+    ddpm-fast bench --device cuda --model cifar10 --batch-sizes 1,16,64,256 --steps 20 --out bench/
+
+Providers (`PROVIDERS`, name -> factory(model, schedule, shape, steps, device) -> callable; add one there):
+reference (eager oracle), fast (compile + CUDA graph + Triton), fast-* (each option off; -bf16: autocast),
+diffusers (DDPMPipeline, float32, eager, the same weights and schedule), onnx (ddpm_fast.export).
+
+Every provider runs all T steps of a linear schedule with T = --steps, so each does the same work per step
+and diffusers' own step spacing never differs from ours. For each (provider, batch): the first call
+(compile, warm-up, capture) is timed apart; then --repeats full runs give the median and 20/80 quantiles
+(CUDA: synchronised around each run). images/s = batch / median run time; ms/step = median / steps.
+max |diff|: against the reference run with the same noise (counter-based; diffusers: the same
+torch.Generator), in model space [-1, 1]. Writes bench.md, bench.json and bench.png under --out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import ddpm_fast as df
+from ddpm_fast.errors import Unavailable
+
+__all__ = [
+    "PROVIDERS",
+    "benchmark",
+    "markdown",
+    "write_report",
+    "diffusers_unet",
+    "device_info",
+    "add_arguments",
+    "run",
+]
+
+PRESETS = ("tiny", "digits", "cifar10", "celebahq256")
+SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------- providers
+
+
+def _sampler(**kwargs) -> Callable:
+    def factory(model, schedule, shape, steps, device):
+        def call():
+            return df.sample(model, schedule, shape, seed=SEED, device=device, **kwargs)
+
+        return call
+
+    return factory
+
+
+def diffusers_unet(model):
+    """A diffusers UNet2DModel computing the same function as our `model` (its weights copied by name)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise Unavailable("the diffusers provider needs diffusers (pip install diffusers)") from e
+    from ddpm_fast.unet import diffusers_key
+
+    c = model.config
+    L = c.num_levels
+    if c.scale_shift_norm or c.mid_attn_norm_groups is not None:
+        raise Unavailable("the diffusers provider covers the original DDPM block layout only")
+    net = UNet2DModel(
+        sample_size=c.sample_size,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        block_out_channels=c.block_out_channels,
+        layers_per_block=c.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if i in c.attn_levels else "DownBlock2D" for i in range(L)),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if L - 1 - k in c.attn_levels else "UpBlock2D" for k in range(L)
+        ),
+        freq_shift=c.freq_shift,
+        flip_sin_to_cos=c.flip_sin_to_cos,
+        downsample_padding=c.downsample_padding,
+        norm_eps=c.norm_eps,
+        norm_num_groups=c.norm_num_groups,
+        attention_head_dim=c.attention_head_dim,
+        dropout=c.dropout,
+        add_attention=c.mid_attention,
+        time_embedding_dim=c.time_embed_dim,
+        mid_block_scale_factor=c.mid_scale_factor,
+        center_input_sample=c.center_input_sample,
+    )
+    state = {diffusers_key(k): v for k, v in model.state_dict().items()}
+    net.load_state_dict(state)
+    p = next(model.parameters())
+    net = net.to(p.device)
+    return (net if p.dtype == torch.float32 else net.to(p.dtype)).eval()
+
+
+def _diffusers_factory(model, schedule, shape, steps, device):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        num_train_timesteps=schedule.num_timesteps,
+        trained_betas=schedule.betas.tolist(),
+        variance_type="fixed_small",
+        clip_sample=True,
+    )
+    pipe = DDPMPipeline(unet=diffusers_unet(model), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    gen_device = "cpu" if device.type == "cpu" else device
+
+    def call():
+        g = torch.Generator(gen_device).manual_seed(SEED)
+        img = pipe(batch_size=shape[0], generator=g, num_inference_steps=steps, output_type="pt").images
+        return img * 2 - 1  # the pipeline returns (x / 2 + 0.5).clamp(0, 1)
+
+    call.reference = lambda: df.sample(  # the same noise as the pipeline: diffusers' generator order
+        model, schedule, shape, generator=torch.Generator(gen_device).manual_seed(SEED), backend="reference"
+    )
+    return call
+
+
+def _onnx_factory(model, schedule, shape, steps, device):
+    try:
+        from ddpm_fast.export.bench import onnx_provider
+        from ddpm_fast.sampling import make_plan
+    except ImportError as e:
+        raise Unavailable(f"the onnx provider needs ddpm_fast.export: {e}") from e
+    plan = make_plan(model, schedule, shape, seed=SEED, device=device)
+    prov = onnx_provider(model, plan)
+
+    def call():
+        return prov()
+
+    call.setup_s = getattr(prov, "export_seconds", 0.0) + getattr(prov, "session_seconds", 0.0)
+    call.keep = prov  # the temporary .onnx lives as long as the callable
+    return call
+
+
+PROVIDERS: dict[str, Callable] = {
+    "reference": _sampler(backend="reference"),
+    "fast": _sampler(backend="fast"),
+    "fast-nocompile": _sampler(backend="fast", compile=False),
+    "fast-nograph": _sampler(backend="fast", cuda_graph=False),
+    "fast-notriton": _sampler(backend="fast", triton=False),
+    "fast-bf16": _sampler(backend="fast", dtype=torch.bfloat16),
+    "fast-bf16-nocompile": _sampler(backend="fast", dtype=torch.bfloat16, compile=False),
+    "diffusers": _diffusers_factory,
+    "onnx": _onnx_factory,
+}
+CUDA_ONLY = ("fast-nograph",)
+DEFAULT_PROVIDERS = {
+    "cpu": ["reference", "fast", "fast-nocompile", "diffusers"],
+    "cuda": ["reference", "diffusers", "fast-nocompile", "fast-bf16", "fast-bf16-nocompile", "fast"],
+}
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def device_info(device: torch.device) -> dict:
+    """Device name and library versions, put in every result row."""
+    import importlib.metadata as md
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    if device.type == "cpu":
+        name = f"{_cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "ddpm_fast": df.__version__}
+    for pkg in ("triton", "diffusers", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if device.type == "cuda":
+        versions["cuda"] = torch.version.cuda
+    return {"device": str(device), "device_name": name, "versions": versions}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device) -> tuple[float, torch.Tensor]:
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
+    if b is None:
+        return None
+    return (a.detach().double().cpu() - b.detach().double().cpu()).abs().max().item()
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        return None
+
+
+def build_model(spec: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A preset name (random weights: speed does not depend on them) or a checkpoint path."""
+    if spec in PRESETS:
+        torch.manual_seed(seed)
+        cfg = getattr(df.UNetConfig, spec)(dropout=0.0)
+        return df.UNet(cfg).to(device).eval()
+    return df.load_model(spec, device=device).eval()
+
+
+def benchmark(
+    model,
+    *,
+    device,
+    batch_sizes=(1, 4),
+    steps: int = 10,
+    repeats: int = 3,
+    providers=None,
+    log=print,
+) -> list[dict]:
+    """One row per (batch size, provider) that ran; a provider that cannot run here gives a row with `error`."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("device cuda was asked for but CUDA is not available")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int; got {steps!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int; got {repeats!r}")
+    providers = list(providers or DEFAULT_PROVIDERS.get(device.type, DEFAULT_PROVIDERS["cpu"]))
+    for p in providers:
+        if p not in PROVIDERS:
+            raise ValueError(f"providers must be among {sorted(PROVIDERS)}; got {p!r}")
+        if p in CUDA_ONLY and device.type != "cuda":
+            raise ValueError(f"provider {p!r} needs a CUDA device; got {device}")
+    if "reference" in providers:  # the others are compared with it and their speed-ups are over it
+        providers = ["reference"] + [p for p in providers if p != "reference"]
+    schedule = df.Schedule.linear(steps)
+    C, H, W = model.config.image_shape
+    info = device_info(device)
+    rows = []
+    for B in batch_sizes:
+        shape = (int(B), C, H, W)
+        ref_out = None
+        for name in providers:
+            row = {"provider": name, "batch": shape[0], "steps": steps, "image": f"{C}x{H}x{W}", **info}
+            try:
+                fn = PROVIDERS[name](model, schedule, shape, steps, device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                first, out = _timed(fn, device)
+                times = [_timed(fn, device)[0] for _ in range(repeats)]
+            except (Unavailable, ImportError, NotImplementedError) as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log(f"  {name:<20} B={shape[0]:<4} unavailable: {row['error']}")
+                rows.append(row)
+                continue
+            med = statistics.median(times)
+            if name == "reference":
+                ref_out = out
+            ref_for = fn.reference() if hasattr(fn, "reference") else ref_out
+            row.update(
+                median_s=med,
+                p20_s=_quantile(times, 0.2),
+                p80_s=_quantile(times, 0.8),
+                images_per_s=shape[0] / med,
+                ms_per_step=1e3 * med / steps,
+                setup_s=max(first - med, 0.0) + getattr(fn, "setup_s", 0.0),
+                max_abs_diff=_max_diff(out, ref_for) if name != "reference" else 0.0,
+                peak_mem_mb=(
+                    torch.cuda.max_memory_allocated(device) / 2**20
+                    if device.type == "cuda"
+                    else _peak_rss_mb()
+                ),
+                peak_mem_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+            )
+            rows.append(row)
+            log(
+                f"  {name:<20} B={shape[0]:<4} {row['images_per_s']:10.2f} img/s {row['ms_per_step']:9.3f} ms/step"
+                f"  setup {row['setup_s']:6.1f} s  max|diff| {row['max_abs_diff']:.2e}"
+            )
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    by = {(r["batch"], r["provider"]): r for r in rows if "images_per_s" in r}
+    for r in rows:
+        if "images_per_s" not in r:
+            continue
+        for base in ("reference", "diffusers"):
+            b = by.get((r["batch"], base))
+            r[f"speedup_vs_{base}"] = r["images_per_s"] / b["images_per_s"] if b else None
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no results)\n"
+    r0 = rows[0]
+    vers = ", ".join(f"{k} {v}" for k, v in r0["versions"].items())
+    lines = [
+        f"Device: {r0['device_name']} ({r0['device']}); {vers}",
+        f"Image {r0['image']}, {r0['steps']} steps per run; medians, [20%, 80%] quantiles.",
+        "",
+        "| provider | batch | images/s | ms/step [p20, p80] | setup s | x reference | x diffusers "
+        "| max abs diff | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | {r['batch']} | unavailable: {r['error']} | | | | | | |")
+            continue
+        s = r["steps"]
+        lines.append(
+            f"| {r['provider']} | {r['batch']} | {r['images_per_s']:.2f} | {r['ms_per_step']:.3f} "
+            f"[{1e3 * r['p20_s'] / s:.3f}, {1e3 * r['p80_s'] / s:.3f}] | {r['setup_s']:.1f} "
+            f"| {_fmt(r.get('speedup_vs_reference'), '.2f')} | {_fmt(r.get('speedup_vs_diffusers'), '.2f')} "
+            f"| {_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('peak_mem_mb'), '.0f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """images/s against batch size, one line per provider (log-log); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["provider"] for r in rows):
+        pts = sorted(
+            (r["batch"], r["images_per_s"]) for r in rows if r["provider"] == name and "images_per_s" in r
+        )
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    if rows:
+        ax.set_title(
+            f"{rows[0]['image']}, {rows[0]['steps']} steps, {rows[0]['device_name'][:40]}", fontsize=8
+        )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    with open(tmp, "rb") as f:
+        data = f.read()
+    os.unlink(tmp)
+    _write_atomic(path, data)
+    return path
+
+
+def write_report(rows: list[dict], out_dir, stem: str = "bench", meta: dict | None = None) -> dict:
+    """<out_dir>/<stem>.md, .json and .png (atomic writes); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {}), "rows": rows}
+    paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
+    _write_atomic(paths["md"], markdown(rows).encode())
+    _write_atomic(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
+    png = plot(rows, out / f"{stem}.png")
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}") from e
+    if not vals or min(vals) < 1:
+        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}")
+    return vals
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--model", default=None, help=f"a preset ({', '.join(PRESETS)}; random weights) or a checkpoint"
+    )
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: cpu 1,4; cuda 1,16,64,256)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: cpu 10, cuda 20)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point after the first (default 3)")
+    p.add_argument("--providers", default=None, help=f"comma-separated, among {', '.join(PROVIDERS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="bench", help="directory for bench.md, bench.json, bench.png")
+
+
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be positive; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    model = build_model(args.model or ("cifar10" if cuda else "tiny"), device)
+    batch_sizes = _int_list(args.batch_sizes) if args.batch_sizes else ([1, 16, 64, 256] if cuda else [1, 4])
+    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    rows = benchmark(
+        model,
+        device=device,
+        batch_sizes=batch_sizes,
+        steps=args.steps or (20 if cuda else 10),
+        repeats=args.repeats,
+        providers=providers,
+    )
+    meta = {"model": args.model or ("cifar10" if cuda else "tiny"), "parameters": model.num_parameters()}
+    paths = write_report(rows, args.out, meta=meta)
+    print(markdown(rows))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
