@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +57,6 @@ PRESETS = ("digits", "tiny", "cifar10", "celebahq256")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STATE_JSON = "state.json"
 STATE_VERSION = 1
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -265,19 +262,10 @@ def diffusion_loss(
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    from ddpm_fast.shards import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(str(path), data)
 
 
 def save_state(out: Path, *, step: int, model, ema, optimizer, config: TrainConfig, extra: dict) -> None:
@@ -315,20 +303,6 @@ def save_state(out: Path, *, step: int, model, ema, optimizer, config: TrainConf
     for old in out.glob("state-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
-    _fsync_dir(out)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_state(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -419,31 +393,10 @@ def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int
         seed=0,
         backend="reference",
     )
-    write_grid_png(x, path)
+    from ddpm_fast.generate import save_grid, to_uint8
 
-
-def write_grid_png(x: torch.Tensor, path: Path, nrow: int | None = None, scale: int | None = None) -> None:
-    """Write images in [-1, 1] [N, C, H, W] as one PNG grid (1 px gaps), atomically; small images are enlarged."""
-    import io
-
-    from PIL import Image
-
-    N, C, H, W = x.shape
-    nrow = nrow or math.ceil(math.sqrt(N))
-    ncol = math.ceil(N / nrow)
-    scale = scale or max(1, 32 // max(H, W))
-    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    h, w = H * scale, W * scale
-    grid = torch.zeros((C, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=torch.uint8)
-    for i in range(N):
-        r, c = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = img[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr[..., 0] if C == 1 else arr, mode="L" if C == 1 else "RGB")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(to_uint8(x), str(path))
 
 
 def train(

@@ -192,7 +192,7 @@ def test_run_writes_checkpoints_grid_and_log(tmp_path):
         "step-00000004.png",
     ]
     with Image.open(tmp_path / "samples" / "step-00000004.png") as im:
-        assert im.mode == "L" and im.size == (8 * 33 + 1, 8 * 33 + 1)  # 64 images, 8x8 enlarged 4x, 1px gaps
+        assert im.mode == "L" and im.size == (4 * (8 * 10 + 2),) * 2  # 8x8 tiles, 2 px gaps, enlarged 4x
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4]
     assert [p.name for p in tmp_path.glob("state-*")] == ["state-00000004.safetensors"]  # old ones removed
 
