@@ -51,9 +51,8 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 OPSET = 18
-MIN_OPSET = (
-    17  # the TorchScript exporter's floor for this graph (LayerNorm-free, but Pad-18 / Resize-13 semantics)
-)
+MIN_OPSET = 14  # the TorchScript exporter's floor here: its scaled_dot_product_attention needs opset 14
+MAX_OPSET = 23  # the newest opset ONNX Runtime 1.22+ runs
 META_PREFIX = "ddpm_fast."
 FORMAT_VERSION = 1
 INPUTS = {"eps": ("x", "t"), "step": ("x", "step", "z")}
@@ -178,8 +177,8 @@ def _check_opset(opset, exporter: str) -> int:
     if isinstance(opset, bool) or not isinstance(opset, int):
         raise TypeError(f"opset must be an int; got {opset!r}")
     low = OPSET if exporter == "dynamo" else MIN_OPSET
-    if not low <= opset <= 23:
-        raise ValueError(f"opset must lie in [{low}, 23] for the {exporter} exporter; got {opset}")
+    if not low <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must lie in [{low}, {MAX_OPSET}] for the {exporter} exporter; got {opset}")
     return opset
 
 
@@ -353,7 +352,7 @@ def export_onnx(
             proto = _to_proto(graph, meta["kind"], example, opset, exporter)
         _set_metadata(proto, meta)
         onnx = _import_onnx()
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(proto, full_check=True)  # full: also runs ONNX shape inference
         data = proto.SerializeToString()
         _write_atomic(path, data)
         seconds = time.perf_counter() - t0

@@ -400,8 +400,8 @@ def _check_plan(m: OnnxModel, plan) -> None:
         want = ", ".join(f"{k}={asked[k]!r}" for k in diff if k != "timesteps" and k in asked)
         raise ValueError(
             f"{m.source} is a step graph exported for a different run ({have or 'other timesteps/schedule'}); "
-            f"the request asks {want or 'other timesteps/schedule'}. Pass steps={exported.get('num_steps')} and the "
-            "exported settings, or sample with the noise-model graph"
+            f"the request asks {want or 'other timesteps/schedule'}. Pass steps={exported.get('num_steps')} "
+            f"(--steps {exported.get('num_steps')}) and the exported settings, or sample with the noise-model graph"
         )
 
 
