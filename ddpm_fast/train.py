@@ -16,7 +16,8 @@ Output directory:
     log.jsonl                           step, loss, learning rate, wall time
 
 Exact resume: the batch order, t and eps of step s are drawn from generators seeded by (seed, s), so they
-do not depend on what ran before; dropout draws from the global RNG, whose state is saved. A run stopped
+do not depend on what ran before; dropout draws from the global RNG, reseeded from (seed, step, rank) at
+every step (so ranks drop different units, and resume is exact under DDP as well). A run stopped
 at step N and resumed to 2N gives the same weights as one that ran to 2N uninterrupted (tested).
 
 Multi-GPU: launch the same command under `torchrun`; each rank takes its slice of the global batch
@@ -443,7 +444,7 @@ def train(
         for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
     }
 
-    torch.manual_seed(_mix(cfg.seed, 0xF00D))  # initial weights; dropout later draws from this RNG
+    torch.manual_seed(_mix(cfg.seed, 0xF00D))  # initial weights, the same on every rank
     model = UNet(mcfg).to(dev)
     ema = UNet(mcfg).to(dev).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -498,7 +499,8 @@ def train(
     while step < end:
         idx = batch_indices(data.shape[0], step, global_batch, cfg.seed)[rank::world]
         x0 = to_model_space(data[idx]).to(dev, non_blocking=True)
-        gen.manual_seed(_mix(cfg.seed, step, rank, 2))
+        gen.manual_seed(_mix(cfg.seed, step, rank, 2))  # t, eps, flips
+        torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout
         if cfg.hflip:
             flip = torch.rand(x0.shape[0], generator=gen, device=dev) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)

@@ -257,3 +257,21 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
         assert cli.main(["train", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and word in lines[0], lines
+
+
+@pytest.mark.slow  # two ranks start up: ~10 s on 2 cores
+def test_torchrun_two_ranks_on_cpu_gloo(tmp_path):
+    """The same command under torchrun: DDP over gloo on CPU trains, and rank 0 alone writes the files."""
+    from ddpm_fast.checkpoint import load_model
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "ddpm_fast.cli", "train", *TINY_ARGS, "--steps", "3", "--save-every", "3"]
+    cmd += ["--out", str(tmp_path), "--threads", "1", "--no-progress"]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("trained to step 3") == 1  # rank 0 reports, rank 1 is silent
+    meta = json.loads((tmp_path / tr.STATE_JSON).read_text())
+    assert meta["step"] == 3 and meta["world_size"] == 2
+    assert load_model(tmp_path).config.image_shape == (1, 8, 8)
