@@ -303,6 +303,40 @@ def test_cuda_provider_failure_is_an_error_not_a_cpu_fallback(files):
         create_session(files["tiny_eps"].path, "cuda:0")
 
 
+class _FallbackSession:
+    """What onnxruntime-gpu returns when its CUDA provider fails to load: a session on the CPU provider."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_provider_failures_are_named(monkeypatch, files):
+    path = files["tiny_eps"].path
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", _FallbackSession)
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
+    with pytest.raises(
+        Unavailable, match=r"could not create the CUDA provider .*fell back to \['CPUExecutionProvider'\]"
+    ):
+        create_session(path, "cuda:0")
+
+    def not_implemented(*args, **kwargs):  # ORT's error for an op without a kernel on the provider
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Conv(11) node '/c'"
+        )
+
+    monkeypatch.setattr(ort, "InferenceSession", not_implemented)
+    with pytest.raises(
+        Unavailable, match="CPUExecutionProvider provider cannot run .*NOT_IMPLEMENTED.*float16"
+    ):
+        create_session(path, "cpu")
+
+
 def test_export_argument_errors(tmp_path, tiny):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         export_onnx("model", tmp_path / "a.onnx")
