@@ -25,7 +25,6 @@ import torch
 import ddpm_fast as df
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.sampling import make_plan, sample_reference
-from ddpm_fast.steps import C_EPS, C_X0, SRM1
 from ddpm_fast.unet import UNet, UNetConfig
 
 onnx = pytest.importorskip("onnx")
@@ -34,14 +33,12 @@ ort = pytest.importorskip("onnxruntime")
 from ddpm_fast.export import runtime  # noqa: E402
 from ddpm_fast.export.graphs import EpsGraph, half_unet  # noqa: E402
 from ddpm_fast.export.onnx_export import export_onnx, read_metadata  # noqa: E402
-from ddpm_fast.export.runtime import OnnxModel, create_session  # noqa: E402
+from ddpm_fast.export.runtime import OnnxModel, create_session, reference_tolerance  # noqa: E402
 
 
 def sample_tol(model, **kw) -> float:
-    """The bound on |onnx - reference| for a run (module docstring)."""
-    c = make_plan(model, kw.pop("schedule", None), kw.pop("shape"), **kw).table.coefs
-    gain = c[:, SRM1] * c[:, C_X0] + c[:, C_EPS]
-    return 1e-5 * (1.0 + gain.sum().item())
+    """The bound on |onnx - reference| for a run (module docstring; `runtime.reference_tolerance`)."""
+    return reference_tolerance(make_plan(model, kw.pop("schedule", None), kw.pop("shape"), **kw))
 
 
 def reference(model, shape, **kw):
