@@ -83,7 +83,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     seed: int = 0
-    variance: str = "fixed_large"  # the sampling default written into the checkpoint
+    # The sampling default written into the checkpoint. On the bundled digits model fixed_small and fixed_large
+    # score the same at 1000 steps and fixed_small is ahead at 250 respaced steps (0.922 vs 0.906 classifier share).
+    variance: str = "fixed_small"
     bf16: bool = False
 
     def validate(self) -> None:

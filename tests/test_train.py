@@ -181,7 +181,14 @@ def test_run_writes_checkpoints_grid_and_log(tmp_path):
 
     from ddpm_fast.checkpoint import load_model
 
-    ema = tr.train(_cfg(steps=4), tmp_path, save_every=2, sample_steps=3, progress=False, log_every=2)
+    ema = tr.train(
+        _cfg(steps=4, variance="fixed_large"),
+        tmp_path,
+        save_every=2,
+        sample_steps=3,
+        progress=False,
+        log_every=2,
+    )
     model = load_model(tmp_path)
     for k, v in ema.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
