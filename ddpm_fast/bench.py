@@ -155,7 +155,7 @@ PROVIDERS: dict[str, Callable] = {
 }
 CUDA_ONLY = ("fast-nograph",)
 DEFAULT_PROVIDERS = {
-    "cpu": ["reference", "fast", "fast-nocompile", "diffusers"],
+    "cpu": ["reference", "fast", "fast-nocompile", "diffusers", "onnx"],
     "cuda": ["reference", "diffusers", "fast-nocompile", "fast-bf16", "fast-bf16-nocompile", "fast"],
 }
 

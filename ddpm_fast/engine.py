@@ -36,7 +36,8 @@ batch (t_fwd) and estimates the eager run as E = S * t_fwd. CUDA -> fast; compil
 set it or E < COMPILE_COST_S["cuda"] (then compile=False: graphs and the fused update still apply). CPU ->
 fast (compiled) when the compiled forward is already cached for this model, or when
 E * (1 - 1 / CPU_COMPILE_SPEEDUP) > COMPILE_COST_S["cpu"], i.e. the time compiling saves exceeds what it
-costs; else reference.
+costs (with 1.2 and 30 s: an eager run above 3 minutes); else reference. CPU with bfloat16/float16 -> fast
+(compile as above), since the reference would need the model itself cast to that dtype.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ log = logging.getLogger("ddpm_fast")
 DEFAULT_COMPILE_MODE = {"cuda": "default", "cpu": "default"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# What compiling costs and saves, measured with benchmarks/bench_sampling.py (see benchmarks/README.md).
-# cpu: tiny/digits U-Net + twin, cold inductor cache, 2-core CPU. cuda: not yet measured; a conservative guess.
-COMPILE_COST_S = {"cpu": 40.0, "cuda": 60.0}
-CPU_COMPILE_SPEEDUP = 1.3
+# What compiling costs and saves (benchmarks/README.md; `ddpm-fast bench --device cpu --threads 1`):
+# cpu: tiny U-Net + twin on a 2-core EPYC, 19 s (batch 1) and 25 s (batch 4) per batch size with a cold
+# inductor cache; compiled/eager step 1.60x at batch 1 and 1.19x at batch 4, so 1.2 is the planning figure.
+# cuda: not measured yet (no GPU lent); a conservative guess for the cifar10 U-Net.
+COMPILE_COST_S = {"cpu": 30.0, "cuda": 60.0}
+CPU_COMPILE_SPEEDUP = 1.2
 
 ENV_SWITCHES = {
     "compile": "DDPM_FAST_NO_COMPILE",
