@@ -278,9 +278,10 @@ def _engine_for(model) -> _Engine:
 
 
 def clear_cache() -> None:
-    """Drop every compiled forward, runner and captured graph."""
+    """Drop every compiled forward and update, runner and captured graph."""
     _ENGINES.clear()
     _UNCACHEABLE.clear()
+    _TWINS.clear()
 
 
 class _Compiled:
