@@ -78,8 +78,8 @@ DEFAULT_COMPILE_MODE = {"cuda": "default", "cpu": "default"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # What compiling costs and saves (benchmarks/README.md; `ddpm-fast bench --device cpu --threads 1`):
-# cpu: tiny U-Net + twin on a 2-core EPYC, 19 s (batch 1) and 25 s (batch 4) per batch size with a cold
-# inductor cache; compiled/eager step 1.60x at batch 1 and 1.19x at batch 4, so 1.2 is the planning figure.
+# cpu: tiny U-Net + twin on a 2-core EPYC, 14-25 s per new batch size (cold inductor cache); compiled vs
+# reference step 1.64x / 1.52x / 1.37x at batch 1 / 4 / 16 (quiet), 1.19x at batch 4 under load: plan on 1.2.
 # cuda: not measured yet (no GPU lent); a conservative guess for the cifar10 U-Net.
 COMPILE_COST_S = {"cpu": 30.0, "cuda": 60.0}
 CPU_COMPILE_SPEEDUP = 1.2
