@@ -360,6 +360,25 @@ def test_nan_model_is_reported():
         fast(lambda x, t: x * float("nan"), df.Schedule.linear(10), (1, 1, 2, 2))
 
 
+def test_callback_sees_every_step_in_order():
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, 0.0, 1.0)
+    seen = []
+    out = fast(
+        model,
+        s,
+        (3, 1, 4, 4),
+        steps=5,
+        triton=False,
+        buckets=(4,),
+        callback=lambda i, t, x: seen.append((i, t, x.shape[0], x.clone())),
+    )
+    plan = make_plan(model, s, (3, 1, 4, 4), steps=5)
+    assert [(i, t) for i, t, _, _ in seen] == list(enumerate(plan.table.timesteps.tolist()))
+    assert all(b == 3 for _, _, b, _ in seen)  # padded rows are not shown
+    assert torch.equal(seen[-1][3], out)
+
+
 # ---------------------------------------------------------------------------------------------- auto
 
 
@@ -377,6 +396,15 @@ def test_auto_rule(monkeypatch):
     monkeypatch.setitem(engine.COMPILE_COST_S, "cpu", 0.0)
     assert engine.auto_backend(model, plan()) == "fast"
     assert engine.auto_backend(model, plan(options={"compile": False})) == "reference"
+
+
+def test_auto_end_to_end_short_cpu_job_is_the_reference():
+    s = df.Schedule.linear(20)
+    model = GaussianEps(s, 0.1, 0.5)
+    before = engine.counters.copy()
+    out = df.sample(model, s, (2, 1, 4, 4), seed=3)  # backend="auto"
+    assert torch.equal(out, df.sample(model, s, (2, 1, 4, 4), seed=3, backend="reference"))
+    assert engine.counters == before  # nothing built, nothing compiled
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
