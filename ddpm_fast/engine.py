@@ -21,8 +21,10 @@ Options (keyword arguments of `df.sample(..., backend="fast")`; environment vari
     channels_last=True   U-Net input and weights in channels_last (CUDA only; the model's weights are
                          converted in place, same values)
     buckets=None         batch sizes to capture; a batch runs in the smallest bucket that holds it, larger
-                         batches are split at the largest. None: a batch reuses an already prepared size
-                         holding it with at most 2x padding, else its own size is prepared.
+                         batches are split at the largest. None: when compiling or capturing (where a
+                         new size costs a compile or a capture) a batch reuses an already prepared size
+                         holding it with at most 2x padding, else its own size is prepared; eager CPU runs
+                         never pad.
 
 Warm-up, compile and capture happen once per (model, bucket, image shape, dtype, options) and are reused by
 later calls: the cache is keyed weakly on the model (a module's entry holds a shallow copy sharing its
