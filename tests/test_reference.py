@@ -1,0 +1,212 @@
+"""The reference samplers: an analytic oracle, equality with diffusers' pipelines, batch independence, bad input."""
+
+import pytest
+import torch
+from analytic_model import GaussianEps, exact_moments
+
+import ddpm_fast as df
+
+MU, S2 = 0.3, 0.04
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, variance, eta, v_rel_bound",
+    [
+        # discretisation error of the 1000-step chain itself, from exact_moments: -3.7%, +0.9%, -1.5%, -3.7%
+        ("ddpm", "fixed_small", 0.0, 0.05),
+        ("ddpm", "fixed_large", 0.0, 0.02),
+        ("ddim", "fixed_small", 0.0, 0.03),
+        ("ddim", "fixed_small", 1.0, 0.05),
+    ],
+)
+def test_analytic_oracle_recovers_gaussian_data(method, variance, eta, v_rel_bound):
+    s = df.Schedule.linear(1000)
+    model = GaussianEps(s, MU, S2)
+    # torch.Generator noise keeps this cheap; the counter-based normals are checked on their own in test_noise.py
+    g = torch.Generator().manual_seed(0)
+    x = df.sample(model, s, (1024, 1, 8, 8), method=method, eta=eta, variance=variance, clip=False, generator=g)
+    m, v = exact_moments(s, s, MU, S2, method, variance, eta)
+    # the exact chain is close to the data distribution (bound stated per case above) ...
+    assert abs(m - MU) < 1e-3
+    assert abs(v - S2) / S2 < v_rel_bound
+    # ... and the samples match the exact chain to 5 standard errors: n = 65536 independent draws
+    n = x.numel()
+    xd = x.double().flatten()
+    assert abs(xd.mean().item() - m) < 5 * (v / n) ** 0.5
+    assert abs(xd.var().item() - v) < 5 * v * (2 / n) ** 0.5
+
+
+def test_analytic_oracle_respaced_ddim_matches_exact_moments():
+    s = df.Schedule.linear(1000)
+    model = GaussianEps(s, MU, S2)
+    x = df.sample(model, s, (1024, 1, 8, 8), steps=50, method="ddim", clip=False, seed=1, backend="reference")
+    m, v = exact_moments(s, s.respace(df.spaced_timesteps(1000, 50)), MU, S2, "ddim")
+    n = x.numel()
+    assert abs(x.double().mean().item() - m) < 5 * (v / n) ** 0.5
+    assert abs(x.double().var().item() - v) < 5 * v * (2 / n) ** 0.5
+
+
+def test_batch_independence_is_bitwise():
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, MU, S2)
+    full = df.sample(model, s, (8, 3, 5, 7), steps=20, seed=11, backend="reference")
+    part = df.sample(model, s, (4, 3, 5, 7), steps=20, seed=11, start_index=4, backend="reference")
+    assert torch.equal(full[4:], part)
+    again = df.sample(model, s, (8, 3, 5, 7), steps=20, seed=11, backend="reference")
+    assert torch.equal(full, again)
+    other = df.sample(model, s, (8, 3, 5, 7), steps=20, seed=12, backend="reference")
+    assert not torch.allclose(full, other)
+
+
+def test_learned_range_uses_the_variance_half():
+    s = df.Schedule.linear(50)
+    eps_model = GaussianEps(s, MU, S2)
+
+    def model(v):
+        return lambda x, t: torch.cat([eps_model(x, t), torch.full_like(x, v)], 1)
+
+    kw = dict(clip=False, seed=3, backend="reference", variance="learned_range")
+    # v = -1 selects beta-tilde, v = +1 selects beta: the same draws as the fixed variances
+    lo = df.sample(model(-1.0), s, (2, 1, 4, 4), **kw)
+    hi = df.sample(model(1.0), s, (2, 1, 4, 4), **kw)
+    small = df.sample(eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_small", backend="reference")
+    large = df.sample(eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_large", backend="reference")
+    torch.testing.assert_close(lo, small, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hi, large, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- diffusers
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
+    return unet
+
+
+def _wrap(unet):
+    return lambda x, t: unet(x, t).sample
+
+
+# Tolerance: diffusers keeps betas and alphas_cumprod in float32 while our tables are float64, so the per-step
+# coefficients differ by float32 rounding (~6e-8 relative); the cumulative product over 1000 steps drifts up
+# to ~1000 * 6e-8 = 6e-5 relative. Outputs live in [-1, 1] (mapped to [0, 1] by the pipeline): 1e-4 absolute.
+DIFFUSERS_ATOL = 1e-4
+
+
+def _pipeline_output(pipe, B, seed, **kw):
+    img = pipe(batch_size=B, generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images
+    return torch.from_numpy(img).permute(0, 3, 1, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
+@pytest.mark.parametrize("steps", [1000, 50])
+def test_ddpm_equals_diffusers_pipeline(tiny_unet, variance, clip, steps):
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=clip)
+    pipe = diffusers.DDPMPipeline(unet=tiny_unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    want = _pipeline_output(pipe, 2, 5, num_inference_steps=steps)
+    sched.set_timesteps(steps)
+    ours = df.sample(
+        _wrap(tiny_unet),
+        df.Schedule.linear(1000),
+        (2, 3, 8, 8),
+        timesteps=sched.timesteps.tolist(),
+        variance=variance,
+        clip=clip,
+        generator=torch.Generator().manual_seed(5),
+        backend="reference",
+    )
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), want, atol=DIFFUSERS_ATOL / 2, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_equals_diffusers_pipeline(tiny_unet, eta):
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    pipe = diffusers.DDIMPipeline(unet=tiny_unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    want = _pipeline_output(pipe, 2, 9, num_inference_steps=40, eta=eta)
+    sched.set_timesteps(40)
+    ours = df.sample(
+        _wrap(tiny_unet),
+        df.Schedule.linear(1000),
+        (2, 3, 8, 8),
+        timesteps=sched.timesteps.tolist(),
+        method="ddim",
+        eta=eta,
+        clip=True,
+        generator=torch.Generator().manual_seed(9),
+        backend="reference",
+    )
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), want, atol=DIFFUSERS_ATOL / 2, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _ok_model(x, t):
+    return torch.zeros_like(x)
+
+
+S = df.Schedule.linear(10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(shape=(3, 8, 8)), ValueError, "shape"),
+        (dict(shape="abc"), TypeError, "shape"),
+        (dict(dtype=torch.int32), TypeError, "dtype"),
+        (dict(steps=11), ValueError, "steps"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(timesteps=[0, 10]), ValueError, "timesteps"),
+        (dict(timesteps=[3, 3]), ValueError, "timesteps"),
+        (dict(method="euler"), ValueError, "method"),
+        (dict(variance="learned"), ValueError, "variance"),
+        (dict(backend="tensorrt"), ValueError, "backend"),
+        (dict(method="ddim", eta=-0.1), ValueError, "eta"),
+        (dict(generator=torch.Generator(), backend="fast"), ValueError, "generator"),
+        (dict(generator=123), TypeError, "generator"),
+        (dict(seed=-5), ValueError, "seed"),
+        (dict(start_index=-1), ValueError, "start_index"),
+        (dict(device="nonsense"), ValueError, "device"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, exc, match):
+    args = dict(shape=(2, 3, 8, 8), backend="reference")
+    args.update(kwargs)
+    shape = args.pop("shape")
+    with pytest.raises(exc, match=match):
+        df.sample(_ok_model, S, shape, **args)
+
+
+def test_bad_betas():
+    with pytest.raises(ValueError, match="betas"):
+        df.Schedule([0.5, 1.5])
+
+
+def test_model_with_wrong_shape_or_nan_is_reported_with_its_step():
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 8, 8\).*step 0"):
+        df.sample(lambda x, t: x[:, :1], S, (2, 3, 8, 8), backend="reference")
+
+    def nan_late(x, t):
+        return torch.full_like(x, float("nan")) if int(t[0]) == 4 else torch.zeros_like(x)
+
+    with pytest.raises(ValueError, match=r"NaN or Inf at step 5 \(t=4\)"):
+        df.sample(nan_late, S, (2, 3, 8, 8), backend="reference")
+    with pytest.raises(ValueError, match="shape"):
+        df.sample(_ok_model, S, (2, 3, 8, 8), variance="learned_range", backend="reference")
