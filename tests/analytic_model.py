@@ -8,8 +8,6 @@ follow exactly from m <- A m + B, v <- A^2 v + sigma^2.
 
 import math
 
-import torch
-
 
 class GaussianEps:
     """eps*(x_t, t) for N(mu, s^2 I) data under `schedule` (indexed by original timestep t)."""

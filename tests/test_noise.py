@@ -49,7 +49,11 @@ if HAS_TRITON:
         zero = q.to(tl.uint32) * 0
         n64 = n.to(tl.int64)
         r0, r1, r2, r3 = tl.philox(
-            seed, q.to(tl.uint32), zero + n64.to(tl.uint32), zero + slot.to(tl.uint32), zero + (n64 >> 32).to(tl.uint32)
+            seed,
+            q.to(tl.uint32),
+            zero + n64.to(tl.uint32),
+            zero + slot.to(tl.uint32),
+            zero + (n64 >> 32).to(tl.uint32),
         )
         z0, z1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
         z2, z3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
@@ -80,7 +84,12 @@ NORMAL_ATOL = 2e-6
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 @pytest.mark.parametrize(
     "seed, n, slot, numel",
-    [(0, 0, 0, 13), (123456789012345, 5_000_000_123, 999, 105), (7, 3, noise.XT_SLOT, 64), (2**63 - 1, 1, 1, 1)],
+    [
+        (0, 0, 0, 13),
+        (123456789012345, 5_000_000_123, 999, 105),
+        (7, 3, noise.XT_SLOT, 64),
+        (2**63 - 1, 1, 1, 1),
+    ],
 )
 def test_torch_philox_equals_triton_philox(seed, n, slot, numel):
     Q = (numel + 3) // 4

@@ -25,7 +25,9 @@ def test_analytic_oracle_recovers_gaussian_data(method, variance, eta, v_rel_bou
     model = GaussianEps(s, MU, S2)
     # torch.Generator noise keeps this cheap; the counter-based normals are checked on their own in test_noise.py
     g = torch.Generator().manual_seed(0)
-    x = df.sample(model, s, (1024, 1, 8, 8), method=method, eta=eta, variance=variance, clip=False, generator=g)
+    x = df.sample(
+        model, s, (1024, 1, 8, 8), method=method, eta=eta, variance=variance, clip=False, generator=g
+    )
     m, v = exact_moments(s, s, MU, S2, method, variance, eta)
     # the exact chain is close to the data distribution (bound stated per case above) ...
     assert abs(m - MU) < 1e-3
@@ -70,8 +72,12 @@ def test_learned_range_uses_the_variance_half():
     # v = -1 selects beta-tilde, v = +1 selects beta: the same draws as the fixed variances
     lo = df.sample(model(-1.0), s, (2, 1, 4, 4), **kw)
     hi = df.sample(model(1.0), s, (2, 1, 4, 4), **kw)
-    small = df.sample(eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_small", backend="reference")
-    large = df.sample(eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_large", backend="reference")
+    small = df.sample(
+        eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_small", backend="reference"
+    )
+    large = df.sample(
+        eps_model, s, (2, 1, 4, 4), clip=False, seed=3, variance="fixed_large", backend="reference"
+    )
     torch.testing.assert_close(lo, small, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hi, large, rtol=1e-5, atol=1e-5)
 

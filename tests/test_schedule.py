@@ -34,11 +34,15 @@ def test_linear_tables_match_hand_computation(T):
     # float64 cumulative products over 1000 factors drift by at most ~1000 ulp relative
     tol = dict(rtol=1e-12, atol=1e-300)
     torch.testing.assert_close(s.alphas_cumprod, torch.tensor(h["abar"], dtype=torch.float64), **tol)
-    torch.testing.assert_close(s.alphas_cumprod_prev, torch.tensor(h["abar_prev"], dtype=torch.float64), **tol)
+    torch.testing.assert_close(
+        s.alphas_cumprod_prev, torch.tensor(h["abar_prev"], dtype=torch.float64), **tol
+    )
     torch.testing.assert_close(s.posterior_variance, torch.tensor(h["pv"], dtype=torch.float64), **tol)
     torch.testing.assert_close(s.posterior_mean_coef1, torch.tensor(h["c1"], dtype=torch.float64), **tol)
     torch.testing.assert_close(s.posterior_mean_coef2, torch.tensor(h["c2"], dtype=torch.float64), **tol)
-    torch.testing.assert_close(s.sqrt_recip_alphas_cumprod, 1 / torch.tensor(h["abar"], dtype=torch.float64).sqrt(), **tol)
+    torch.testing.assert_close(
+        s.sqrt_recip_alphas_cumprod, 1 / torch.tensor(h["abar"], dtype=torch.float64).sqrt(), **tol
+    )
     if T > 1:
         # log variance clipped: index 0 takes the value at index 1 (beta-tilde_0 = 0)
         assert s.posterior_variance[0] == 0
