@@ -53,12 +53,14 @@ def check_seed(seed) -> int:
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi, lo) 32-bit halves of a * b for a 32-bit constant a and an int64 tensor b in [0, 2^32).
 
-    a*b needs 64 unsigned bits, so the high half is assembled from 16-bit pieces of the constant,
-    each product below 2^48; the low half is the wrapped int64 product masked to 32 bits.
+    a*b needs 64 unsigned bits, so b is split into 16-bit halves: every product stays below 2^48 and
+    nothing relies on int64 wrap-around (which compiled C++ treats as undefined).
     """
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    hi = (a_hi * b + ((a_lo * b) >> 16)) >> 16
-    lo = (a * b) & _M32
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_lo = a * b_lo
+    mid = a * b_hi + (p_lo >> 16)  # = floor(a*b / 2^16) < 2^48
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
     return hi, lo
 
 
