@@ -140,13 +140,17 @@ def test_ddpm_equals_diffusers_pipeline(tiny_unet, variance, clip, steps):
     torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), want, atol=DIFFUSERS_ATOL / 2, rtol=0)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_equals_diffusers_pipeline(tiny_unet, eta):
-    sched = diffusers.DDIMScheduler(num_train_timesteps=1000)
+# With clipping and eta = 0 the chain has no fresh noise and every clamped x0 feeds an eps that no longer
+# matches it; on this untrained U-Net that amplifies float32 rounding about 10^4-fold over 40 steps (a float64
+# run of the same formula sits 1.3e-3 from ours and 2.4e-3 from diffusers). So the clipped eta = 0 case is
+# compared over 10 steps, where the chains agree to 1.3e-5; the unclipped 40-step chains agree to 4e-6.
+@pytest.mark.parametrize("eta, clip, steps", [(0.0, False, 40), (0.7, False, 40), (0.7, True, 40), (0.0, True, 10)])
+def test_ddim_equals_diffusers_pipeline(tiny_unet, eta, clip, steps):
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=clip)
     pipe = diffusers.DDIMPipeline(unet=tiny_unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
-    want = _pipeline_output(pipe, 2, 9, num_inference_steps=40, eta=eta)
-    sched.set_timesteps(40)
+    want = _pipeline_output(pipe, 2, 9, num_inference_steps=steps, eta=eta)
+    sched.set_timesteps(steps)
     ours = df.sample(
         _wrap(tiny_unet),
         df.Schedule.linear(1000),
@@ -154,7 +158,7 @@ def test_ddim_equals_diffusers_pipeline(tiny_unet, eta):
         timesteps=sched.timesteps.tolist(),
         method="ddim",
         eta=eta,
-        clip=True,
+        clip=clip,
         generator=torch.Generator().manual_seed(9),
         backend="reference",
     )
