@@ -144,7 +144,9 @@ def test_ddpm_equals_diffusers_pipeline(tiny_unet, variance, clip, steps):
 # matches it; on this untrained U-Net that amplifies float32 rounding about 10^4-fold over 40 steps (a float64
 # run of the same formula sits 1.3e-3 from ours and 2.4e-3 from diffusers). So the clipped eta = 0 case is
 # compared over 10 steps, where the chains agree to 1.3e-5; the unclipped 40-step chains agree to 4e-6.
-@pytest.mark.parametrize("eta, clip, steps", [(0.0, False, 40), (0.7, False, 40), (0.7, True, 40), (0.0, True, 10)])
+@pytest.mark.parametrize(
+    "eta, clip, steps", [(0.0, False, 40), (0.7, False, 40), (0.7, True, 40), (0.0, True, 10)]
+)
 def test_ddim_equals_diffusers_pipeline(tiny_unet, eta, clip, steps):
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=clip)
     pipe = diffusers.DDIMPipeline(unet=tiny_unet, scheduler=sched)
