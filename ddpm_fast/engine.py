@@ -348,6 +348,8 @@ class StepRunner:
         self.coefs = torch.zeros((0, 8), dtype=torch.float32, device=dev)
         self.timesteps = torch.zeros(0, dtype=torch.int64, device=dev)
         self.seed, self.start_index, self.clip_range = 0, 0, None
+        # The torch twin reads (seed, start_index) from this tensor, so one compiled update serves every run.
+        self.keys = torch.zeros(2, dtype=torch.int64, device=dev)
         self.forward = engine.forward(self.amp_dtype, opts, dev.type)
         if opts.triton:
             self.update = kernels.posterior_step
@@ -372,6 +374,7 @@ class StepRunner:
         self.coefs[:S].copy_(coefs)
         self.timesteps[:S].copy_(timesteps)
         self.seed, self.start_index = plan.seed, start_index
+        self.keys.copy_(torch.tensor([plan.seed, start_index], dtype=torch.int64))
         self.clip_range = plan.clip_range if plan.clip else None
         self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
         self.counter.zero_()
@@ -383,14 +386,15 @@ class StepRunner:
         if not self.checked:  # first call only (a host sync): shape and finiteness, errors name the step
             check_model_output(out, self.out_shape, 0, -1)
             self.checked = True
+        triton = self.opts.triton
         self.update(
             self.x,
             out,
             self.coefs,
             self.timesteps,
             self.counter,
-            seed=self.seed,
-            start_index=self.start_index,
+            seed=self.seed if triton else self.keys[0:1],
+            start_index=self.start_index if triton else self.keys[1:2],
             clip_range=self.clip_range,
             learned=self.learned,
             out=self.x,

@@ -64,8 +64,11 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox-4x32-10 on int64 tensors holding uint32 values; the round function of Triton's `philox_impl`."""
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on int64 tensors holding uint32 values; the round function of Triton's `philox_impl`.
+
+    The key (k0, k1) is a pair of ints or of int64 tensors, each holding a uint32 value.
+    """
     for _ in range(_N_ROUNDS):
         hi_b, lo_b = _mul32(_ROUND_B, c2)
         hi_a, lo_a = _mul32(_ROUND_A, c0)
@@ -89,8 +92,11 @@ def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def normals(seed: int, n: torch.Tensor, slot, numel: int) -> torch.Tensor:
-    """z[i, e] for global sample indices n [B] (int64), one slot (int or int64 [B]), e in [0, numel): float32 [B, numel]."""
+def normals(seed, n: torch.Tensor, slot, numel: int) -> torch.Tensor:
+    """z[i, e] for global sample indices n [B] (int64), one slot (int or int64 [B]), e in [0, numel): float32 [B, numel].
+
+    `seed` is an int or a 0-d int64 tensor (validated by the caller).
+    """
     if numel < 1:
         raise ValueError(f"numel must be positive; got {numel}")
     device = n.device

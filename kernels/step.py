@@ -123,17 +123,36 @@ def check_step_args(
             raise ValueError(
                 f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
             )
-    noise.check_seed(seed)
-    if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
-        raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
-    if start_index + x.shape[0] > 2**63:
-        raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
+    if isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor):
+        _check_key_tensors(x, seed, start_index)
+    else:
+        noise.check_seed(seed)
+        if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
+            raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+        if start_index + x.shape[0] > 2**63:
+            raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
     if clip_range is not None:
         if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
             raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
         if clip_range == float("inf"):
             clip_range = None
     return out, (None if clip_range is None else float(clip_range))
+
+
+def _check_key_tensors(x, seed, start_index) -> None:
+    """The twin's tensor form of (seed, start_index): both one-element int64 tensors on x's device.
+
+    Their values are taken as given (reading them would sync the device and break a compiled graph);
+    callers validate the ints they fill them from.
+    """
+    for name, v in (("seed", seed), ("start_index", start_index)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor when the other key is one; got {type(v).__name__}")
+        if v.dtype != torch.int64 or v.numel() != 1 or v.device != x.device:
+            raise ValueError(
+                f"{name} must be a one-element int64 tensor on {x.device}; got {v.dtype} {tuple(v.shape)} "
+                f"on {v.device}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ twin
@@ -156,7 +175,10 @@ def step_torch(
     """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
 
     Tables are indexed with the step tensor (index_select), never `.item()`, so the function compiles with
-    `torch.compile(fullgraph=True)` and a device-resident counter works unchanged.
+    `torch.compile(fullgraph=True)` and a device-resident counter works unchanged. `seed` and `start_index`
+    may also be one-element int64 tensors on x's device: compiled, the twin then serves every seed and
+    shard without recompiling (ints would be specialised, then turned into symbols that Inductor's C++
+    backend mistypes in the Philox arithmetic).
     """
     out, clip_range = check_step_args(
         x,
@@ -194,7 +216,11 @@ def step_torch(
     if learned:
         f = (m[:, N:].float() + 1.0) * 0.5
         sigma = sigma * torch.exp(0.5 * (f * col(MAX_LOG) + (1.0 - f) * col(MIN_LOG)))
-    n = torch.arange(start_index, start_index + B, dtype=torch.int64, device=x.device)
+    n = torch.arange(B, dtype=torch.int64, device=x.device)
+    if isinstance(seed, torch.Tensor):  # tensor keys: a compiled twin serves every (seed, start_index)
+        seed, n = seed.reshape(()), n + start_index.reshape(())
+    else:
+        n = n + start_index
     z = noise.normals(seed, n, slot, N)
     y = col(C_X0) * x0 + col(C_XT) * xf + col(C_EPS) * eps + sigma * z
     out.copy_(y.reshape(x.shape))

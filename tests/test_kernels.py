@@ -434,21 +434,56 @@ def test_import_and_fallback_without_triton():
 
 @pytest.mark.slow
 def test_twin_compiles_fullgraph():
-    """torch.compile(fullgraph=True) of the twin, device counter advanced inside the compiled graph."""
+    """torch.compile(fullgraph=True) of the twin with tensor keys, as the engine runs it: the device counter
+    advances inside the compiled graph, and new seeds and start indices reuse the graph (one compile)."""
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
     compiled = torch.compile(step_torch, fullgraph=True)
     coefs, ts = build_step_table(LINEAR, variance="learned_range").to("cpu")
     x, m = make_inputs(SHAPES[0], learned=True)
     counter, eager_counter = make_step_counter(5), make_step_counter(5)
-    for _ in range(2):
+    keys = torch.zeros(2, dtype=torch.int64)
+    for seed, start in [(3, 2), (3, 2), (2**40 + 7, 11), (0, 2**33)]:
+        keys.copy_(torch.tensor([seed, start]))
         a = compiled(
-            x, m, coefs, ts, counter, seed=3, start_index=2, clip_range=1.0, learned=True, advance=True
+            x,
+            m,
+            coefs,
+            ts,
+            counter,
+            seed=keys[0:1],
+            start_index=keys[1:2],
+            clip_range=1.0,
+            learned=True,
+            advance=True,
         )
         b = step_torch(
-            x, m, coefs, ts, eager_counter, seed=3, start_index=2, clip_range=1.0, learned=True, advance=True
+            x,
+            m,
+            coefs,
+            ts,
+            eager_counter,
+            seed=seed,
+            start_index=start,
+            clip_range=1.0,
+            learned=True,
+            advance=True,
         )
         # inductor may fuse multiply-adds and reorder: a few float32 ulps of O(1) values
         torch.testing.assert_close(a, b, atol=8 * F32_EPS, rtol=8 * F32_EPS)
-    assert counter.tolist() == [7] == eager_counter.tolist()
+    assert counter.tolist() == [9] == eager_counter.tolist()
+    assert counts["stats"]["unique_graphs"] == 1, dict(counts["stats"])
+
+
+def test_twin_tensor_keys_are_checked():
+    coefs, ts = build_step_table(LINEAR).to("cpu")
+    x, m = make_inputs(SHAPES[0], learned=False)
+    one = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
+        step_torch(x, m, coefs, ts, 0, seed=torch.zeros(1, dtype=torch.int32), start_index=one)
+    with pytest.raises(TypeError, match="start_index must be a tensor"):
+        step_torch(x, m, coefs, ts, 0, seed=one, start_index=0)
 
 
 @pytest.mark.cuda
