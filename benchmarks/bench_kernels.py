@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
@@ -229,18 +227,9 @@ def markdown(rows: list[dict]) -> str:
 
 def write_json(path: str, rows: list[dict]) -> None:
     """Atomically: temp file in the target folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench_kernels.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ddpm_fast.shards import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(rows, indent=1) + "\n").encode())
 
 
 def main(argv=None) -> int:

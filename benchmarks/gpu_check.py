@@ -287,8 +287,10 @@ def main(argv=None) -> int:
         _section(report, name, fn, *fargs)
     report["seconds"]["total"] = time.perf_counter() - start
 
-    bench._write_atomic(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
-    bench._write_atomic(out / "report.md", markdown(report).encode())
+    from ddpm_fast.shards import atomic_write_bytes
+
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "report.md", markdown(report).encode())
     print(markdown(report))
     t = report.get("tests")
     return 0 if not isinstance(t, dict) or t.get("ok", "error" not in t) else 1

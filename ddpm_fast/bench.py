@@ -31,6 +31,7 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.errors import Unavailable
+from ddpm_fast.shards import atomic_write_bytes
 
 __all__ = [
     "PROVIDERS",
@@ -66,34 +67,13 @@ def diffusers_unet(model):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise Unavailable("the diffusers provider needs diffusers (pip install diffusers)") from e
+    from ddpm_fast.checkpoint import diffusers_kwargs
     from ddpm_fast.unet import diffusers_key
 
-    c = model.config
-    L = c.num_levels
-    if c.scale_shift_norm or c.mid_attn_norm_groups is not None:
-        raise Unavailable("the diffusers provider covers the original DDPM block layout only")
-    net = UNet2DModel(
-        sample_size=c.sample_size,
-        in_channels=c.in_channels,
-        out_channels=c.out_channels,
-        block_out_channels=c.block_out_channels,
-        layers_per_block=c.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if i in c.attn_levels else "DownBlock2D" for i in range(L)),
-        up_block_types=tuple(
-            "AttnUpBlock2D" if L - 1 - k in c.attn_levels else "UpBlock2D" for k in range(L)
-        ),
-        freq_shift=c.freq_shift,
-        flip_sin_to_cos=c.flip_sin_to_cos,
-        downsample_padding=c.downsample_padding,
-        norm_eps=c.norm_eps,
-        norm_num_groups=c.norm_num_groups,
-        attention_head_dim=c.attention_head_dim,
-        dropout=c.dropout,
-        add_attention=c.mid_attention,
-        time_embedding_dim=c.time_embed_dim,
-        mid_block_scale_factor=c.mid_scale_factor,
-        center_input_sample=c.center_input_sample,
-    )
+    try:
+        net = UNet2DModel(**diffusers_kwargs(model.config))
+    except ValueError as e:
+        raise Unavailable(f"the diffusers provider cannot build this U-Net: {e}") from e
     state = {diffusers_key(k): v for k, v in model.state_dict().items()}
     net.load_state_dict(state)
     p = next(model.parameters())
@@ -357,21 +337,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(rows: list[dict], path: Path) -> Path | None:
     """images/s against batch size, one line per provider (log-log); None without matplotlib."""
     try:
@@ -406,7 +371,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     with open(tmp, "rb") as f:
         data = f.read()
     os.unlink(tmp)
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -416,8 +381,8 @@ def write_report(rows: list[dict], out_dir, stem: str = "bench", meta: dict | No
     out.mkdir(parents=True, exist_ok=True)
     doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {}), "rows": rows}
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json"}
-    _write_atomic(paths["md"], markdown(rows).encode())
-    _write_atomic(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
+    atomic_write_bytes(paths["md"], markdown(rows).encode())
+    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
     png = plot(rows, out / f"{stem}.png")
     if png is not None:
         paths["png"] = png

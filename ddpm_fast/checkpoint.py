@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ddpm_fast.schedule import Schedule
+from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.unet import UNet, UNetConfig, diffusers_key
 
 __all__ = [
@@ -115,34 +114,6 @@ def _check_sampling(sampling: dict, cfg: UNetConfig, where: str) -> dict:
     return out
 
 
-def _fsync_write(path: Path, write) -> None:
-    """write(f) into a temp file next to `path`, fsync, rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_model(model: UNet, path, *, schedule: Schedule | None = None, sampling: dict | None = None) -> Path:
     """Write `model` as a native checkpoint directory; returns the directory.
 
@@ -186,9 +157,8 @@ def save_model(model: UNet, path, *, schedule: Schedule | None = None, sampling:
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
 
     path.mkdir(parents=True, exist_ok=True)
-    _fsync_write(path / WEIGHTS_FILE, lambda f: f.write(blob))
-    _fsync_write(path / CONFIG_FILE, lambda f: f.write(text.encode()))
-    _fsync_dir(path)
+    atomic_write_bytes(path / WEIGHTS_FILE, blob)  # weights first: a config never names missing weights
+    atomic_write_bytes(path / CONFIG_FILE, text.encode())
     return path
 
 
@@ -482,6 +452,43 @@ def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
 
 # diffusers' pre-0.14 attention names (AttentionBlock) -> the current ones.
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def diffusers_kwargs(cfg: UNetConfig) -> dict:
+    """UNet2DModel(**kwargs) computing the same function as UNet(cfg): the inverse of diffusers_unet_config."""
+    L = cfg.num_levels
+    down = tuple("AttnDownBlock2D" if i in cfg.attn_levels else "DownBlock2D" for i in range(L))
+    up = tuple("AttnUpBlock2D" if (L - 1 - k) in cfg.attn_levels else "UpBlock2D" for k in range(L))
+    kw = dict(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        freq_shift=cfg.freq_shift,
+        flip_sin_to_cos=cfg.flip_sin_to_cos,
+        downsample_padding=cfg.downsample_padding,
+        norm_eps=cfg.norm_eps,
+        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim,
+        dropout=cfg.dropout,
+        add_attention=cfg.mid_attention,
+        time_embedding_dim=cfg.time_embed_dim,
+        resnet_time_scale_shift="scale_shift" if cfg.scale_shift_norm else "default",
+        mid_block_scale_factor=cfg.mid_scale_factor,
+        center_input_sample=cfg.center_input_sample,
+    )
+    # diffusers gives the mid attention a GroupNorm only with the default resnet time norm, unless told.
+    mg = cfg.mid_attn_norm_groups
+    if mg is None and cfg.scale_shift_norm:
+        kw["attn_norm_num_groups"] = cfg.norm_num_groups
+    elif mg:
+        kw["attn_norm_num_groups"] = mg
+    elif mg == 0 and not cfg.scale_shift_norm:
+        raise ValueError("UNet2DModel cannot drop the mid attention's GroupNorm with the default time norm")
+    return kw
 
 
 def _modern_diffusers_keys(state: dict) -> dict:

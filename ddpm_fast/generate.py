@@ -214,10 +214,10 @@ def resolve_backend(model, sampler: Sampler, num: int, dist: Dist) -> None:
     kw = sampler.kwargs
     choice = None
     if kw.get("backend", "auto") == "auto" and dist.rank == 0:
-        from ddpm_fast.sampling import _choose_auto
+        from ddpm_fast.sampling import choose_auto
 
         plan = _plan(model, kw, (num, *sampler.image_shape))
-        choice = (_choose_auto(model, plan), dict(plan.options))
+        choice = (choose_auto(model, plan), dict(plan.options))
     if kw.get("backend", "auto") == "auto":
         backend, options = dist.broadcast(choice)
         kw["backend"] = backend

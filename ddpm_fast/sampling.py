@@ -18,7 +18,15 @@ from ddpm_fast.errors import Unavailable
 from ddpm_fast.schedule import Schedule, check_timesteps, spaced_timesteps
 from ddpm_fast.steps import METHODS, VARIANCES, StepTable, build_step_table
 
-__all__ = ["sample", "Plan", "make_plan", "ddpm_reference", "ddim_reference", "check_model_output"]
+__all__ = [
+    "sample",
+    "Plan",
+    "make_plan",
+    "choose_auto",
+    "ddpm_reference",
+    "ddim_reference",
+    "check_model_output",
+]
 
 log = logging.getLogger("ddpm_fast")
 
@@ -228,7 +236,7 @@ def sample(
         options=options,
     )
     if backend == "auto":
-        backend = _choose_auto(model, plan)
+        backend = choose_auto(model, plan)
     if backend == "reference":
         if options:
             raise TypeError(f"backend='reference' takes no extra options; got {sorted(options)}")
@@ -242,8 +250,9 @@ def sample(
     return sample_onnx(model, plan)
 
 
-def _choose_auto(model, plan: Plan) -> str:
-    """auto: ONNX sessions/files go to onnx; otherwise the engine decides whether compiling pays off."""
+def choose_auto(model, plan: Plan) -> str:
+    """The backend "auto" picks for this model and plan: ONNX sessions/files go to onnx; otherwise the engine
+    decides (`ddpm_fast.engine.auto_backend`; it may set plan.options["compile"])."""
     if isinstance(model, (str, os.PathLike)) or type(model).__name__ in ("InferenceSession", "OnnxModel"):
         return "onnx"
     try:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast.steps import C_EPS, C_X0, C_XT, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
+from ddpm_fast.kernels.step import update_formula
+from ddpm_fast.steps import StepTable
 from ddpm_fast.unet import Attention
 
 __all__ = ["EpsGraph", "StepGraph", "half_unet", "update_with_noise"]
@@ -110,20 +111,10 @@ def update_with_noise(
     clip_range: float | None,
     learned: bool,
 ) -> torch.Tensor:
-    """x_{t-1} from one StepTable row c (float32 [8]), x_t, the model output (eps or eps|v) and z; all float32.
-
-    The same formula as `ddpm_fast.kernels.step.step_torch` with z given instead of drawn.
-    """
+    """x_{t-1} from one StepTable row c (float32 [8]), x_t, the model output (eps or eps|v) and z; all float32."""
     C = x.shape[1]
-    eps = out[:, :C]
-    x0 = c[SRA] * x - c[SRM1] * eps
-    if clip_range is not None:
-        x0 = x0.clamp(-clip_range, clip_range)
-    sigma = c[SIGMA]
-    if learned:
-        f = (out[:, C:] + 1.0) * 0.5
-        sigma = sigma * torch.exp(0.5 * (f * c[MAX_LOG] + (1.0 - f) * c[MIN_LOG]))
-    return c[C_X0] * x0 + c[C_XT] * x + c[C_EPS] * eps + sigma * z
+    v = out[:, C:] if learned else None
+    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range)
 
 
 class StepGraph(nn.Module):

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 from ddpm_fast import noise
 from ddpm_fast.export.graphs import EpsGraph, StepGraph, half_unet
 from ddpm_fast.schedule import Schedule, spaced_timesteps
+from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.steps import METHODS, VARIANCES, build_step_table
 
 __all__ = [
@@ -180,20 +180,6 @@ def _check_opset(opset, exporter: str) -> int:
     if not low <= opset <= MAX_OPSET:
         raise ValueError(f"opset must lie in [{low}, {MAX_OPSET}] for the {exporter} exporter; got {opset}")
     return opset
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -354,7 +340,7 @@ def export_onnx(
         onnx = _import_onnx()
         onnx.checker.check_model(proto, full_check=True)  # full: also runs ONNX shape inference
         data = proto.SerializeToString()
-        _write_atomic(path, data)
+        atomic_write_bytes(path, data)
         seconds = time.perf_counter() - t0
         report = ExportReport(
             path=path,

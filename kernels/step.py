@@ -158,6 +158,22 @@ def _check_key_tensors(x, seed, start_index) -> None:
 # ------------------------------------------------------------------------------------------------ twin
 
 
+def update_formula(col, x, eps, v, z, clip_range: float | None):
+    """The posterior step of the module docstring in torch ops, float32 in and out.
+
+    col(k) is StepTable column k, shaped to broadcast against x; v is the variance half of a learned_range
+    model output (None otherwise); z is the step's noise. Shared by the CPU twin and the ONNX step graph.
+    """
+    x0 = col(SRA) * x - col(SRM1) * eps
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    sigma = col(SIGMA)
+    if v is not None:
+        f = (v + 1.0) * 0.5
+        sigma = sigma * torch.exp(0.5 * (f * col(MAX_LOG) + (1.0 - f) * col(MIN_LOG)))
+    return col(C_X0) * x0 + col(C_XT) * x + col(C_EPS) * eps + sigma * z
+
+
 def step_torch(
     x: torch.Tensor,
     model_out: torch.Tensor,
@@ -203,26 +219,17 @@ def step_torch(
         c = coefs[step : step + 1]
         slot = timesteps[step : step + 1]
 
-    def col(k):
-        return c[:, k : k + 1]  # [1, 1], broadcasts over [B, N]
-
     m = model_out.reshape(B, -1)
     xf = x.reshape(B, N).float()
     eps = m[:, :N].float()
-    x0 = col(SRA) * xf - col(SRM1) * eps
-    if clip_range is not None:
-        x0 = x0.clamp(-clip_range, clip_range)
-    sigma = col(SIGMA)
-    if learned:
-        f = (m[:, N:].float() + 1.0) * 0.5
-        sigma = sigma * torch.exp(0.5 * (f * col(MAX_LOG) + (1.0 - f) * col(MIN_LOG)))
+    v = m[:, N:].float() if learned else None
     n = torch.arange(B, dtype=torch.int64, device=x.device)
     if isinstance(seed, torch.Tensor):  # tensor keys: a compiled twin serves every (seed, start_index)
         seed, n = seed.reshape(()), n + start_index.reshape(())
     else:
         n = n + start_index
     z = noise.normals(seed, n, slot, N)
-    y = col(C_X0) * x0 + col(C_XT) * xf + col(C_EPS) * eps + sigma * z
+    y = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range)  # c[:, k]: [1, 1] over [B, N]
     out.copy_(y.reshape(x.shape))
     if advance:
         step.add_(1)
