@@ -1,5 +1,9 @@
 """The reference samplers: an analytic oracle, equality with diffusers' pipelines, batch independence, bad input."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from analytic_model import GaussianEps, exact_moments
@@ -119,7 +123,8 @@ def _pipeline_output(pipe, B, seed, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 @pytest.mark.parametrize("steps", [1000, 50])
 def test_ddpm_equals_diffusers_pipeline(tiny_unet, variance, clip, steps):
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, variance_type=variance, clip_sample=clip)
@@ -222,3 +227,21 @@ def test_model_with_wrong_shape_or_nan_is_reported_with_its_step():
         df.sample(nan_late, S, (2, 3, 8, 8), backend="reference")
     with pytest.raises(ValueError, match="shape"):
         df.sample(_ok_model, S, (2, 3, 8, 8), variance="learned_range", backend="reference")
+
+
+def test_import_and_reference_need_no_triton_onnxruntime_or_gpu():
+    """The base install: ddpm_fast imports and samples with triton, onnxruntime and onnx unimportable."""
+    code = (
+        "import sys\n"
+        "for name in ('triton', 'onnxruntime', 'onnx', 'diffusers'):\n"
+        "    sys.modules[name] = None\n"
+        "import torch, ddpm_fast as df\n"
+        "model = lambda x, t: 0.1 * x\n"
+        "x = df.sample(model, df.Schedule.linear(50), (2, 1, 3, 3), steps=5, seed=1)\n"
+        "assert x.shape == (2, 1, 3, 3) and torch.isfinite(x).all()\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
