@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ddpm_fast import shards
+from ddpm_fast.devices import env_world, resolve_device
 from ddpm_fast.errors import Unavailable, UserError
 from ddpm_fast.schedule import Schedule
 
@@ -290,17 +291,6 @@ class Dist:
         if self.owns_group:
             torch.distributed.destroy_process_group()
             self.owns_group = False
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's environment."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as e:
-        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
-    return rank, world, local
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -736,23 +726,6 @@ def add_arguments_merge(p: argparse.ArgumentParser) -> None:
 add_arguments = add_arguments_sample
 
 
-def _resolve_device(arg: str | None, local_rank: int, world: int) -> torch.device:
-    if arg is None:
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(arg)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device must name a torch device such as cpu or cuda:0; got {arg!r}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise Unavailable(f"--device {arg} was asked for but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise Unavailable(f"--device {dev} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def _load_cli_model(spec: str | None, device: torch.device):
     """(model, backend override or None, schedule fallback)."""
     if spec is None:
@@ -806,7 +779,7 @@ def run_sample(args) -> int:
     rank, world, local = env_world()
     if world > 1 and kind != "dir":
         raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {args.out!r}")
-    device = _resolve_device(args.device, local, world)
+    device = resolve_device(args.device, local, world)
     dist = init_distributed(device) if kind == "dir" else Dist()
     try:
         model, backend = _load_cli_model(args.model, device)

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.devices import env_world, resolve_device
 from ddpm_fast.schedule import Schedule
 
 __all__ = [
@@ -354,29 +354,6 @@ def _build_model_config(cfg: TrainConfig, data_shape):
     return getattr(UNetConfig, cfg.preset)(**overrides)
 
 
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
-def _pick_device(device: str | None, local_rank: int) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must name a torch device; got {device!r}") from e
-    if d.type == "cuda":
-        from ddpm_fast.errors import Unavailable
-
-        if not torch.cuda.is_available():
-            raise Unavailable(f"device {device!r} was asked for but CUDA is not available")
-        if d.index is None:
-            d = torch.device(f"cuda:{local_rank}")
-    return d
-
-
 def _save_model(ema, out: Path, cfg: TrainConfig, schedule: Schedule) -> None:
     from ddpm_fast.checkpoint import save_model
 
@@ -425,8 +402,8 @@ def train(
     if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
         raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
     out = Path(out)
-    rank, local_rank, world = _dist_info()
-    dev = _pick_device(device, local_rank)
+    rank, world, local_rank = env_world()
+    dev = resolve_device(device, local_rank, world, name="device")
     if world > 1:
         import torch.distributed as dist
 
@@ -657,6 +634,6 @@ def run(args) -> int:
         compile=args.compile,
         progress=not args.no_progress,
     )
-    if _dist_info()[0] == 0:
+    if env_world()[0] == 0:
         print(f"trained to step {cfg.steps} in {time.perf_counter() - t0:.0f} s; model in {args.out}")
     return 0

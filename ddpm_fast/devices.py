@@ -1,0 +1,43 @@
+"""torchrun's environment and the --device argument, shared by sampling runs and training."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ddpm_fast.errors import Unavailable
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
+    return rank, world, local
+
+
+def resolve_device(
+    arg: str | None, local_rank: int = 0, world: int = 1, name: str = "--device"
+) -> torch.device:
+    """None or "auto": cuda when available, else cpu. A bare "cuda" under torchrun is cuda:LOCAL_RANK.
+
+    A malformed name is a ValueError, a CUDA device this machine lacks is `Unavailable`; both name `name`.
+    """
+    if arg in (None, "auto"):
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must name a torch device such as cpu or cuda:0; got {arg!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Unavailable(f"{name} {arg} was asked for but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise Unavailable(f"{name} {dev} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
