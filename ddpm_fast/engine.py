@@ -84,6 +84,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # reference step 1.64x / 1.52x / 1.37x at batch 1 / 4 / 16 (quiet), 1.19x at batch 4 under load: plan on 1.2.
 # cuda: not measured yet (no GPU lent); a conservative guess for the cifar10 U-Net.
 COMPILE_COST_S = {"cpu": 30.0, "cuda": 60.0}
+RECOMPILE_LIMIT = 64  # compiled U-Net variants per process (see _Compiled)
 CPU_COMPILE_SPEEDUP = 1.2
 
 ENV_SWITCHES = {
@@ -291,6 +292,13 @@ class _Compiled:
 
     def __init__(self, fn, mode: str, what: str, **kwargs):
         self.eager = fn
+        # Every compiled U-Net shares one code object (_UNetCall.forward), so each (bucket, dtype, mode) is a
+        # recompile of it; past dynamo's limit (8) it would silently run eagerly.
+        cfg = torch._dynamo.config
+        if hasattr(cfg, "recompile_limit"):
+            cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+        else:  # torch < 2.6
+            cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
         self.fn = torch.compile(fn, mode=mode, **kwargs)
         self.what = what
         self.failed = False
@@ -302,6 +310,8 @@ class _Compiled:
         try:
             return self.fn(*args, **kwargs)
         except Exception as e:  # compile errors come in many types (dynamo, inductor, a missing C++ compiler)
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # an eager retry inside a broken CUDA graph capture would only add a confusing error
             out = self.eager(*args, **kwargs)  # raises here if fn itself is at fault
             self.failed = True
             _log_once(
@@ -421,6 +431,7 @@ class StepRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(warm):
+                self.counter.copy_(saved_counter)  # every warm step at the loaded step: S may be < warm
                 self.step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.counter.copy_(saved_counter)
@@ -535,11 +546,13 @@ def _time_forward(model, plan: Plan) -> float:
     """Seconds for one eager forward at the plan's batch (capped at 64 rows and scaled), best of two."""
     B = plan.shape[0]
     b = min(B, 64)
-    x = torch.zeros((b, *plan.shape[1:]), dtype=plan.dtype, device=plan.device)
+    # fast keeps the model in float32 and autocasts it for bfloat16/float16, so time it that way
+    x = torch.zeros((b, *plan.shape[1:]), dtype=torch.float32, device=plan.device)
     t = torch.full((b,), int(plan.table.timesteps[0]), dtype=torch.int64, device=plan.device)
     sync = torch.cuda.synchronize if plan.device.type == "cuda" else (lambda: None)
     best = float("inf")
-    with torch.no_grad():
+    amp = plan.dtype in HALF_DTYPES
+    with torch.no_grad(), torch.autocast(plan.device.type, dtype=plan.dtype if amp else None, enabled=amp):
         for _ in range(2):  # the first call pays one-time set-up (cuDNN/oneDNN plans, allocations)
             sync()
             t0 = time.perf_counter()

@@ -141,6 +141,8 @@ def make_plan(
         raise ValueError(f"device must name a torch device; got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Unavailable(f"device {device} was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
+        device = torch.device("cuda", torch.cuda.current_device())
     return Plan(
         shape=shape,
         schedule=run_schedule,

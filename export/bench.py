@@ -104,12 +104,23 @@ def gpu_check(out_dir=None, *, full: bool = True, budget_s: float = 60.0) -> dic
     CIFAR-10 U-Net (random weights) images/s at batch 64 for onnx fp32/fp16 and the reference backend, when
     the tiny-model checks left at least half of `budget_s`.
     """
-    result = _gpu_check(full, budget_s)
+    # float32 on both sides: TF32 (cuDNN's default for torch convolutions) would put ~1e-3 between them;
+    # ONNX Runtime's session follows these flags (export.runtime.create_session)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        result = _gpu_check(full, budget_s)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     if out_dir is not None:
         import json
 
+        from ddpm_fast.shards import atomic_write_bytes
+
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "onnx_gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        atomic_write_bytes(
+            Path(out_dir) / "onnx_gpu_check.json", json.dumps(result, indent=1, default=str).encode()
+        )
     return result
 
 

@@ -49,7 +49,7 @@ log = logging.getLogger("ddpm_fast")
 META_PREFIX = "ddpm_fast."
 KINDS = {("x", "t"): "eps", ("x", "step", "z"): "step"}
 OPTIONS = ("threads",)
-_SESSIONS: dict = {}  # (file key, device, threads, stream) -> InferenceSession
+_SESSIONS: dict = {}  # (file key, device, threads, stream, tf32) -> InferenceSession
 _MODELS: dict = {}  # (realpath, mtime_ns, size) -> OnnxModel
 
 
@@ -103,10 +103,15 @@ def create_session(model_path, device, *, threads: int | None = None):
         options = {"device_id": device.index or 0}
         if torch.cuda.is_available():  # else ORT's own CUDA check below reports the failure
             index = device.index if device.index is not None else torch.cuda.current_device()
-            # ORT enqueues on torch's stream, so torch's update after run_with_iobinding is ordered after it.
+            # ORT enqueues on torch's stream, so torch's update after run_with_iobinding is ordered after it
+            # (a handle of 0, torch's default stream, makes ORT use a stream of its own: see run_bound).
+            # TF32 only where torch itself allows it for both convolutions and matmuls (torch's default: no),
+            # so float32 means float32 on both sides of a comparison.
+            tf32 = torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
             options = {
                 "device_id": index,
                 "user_compute_stream": str(torch.cuda.current_stream(index).cuda_stream),
+                "use_tf32": "1" if tf32 else "0",
             }
         providers = [("CUDAExecutionProvider", options)]
         providers.append("CPUExecutionProvider")  # shape ops ORT places on the host
@@ -126,6 +131,7 @@ def create_session(model_path, device, *, threads: int | None = None):
             raise ValueError(f"ONNX Runtime cannot load {model_path}: {msg}") from e
 
     sess = make()
+    stream = providers[0][1].get("user_compute_stream") if isinstance(providers[0], tuple) else None
     if device.type == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         if hasattr(ort, "preload_dlls"):  # ORT >= 1.21: load CUDA/cuDNN from the nvidia-* wheels, then retry
             try:
@@ -138,7 +144,23 @@ def create_session(model_path, device, *, threads: int | None = None):
                 f"ONNX Runtime {ort.__version__} could not create the CUDA provider for {device} (the session fell "
                 f"back to {sess.get_providers()}); check that onnxruntime-gpu matches the installed CUDA and cuDNN"
             )
+    sess._ddpm_fast_stream = stream  # the torch stream ORT enqueues on (see run_bound)
     return sess
+
+
+def run_bound(sess, binding, device: torch.device) -> None:
+    """sess.run_with_iobinding, ordered after torch's pending work on `device`.
+
+    A session created on torch's current non-default stream runs on that stream: nothing to wait for. On any
+    other stream (torch's default stream, handle 0, gives ORT a stream of its own) torch's writes to the
+    bound inputs are waited for first. ORT synchronises its own stream before returning, so the outputs are
+    ready for torch either way.
+    """
+    stream = torch.cuda.current_stream(device)
+    bound = getattr(sess, "_ddpm_fast_stream", None)  # None: a session the user made
+    if bound in (None, "0") or bound != str(stream.cuda_stream):
+        stream.synchronize()
+    sess.run_with_iobinding(binding)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -264,7 +286,8 @@ class OnnxModel:
             return self._session
         cuda = device.type == "cuda" and torch.cuda.is_available()
         stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
-        key = (_file_key(self.path), str(device), threads, stream)
+        tf32 = torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        key = (_file_key(self.path), str(device), threads, stream, tf32 if cuda else None)
         sess = _SESSIONS.get(key)
         if sess is None:
             sess = create_session(self.path, device, threads=threads)
@@ -310,7 +333,7 @@ class OnnxModel:
         _bind(binding, "x", xf, input=True)
         _bind(binding, "t", t, input=True)
         _bind(binding, self.output_name, out, input=False)
-        sess.run_with_iobinding(binding)
+        run_bound(sess, binding, x.device)
         return out
 
 
@@ -456,7 +479,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
     for i in _progress(plan, len(ts)):
         t_buf.fill_(ts[i])
         if x.device.type == "cuda":
-            sess.run_with_iobinding(binding)
+            run_bound(sess, binding, x.device)
             out = eps
         else:
             out = torch.from_numpy(sess.run([m.output_name], {"x": x.numpy(), "t": t_buf.numpy()})[0])
@@ -504,7 +527,7 @@ def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             z = zeros
         if cuda:
             z_buf.copy_(z)
-            sess.run_with_iobinding(bindings[i % 2])
+            run_bound(sess, bindings[i % 2], x.device)
             x = bufs[(i + 1) % 2]
         else:
             feeds = {"x": x.numpy(), "step": step_buf.numpy(), "z": z.numpy()}

@@ -57,7 +57,9 @@ def _to_bfloat16_rne(y):
     """
     b = y.to(tl.uint32, bitcast=True)
     b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    rounded = (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    # NaN's payload would carry into the sign bit (0x7FFFFFFF -> -0.0): keep NaN a NaN
+    return tl.where(y != y, y.to(tl.bfloat16), rounded)
 
 
 @triton.jit

@@ -9,6 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # float32 comparisons against float64 need float32 arithmetic: TF32 convolutions and matmuls (cuDNN's
+    # default on Ampere and later) round to 10 mantissa bits, a thousand times coarser.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
 

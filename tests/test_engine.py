@@ -413,6 +413,15 @@ def test_auto_end_to_end_short_cpu_job_is_the_reference():
     assert engine.counters == before  # nothing built, nothing compiled
 
 
+def test_auto_with_bfloat16_times_the_model_as_fast_runs_it():
+    """auto times one forward before choosing; the model stays float32 under autocast, as fast runs it."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(100)
+    out = df.sample(model, s, (2, 3, 16, 16), steps=2, seed=1, dtype=torch.bfloat16)  # backend="auto"
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert next(model.parameters()).dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
@@ -437,6 +446,21 @@ def test_cuda_graph_replay_equals_eager_steps():
     assert engine.counters["captures"] == before + 2
     # rows 3..6 in both runs; a row's position in the batch may change GEMM tiling, so rounding only
     assert torch.allclose(shifted[:4], graph[1:], atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("steps", [1, 2])
+def test_cuda_graph_runs_shorter_than_the_warm_up(steps):
+    """The first capture warms up for several steps; a 1- or 2-step run must not index past its table.
+    device="cuda" (no index) must match the model's cuda:N parameters."""
+    model = _cuda_model()
+    s = df.Schedule.linear(1000)
+    kw = dict(steps=steps, seed=8, compile=False)
+    graph = df.sample(model, s, (3, 3, 16, 16), backend="fast", device="cuda", **kw)
+    eager = df.sample(model, s, (3, 3, 16, 16), backend="fast", device="cuda", cuda_graph=False, **kw)
+    assert torch.equal(graph, eager)
+    ref = reference(model, s, (3, 3, 16, 16), steps=steps, seed=8)
+    assert max_err(graph, ref) < 1e-4
 
 
 @pytest.mark.cuda

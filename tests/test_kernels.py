@@ -432,6 +432,18 @@ def test_import_and_fallback_without_triton():
     assert r.stderr.count("triton is not installed") == 1, r.stderr
 
 
+def test_bf16_storage_keeps_nan_a_nan():
+    """The kernel's integer round-to-nearest-even must not carry a NaN payload of all ones (0x7FFFFFFF,
+    NVIDIA's canonical NaN) into the sign bit, which would store -0.0 and hide a diverging step."""
+    coefs, ts = build_step_table(df.Schedule.linear(50)).to("cpu")
+    x = torch.zeros(1, 1, 2, 3, dtype=torch.bfloat16)
+    m = torch.zeros(1, 1, 2, 3, dtype=torch.float32)
+    m.view(torch.int32)[0, 0, 0, 1] = 0x7FFFFFFF
+    y = step_triton(x, m, coefs, ts, 10, seed=0)
+    assert torch.isnan(y[0, 0, 0, 1]) and torch.isfinite(y).sum() == 5
+    assert torch.equal(torch.isnan(y), torch.isnan(step_torch(x, m, coefs, ts, 10, seed=0)))
+
+
 @pytest.mark.slow
 def test_twin_compiles_fullgraph():
     """torch.compile(fullgraph=True) of the twin with tensor keys, as the engine runs it: the device counter
