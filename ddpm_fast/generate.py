@@ -745,7 +745,10 @@ def _load_cli_model(spec: str | None, device: torch.device):
         return load_onnx(spec), "onnx"
     from ddpm_fast.checkpoint import load_model
 
-    return load_model(spec, device=device), None
+    try:
+        return load_model(spec, device=device), None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model {spec}: {e}") from e
 
 
 def _check_int(name: str, v, minimum: int = 1) -> None:
