@@ -10,6 +10,11 @@ language samples by looping the graph.
 
 `half_unet(unet)` is the float16 variant: weights float16, every GroupNorm and the attention softmax in
 float32 (a float16 GroupNorm over 32x32 activations loses the mean in rounding; softmax logits overflow).
+
+`Float16Storage()` is the float16 reference those variants are held to: a mode in which every op on float16
+tensors computes in float32 and rounds its result to float16 once. PyTorch's own float16 CPU kernels are not
+such a reference: which ones run depends on the processor (with AVX512-FP16 they accumulate in float16, on
+others in float32), and a 4-step run's error against float64 differed 4x between two CPUs.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from ddpm_fast.kernels.step import update_formula
 from ddpm_fast.steps import StepTable
 from ddpm_fast.unet import Attention
 
-__all__ = ["EpsGraph", "StepGraph", "half_unet", "update_with_noise"]
+__all__ = ["EpsGraph", "StepGraph", "half_unet", "update_with_noise", "Float16Storage"]
 
 
 class _Float32GroupNorm(nn.Module):
@@ -82,6 +89,40 @@ def half_unet(unet: nn.Module) -> nn.Module:
 
     swap(m)
     return m
+
+
+def _has_half(tree) -> bool:
+    found = []
+    tree_map(
+        lambda a: found.append(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else None, tree
+    )
+    return bool(found)
+
+
+_CASTS = {torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.double, torch.Tensor.type}
+
+
+class Float16Storage(TorchFunctionMode):
+    """Float16 storage with float32 arithmetic, the same on every processor (module docstring).
+
+    Inside `with Float16Storage():` an op with a float16 tensor argument runs on float32 copies of its
+    arguments and its float32 results are rounded to float16; in-place ops write the rounded result back.
+    Casts and ops on other dtypes run unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _CASTS or not _has_half((args, kwargs)):
+            return func(*args, **kwargs)
+        up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.float16 else a
+        out = func(*tree_map(up, args), **tree_map(up, kwargs))
+        down = lambda a: a.half() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+        out = tree_map(down, out)
+        name = getattr(func, "__name__", "")
+        if (name.endswith("_") and not name.startswith("__")) or name.startswith("__i"):
+            args[0].copy_(out)  # the op ran on a float32 copy of its target
+            return args[0]
+        return out
 
 
 def _weight_dtype(unet: nn.Module) -> torch.dtype:

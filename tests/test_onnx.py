@@ -31,7 +31,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from ddpm_fast.export import runtime  # noqa: E402
-from ddpm_fast.export.graphs import EpsGraph, half_unet  # noqa: E402
+from ddpm_fast.export.graphs import EpsGraph, Float16Storage, half_unet  # noqa: E402
 from ddpm_fast.export.onnx_export import export_onnx, read_metadata  # noqa: E402
 from ddpm_fast.export.runtime import OnnxModel, create_session, reference_tolerance  # noqa: E402
 
@@ -207,14 +207,31 @@ def test_fp16_weights_keep_norms_and_softmax_in_float32(tmp_path, tiny):
     assert norm_or_softmax and all(types.get(n.input[0]) == F32 for n in norm_or_softmax)
     assert proto.graph.input[0].type.tensor_type.elem_type == F32
     assert proto.graph.output[0].type.tensor_type.elem_type == F32
-    # ORT's CPU provider runs float16 graphs (through casts it inserts). STYLE 6: against the float64
-    # reference, the onnx run may err at most twice as much as the reference run with PyTorch's float16 U-Net.
-    kw = dict(shape=(2, 3, 16, 16), steps=4, seed=5)
+    # STYLE 6: against the float64 reference, the onnx run may err at most twice as much as the float16
+    # reference run (float16 storage, float32 arithmetic: `Float16Storage`, the same on every CPU). Compared
+    # as RMS over 8 samples: the max of one 4-step run is set by a few elements near the clip boundary and
+    # moved 2.5x between seeds on one machine, while the RMS ratio onnx/reference stayed within 0.45-1.1.
+    kw = dict(shape=(8, 3, 16, 16), steps=4, seed=5)
     got = df.sample(str(path), backend="onnx", **kw).double()
     exact = reference(copy.deepcopy(tiny).double(), dtype=torch.float64, **kw)
-    torch16 = reference(EpsGraph(half_unet(tiny)), schedule=tiny.schedule, **kw).double()
-    bound = 2 * (torch16 - exact).abs().max().item() + sample_tol(tiny, **kw)
-    assert (got - exact).abs().max().item() <= bound
+    with Float16Storage():
+        ref16 = reference(EpsGraph(half_unet(tiny)), schedule=tiny.schedule, **kw).double()
+    rms = lambda a: (a - exact).pow(2).mean().sqrt().item()
+    assert rms(got) <= 2 * rms(ref16) + sample_tol(tiny, **kw)
+
+
+def test_float16_storage_rounds_every_result_and_writes_back_in_place():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float16)
+    b = torch.tensor([2.0**-12, 2.0**-12], dtype=torch.float16)
+    with Float16Storage():
+        s = a + b  # float32 sum 1 + 2^-12 rounds to 1 in float16 (spacing 2^-10 near 1)
+        v = torch.cat([a[:1], torch.full((2048,), 2.0**-11, dtype=torch.float16)])
+        p = torch.sum(v)  # float32 accumulation: exactly 2; a float16 accumulator stays at 1 (1 + 2^-11 -> 1)
+        c = a.clone()
+        c.add_(torch.tensor([1.0, 1.0], dtype=torch.float16))
+    assert s.dtype == torch.float16 and s.tolist() == [1.0, 2.0]
+    assert p.dtype == torch.float16 and p.item() == 2.0
+    assert c.tolist() == [2.0, 3.0]
 
 
 def test_bench_provider_matches_reference(tiny):
@@ -293,11 +310,12 @@ def test_requests_the_graph_cannot_take(files):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without CUDA")
-def test_cuda_provider_failure_is_an_error_not_a_cpu_fallback(files):
+def test_cuda_provider_failure_is_an_error_not_a_cpu_fallback(tmp_path, tiny):
     # onnxruntime: no CUDAExecutionProvider. onnxruntime-gpu without CUDA libraries: ORT falls back to the
     # CPU provider with a log line; create_session must notice and raise.
+    path = export_onnx(tiny, tmp_path / "tiny.onnx", exporter="torchscript", validate=False).path
     with pytest.raises(Unavailable, match="CUDA"):
-        create_session(files["tiny_eps"].path, "cuda:0")
+        create_session(path, "cuda:0")
 
 
 class _FallbackSession:
