@@ -14,6 +14,10 @@ Output directory:
     state.json, state-<step>.safetensors   training state: weights, EMA, optimizer, RNG; JSON names the tensor file
     samples/step-<step>.png             a grid sampled from the EMA at each checkpoint
     log.jsonl                           step, loss, learning rate, wall time
+    train_config.json                   the options of the run
+
+A run's files are never overwritten unasked: `--resume` continues them, `--force` deletes them and starts
+over, and without either a directory that holds any of them is refused (usually a mistyped --out).
 
 Exact resume: the batch order, t and eps of step s are drawn from generators seeded by (seed, s), so they
 do not depend on what ran before; dropout draws from the global RNG, reseeded from (seed, step, rank) at
@@ -58,6 +62,8 @@ PRESETS = ("digits", "tiny", "cifar10", "celebahq256")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STATE_JSON = "state.json"
 STATE_VERSION = 1
+LOG_JSONL = "log.jsonl"
+TRAIN_CONFIG_JSON = "train_config.json"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -341,6 +347,58 @@ def _restore(meta: dict, tensors: dict, model, ema, optimizer) -> None:
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
+def _run_files(out: Path) -> list[Path]:
+    """The files of a training run (see the module docstring) that exist in `out`.
+
+    The files that name others (state.json, config.json) come first, so that deleting in this order never
+    leaves one behind that names a deleted file.
+    """
+    from ddpm_fast.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    if not out.is_dir():
+        return []
+    named = [out / n for n in (STATE_JSON, CONFIG_FILE, WEIGHTS_FILE, LOG_JSONL, TRAIN_CONFIG_JSON)]
+    globbed = sorted(out.glob("state-*.safetensors")) + sorted(out.glob("samples/step-*.png"))
+    return [p for p in named if p.is_file()] + globbed
+
+
+def _check_out(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to resume a missing run or to overwrite one unasked: both are usually a mistyped --out."""
+    if resume and force:
+        raise ValueError("--resume continues the run in --out and --force deletes it; pass one or the other")
+    if resume:
+        if not out.exists():
+            raise ValueError(
+                f"--resume: {str(out)!r} does not exist; check --out, or drop --resume to start a new run"
+            )
+        if not (out / STATE_JSON).is_file():
+            if _run_files(out):  # stopped before its first checkpoint
+                raise ValueError(
+                    f"--resume: {str(out)!r} holds no checkpoint ({STATE_JSON}) to resume from; "
+                    "pass --force instead of --resume to start over"
+                )
+            raise ValueError(
+                f"--resume: {str(out)!r} holds no training run ({STATE_JSON}); "
+                "check --out, or drop --resume to start a new run"
+            )
+    elif not force:
+        found = _run_files(out)
+        if found:
+            raise ValueError(
+                f"--out {str(out)!r} already holds a training run ({found[0].relative_to(out)}); "
+                "pass --resume to continue it or --force to start over"
+            )
+
+
+def _remove_run(out: Path) -> None:
+    """Delete the files of the run in `out` (`--force`); anything else in it stays."""
+    for p in _run_files(out):
+        p.unlink()
+    samples = out / "samples"
+    if samples.is_dir() and not any(samples.iterdir()):
+        samples.rmdir()
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -384,6 +442,7 @@ def train(
     out,
     *,
     resume: bool = False,
+    force: bool = False,
     device=None,
     save_every: int = 1000,
     sample_steps: int = 100,
@@ -394,7 +453,9 @@ def train(
 ):
     """Train to `cfg.steps` optimizer steps, writing checkpoints to `out`; returns the EMA model.
 
-    `stop_after`: return after this many steps of this call (tests use it to cut a run short).
+    `resume`: continue the run in `out`; `force`: delete the run in `out` and start over. Without either,
+    an `out` that holds a run is refused. `stop_after`: return after this many steps of this call (tests
+    use it to cut a run short).
     """
     cfg.validate()
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
@@ -402,8 +463,11 @@ def train(
     if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
         raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
     out = Path(out)
+    _check_out(out, resume=resume, force=force)
     rank, world, local_rank = env_world()
     dev = resolve_device(device, local_rank, world, name="device")
+    if cfg.bf16 and dev.type != "cuda":
+        raise ValueError(f"--bf16 is for CUDA devices only; the device is {dev}")
     if world > 1:
         import torch.distributed as dist
 
@@ -411,7 +475,10 @@ def train(
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        dist.barrier()  # every rank has checked --out before rank 0 changes it
     main = rank == 0
+    if force and main:
+        _remove_run(out)
 
     from ddpm_fast.unet import UNet
 
@@ -435,7 +502,7 @@ def train(
         lr=cfg.lr,
     )
     step = 0
-    if resume and (out / STATE_JSON).exists():
+    if resume:
         meta, tensors = load_state(out)
         saved = dict(meta["config"])
         mine = dict(cfg.__dict__)
@@ -450,12 +517,10 @@ def train(
         step = int(meta["step"])
         if main:
             log.info("resumed %s at step %d", out, step)
-    elif resume and main:
-        log.info("--resume: no state in %s, starting from scratch", out)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.__dict__, indent=1) + "\n")
+        (out / TRAIN_CONFIG_JSON).write_text(json.dumps(cfg.__dict__, indent=1) + "\n")
 
     net = model
     if world > 1:
@@ -463,7 +528,6 @@ def train(
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     fwd = torch.compile(net) if compile else net
-    use_bf16 = cfg.bf16 and dev.type == "cuda"
 
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     bar = None
@@ -486,7 +550,7 @@ def train(
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for g in optimizer.param_groups:
             g["lr"] = lr
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = diffusion_loss(fwd, x0, buffers, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -508,7 +572,7 @@ def train(
         if main and (step % log_every == 0 or step == end):
             rec = {"step": step, "loss": last_loss, "loss_avg": running, "lr": lr}
             rec["time_s"] = round(time.perf_counter() - t_start, 2)
-            with open(out / "log.jsonl", "a") as f:
+            with open(out / LOG_JSONL, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if step % save_every == 0 or step == end:
             if main:
@@ -591,18 +655,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="respaced steps for the sample grid at each checkpoint; 0: no grid (default: %(default)s)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in an --out that holds a run, deleting its model, state, log and sample grids",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         data=args.data,
         preset=args.preset,
@@ -628,6 +692,7 @@ def run(args) -> int:
         cfg,
         args.out,
         resume=args.resume,
+        force=args.force,
         device=args.device,
         save_every=args.save_every,
         sample_steps=args.sample_steps,

@@ -282,3 +282,117 @@ def test_torchrun_two_ranks_on_cpu_gloo(tmp_path):
     meta = json.loads((tmp_path / tr.STATE_JSON).read_text())
     assert meta["step"] == 3 and meta["world_size"] == 2
     assert load_model(tmp_path).config.image_shape == (1, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- --out
+
+
+def _log_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / tr.LOG_JSONL).read_text().splitlines()]
+
+
+def _cli_error(capsys, *args) -> str:
+    """Run `ddpm-fast train ARGS` in-process; it must fail with exit 2 and one line on stderr, returned."""
+    from ddpm_fast import cli
+
+    assert cli.main(["train", *args, "--threads", "1", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.json",
+        "model.safetensors",
+        "state.json",
+        "state-00000002.safetensors",
+        "log.jsonl",
+        "train_config.json",
+        "samples/step-00000002.png",
+    ],
+)
+def test_a_new_run_refuses_an_out_that_holds_a_run(tmp_path, name, capsys):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("old run\n")
+    with pytest.raises(ValueError, match=r"already holds a training run .*--resume.*--force"):
+        tr.train(_cfg(steps=1), tmp_path, sample_steps=0, progress=False)
+    line = _cli_error(capsys, *TINY_ARGS, "--steps", "1", "--out", str(tmp_path))
+    assert "--out" in line and "--resume" in line and "--force" in line and name in line, line
+    assert (tmp_path / name).read_text() == "old run\n"
+
+
+def test_force_starts_over_as_in_an_empty_directory(tmp_path):
+    kw = dict(save_every=2, sample_steps=2, progress=False, log_every=1)
+    tr.train(_cfg(steps=4, seed=1), tmp_path / "out", **kw)  # the old run: other seed, 4 log lines, 2 grids
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")
+    (tmp_path / "out" / "samples" / "mine.png").write_text("mine\n")
+    kw.update(sample_steps=0)
+    tr.train(_cfg(steps=2), tmp_path / "out", force=True, **kw)
+    tr.train(_cfg(steps=2), tmp_path / "fresh", **kw)
+    _assert_same_state(tmp_path / "fresh", tmp_path / "out")
+    assert _log_steps(tmp_path / "out") == [1, 2]  # no line of the old run
+    assert sorted(p.name for p in (tmp_path / "out").glob("state-*")) == ["state-00000002.safetensors"]
+    assert [p.name for p in (tmp_path / "out" / "samples").iterdir()] == ["mine.png"]  # old grids gone
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine\n"  # what is not the run's stays
+
+
+def test_cli_force_replaces_the_run(tmp_path, capsys):
+    from ddpm_fast import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / tr.LOG_JSONL).write_text(json.dumps({"step": 99, "loss": 1.0}) + "\n")
+    args = [*TINY_ARGS, "--steps", "2", "--out", str(out), "--force", "--threads", "1", "--no-progress"]
+    assert cli.main(["train", *args]) == 0
+    assert _log_steps(out) == [2]
+    assert json.loads((out / tr.STATE_JSON).read_text())["step"] == 2
+
+
+def test_resume_refuses_a_directory_without_a_run(tmp_path, capsys):
+    missing = tmp_path / "mistyped"
+    with pytest.raises(ValueError, match=r"--resume: .*mistyped.* does not exist.*drop --resume"):
+        tr.train(_cfg(steps=1), missing, resume=True, progress=False)
+    line = _cli_error(capsys, *TINY_ARGS, "--steps", "1", "--out", str(missing), "--resume")
+    assert "--resume" in line and "mistyped" in line, line
+    assert not missing.exists()  # nothing was started there
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"--resume: .*empty.* holds no training run.*drop --resume"):
+        tr.train(_cfg(steps=1), empty, resume=True, progress=False)
+    assert list(empty.iterdir()) == []
+
+    # A run stopped before its first checkpoint has a log but nothing to resume: starting over needs --force.
+    (empty / tr.LOG_JSONL).write_text("")
+    with pytest.raises(ValueError, match=r"--resume: .*holds no checkpoint.*--force"):
+        tr.train(_cfg(steps=1), empty, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"--resume.*--force"):
+        tr.train(_cfg(steps=1), empty, resume=True, force=True, progress=False)
+
+
+def test_bf16_refused_on_cpu(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--bf16"):
+        tr.train(_cfg(steps=1, bf16=True), tmp_path / "o", device="cpu", progress=False)
+    line = _cli_error(
+        capsys, *TINY_ARGS, "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--bf16"
+    )
+    assert "--bf16" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_threads_belong_to_the_command_line(tmp_path, monkeypatch):
+    """cli.py adds --threads to every command and applies it: train must neither define nor apply it."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    tr.add_arguments(p)
+    p.add_argument("--threads", type=int)  # as cli.py does; a second --threads would be an argparse error
+    args = p.parse_args(
+        [*TINY_ARGS, "--steps", "1", "--out", str(tmp_path), "--no-progress", "--threads", "3"]
+    )
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert tr.run(args) == 0
+    assert calls == []
