@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.devices import resolve_device
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.shards import atomic_write_bytes
 
@@ -357,10 +359,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("images / s")
-    if rows:
-        ax.set_title(
-            f"{rows[0]['image']}, {rows[0]['steps']} steps, {rows[0]['device_name'][:40]}", fontsize=8
-        )
+    if rows:  # the whole device name, wrapped: a CPU's runs to ~60 characters with its core and thread counts
+        r0 = rows[0]
+        head = f"{r0['image']}, {r0['steps']} steps per run, {r0['device']}"
+        ax.set_title("\n".join([head, *textwrap.wrap(r0["device_name"], 70)]), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -411,16 +413,13 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: cpu 10, cuda 20)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point after the first (default 3)")
     p.add_argument("--providers", default=None, help=f"comma-separated, among {', '.join(PROVIDERS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="bench", help="directory for bench.md, bench.json, bench.png")
 
 
 def run(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be positive; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    # Before build_model: moving a model to a CUDA device this machine lacks raises an AssertionError.
+    # (--threads is ddpm_fast.cli's, applied before run(); device_info reports torch.get_num_threads().)
+    device = resolve_device(args.device, name="--device")
     cuda = device.type == "cuda"
     model = build_model(args.model or ("cifar10" if cuda else "tiny"), device)
     batch_sizes = _int_list(args.batch_sizes) if args.batch_sizes else ([1, 16, 64, 256] if cuda else [1, 4])

@@ -2,6 +2,10 @@
 
 Every probe catches its own failure and reports the reason, so `info` itself never fails on a machine
 that lacks a GPU, Triton, ONNX Runtime or a C++ compiler: finding that out is its purpose.
+
+Versions come from package metadata, and a package is imported only where its answer needs it (onnxruntime
+for its providers, Triton where it would run): on a 2-core CPU collect() takes 0.1 s (it took 1.8 s importing
+diffusers, which pulls in torch._dynamo and sympy, triton and onnx), so `info` costs what `--help` does.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -62,7 +67,9 @@ def _devices() -> dict:
                     "name": p.name,
                     "capability": f"{p.major}.{p.minor}",
                     "memory_gib": round(p.total_memory / 2**30, 1),
-                    "bf16": torch.cuda.is_bf16_supported(),
+                    # Native bf16 (sm80+). is_bf16_supported() asks the current device, not device i, and
+                    # below sm80 allocates a tensor to test emulation, which creates a CUDA context.
+                    "bf16": p.major >= 8,
                 }
             )
         out["cuda"] = {"available": True, "version": torch.version.cuda, "devices": gpus}
@@ -85,6 +92,15 @@ def _probe_import(module: str) -> tuple[bool, str | None]:
     return True, None
 
 
+def _probe_installed(module: str) -> tuple[bool, str | None]:
+    """Whether `module` is installed, without importing it."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        return False, f"{module} cannot be found: {type(e).__name__}: {e}"
+    return found, None if found else f"{module} is not installed"
+
+
 def _backends() -> dict:
     import torch
 
@@ -97,10 +113,12 @@ def _backends() -> dict:
         fast["why"] = why
     else:
         parts = []
-        tri_ok, tri_why = _probe_import("triton")
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        # Imported only where the kernel would run (kernels.use_triton's rule): elsewhere, installed is enough.
+        tri_ok, tri_why = _probe_import("triton") if cuda or interpret else _probe_installed("triton")
         if cuda and tri_ok:
             parts.append("fused Triton step kernel")
-        elif os.environ.get("TRITON_INTERPRET") == "1" and tri_ok:
+        elif interpret and tri_ok:
             parts.append("Triton kernel through the interpreter (TRITON_INTERPRET=1; slow, for tests)")
         else:
             parts.append(
@@ -135,11 +153,11 @@ def _backends() -> dict:
             )
     else:
         onnx["why"] = ort_why + " (pip install 'ddpm-fast[onnx]')"
-    exp_ok, exp_why = _probe_import("onnx")
+    exp_ok, exp_why = _probe_installed("onnx")
     onnx["export"] = True if exp_ok else exp_why
     out["onnx"] = onnx
 
-    dif_ok, dif_why = _probe_import("diffusers")
+    dif_ok, dif_why = _probe_installed("diffusers")
     out["diffusers"] = {
         "available": dif_ok,
         "note": "only benchmarks and equivalence tests use it; checkpoints load without it"

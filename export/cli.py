@@ -1,4 +1,8 @@
-"""`ddpm-fast export MODEL_DIR OUT.onnx [--step] [--fp16] [--opset N]`: write and validate an ONNX graph."""
+"""`ddpm-fast export MODEL OUT.onnx [--step] [--fp16] [--opset N]`: write and validate an ONNX graph.
+
+MODEL is a checkpoint directory or `digits`, the bundled model (ddpm_fast/assets/digits; `./digits` names a
+directory of that name).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,17 @@ import sys
 
 __all__ = ["add_arguments", "run"]
 
+BUNDLED = "digits"  # checkpoint.DEFAULT_MODEL_DIR; `bench --model digits` is its preset
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ddpm_fast.export.onnx_export import OPSET
 
     p.add_argument(
-        "model", metavar="MODEL_DIR", help="native checkpoint or diffusers UNet2DModel/pipeline directory"
+        "model",
+        metavar="MODEL",
+        help="native checkpoint or diffusers UNet2DModel/pipeline directory, "
+        f"or {BUNDLED!r} (the bundled model)",
     )
     p.add_argument("out", metavar="OUT.onnx", help="the ONNX file to write (atomically)")
     p.add_argument(
@@ -41,14 +50,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
 
 
-def run(args) -> int:
+def _load(spec: str):
+    """The model MODEL names, on the CPU."""
     import os
 
-    from ddpm_fast.checkpoint import load_model
+    from ddpm_fast.checkpoint import default_model, load_model
+    from ddpm_fast.errors import Unavailable
+
+    if spec == BUNDLED:
+        try:
+            return default_model(device="cpu")
+        except RuntimeError as e:  # an install without its assets
+            raise Unavailable(str(e)) from e
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(
+            f"MODEL must be a checkpoint directory or {BUNDLED!r} (the bundled model); got {spec!r}"
+        )
+    return load_model(spec, device="cpu")
+
+
+def run(args) -> int:
     from ddpm_fast.export.onnx_export import export_onnx
 
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"MODEL_DIR {args.model!r} is not a directory")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1; got {args.steps}")
     if not args.step and (
@@ -59,7 +82,7 @@ def run(args) -> int:
         or args.clip is not None
     ):
         raise ValueError("--steps, --method, --eta, --variance and --clip describe a step graph: add --step")
-    model = load_model(args.model, device="cpu")
+    model = _load(args.model)
     if args.step and model.schedule is None:
         raise ValueError(f"{args.model} names no noise schedule; a step graph needs one")
     report = export_onnx(

@@ -1,0 +1,71 @@
+"""Small command-line checks: a user error is one line on stderr and exit 2; export takes the bundled model;
+the bench plot's title fits its figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_fast import bench, cli
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_cuda_without_cuda_is_one_line(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--device" in line and "CUDA" in line, line
+
+
+def test_bench_bad_device_is_one_line(capsys):
+    assert cli.main(["bench", "--device", "gpu:0"]) == 2
+    assert "--device" in _one_line(capsys.readouterr().err)
+
+
+def test_export_bundled_model_by_name(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")  # validation: ORT against PyTorch
+    out = tmp_path / "digits.onnx"
+    assert cli.main(["export", "digits", str(out), "--exporter", "torchscript"]) == 0
+    assert out.is_file()
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_export_missing_model_is_one_line(tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "nope"), str(tmp_path / "m.onnx")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "MODEL must be a checkpoint directory or 'digits' (the bundled model)" in line, line
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bench_plot_title_fits(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    close, figs = plt.close, []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to measure it
+    name = "AMD EPYC 9654 96-Core Processor (192 logical cores, torch threads 96)"
+    info = {"device": "cpu", "device_name": name, "versions": {}}
+    rows = [
+        {"provider": p, "batch": b, "steps": 10, "image": "3x32x32", "images_per_s": k * b, **info}
+        for p, k in (("reference", 1.0), ("fast", 1.5))
+        for b in (1, 4, 16)
+    ]
+    assert bench.plot(rows, tmp_path / "bench.png") == tmp_path / "bench.png"
+    (fig,) = figs
+    try:
+        title = fig.axes[0].title
+        assert name in " ".join(title.get_text().split()), title.get_text()  # the whole name, maybe wrapped
+        box, page = title.get_window_extent(fig.canvas.get_renderer()), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    finally:
+        close(fig)
+    assert Path(tmp_path / "bench.png").stat().st_size > 0
