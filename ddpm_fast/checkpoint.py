@@ -8,7 +8,8 @@ Native format: a directory with
                          "schedule": Schedule.spec or null,
                          "sampling": {"variance": "fixed_small" | "fixed_large" | "learned_range",
                                       "clip": bool, "clip_range": float,
-                                      "image_shape": [C, H, W], "data_range": [-1.0, 1.0]},
+                                      "image_shape": [C, H, W], "data_range": [-1.0, 1.0],
+                                      "steps": int or null (the CLI's default step count)},
                          "weights": {"file": "model.safetensors", "sha256": hex digest}}
 
 Each file is written to a temporary name, fsynced and renamed into place, weights first: config.json is
@@ -18,7 +19,7 @@ written last and carries the weights' sha256, so a save interrupted half-way is 
 when the caller leaves them out:
 
     model.schedule   a ddpm_fast.Schedule, or None when the checkpoint names none
-    model.sampling   dict of sampling defaults: variance, clip, clip_range, image_shape, data_range
+    model.sampling   dict of sampling defaults: variance, clip, clip_range, image_shape, data_range, steps
 
 `path` may also be a diffusers `UNet2DModel` directory (config.json + diffusion_pytorch_model.safetensors,
 or .bin read with torch.load(weights_only=True)), or a pipeline directory with unet/ and scheduler/ (its
@@ -54,7 +55,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-SAMPLING_KEYS = ("variance", "clip", "clip_range", "image_shape", "data_range")
+SAMPLING_KEYS = ("variance", "clip", "clip_range", "image_shape", "data_range", "steps")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 
 # diffusers' file names
@@ -73,6 +74,7 @@ def _default_sampling(cfg: UNetConfig) -> dict:
         "clip_range": 1.0,
         "image_shape": list(cfg.image_shape),
         "data_range": [-1.0, 1.0],
+        "steps": None,  # `ddpm-fast sample`'s default step count; None: the whole schedule
     }
 
 
@@ -111,6 +113,9 @@ def _check_sampling(sampling: dict, cfg: UNetConfig, where: str) -> dict:
     if not isinstance(dr, (list, tuple)) or len(dr) != 2 or not float(dr[0]) < float(dr[1]):
         raise ValueError(f"{where}: sampling data_range must be [low, high] with low < high; got {dr!r}")
     out["data_range"] = [float(dr[0]), float(dr[1])]
+    st = out["steps"]
+    if st is not None and (isinstance(st, bool) or not isinstance(st, int) or st < 1):
+        raise ValueError(f"{where}: sampling steps must be a positive int or null; got {st!r}")
     return out
 
 

@@ -83,8 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_missing=f"'{name}' is unavailable: {e}")
             continue
         (getattr(mod, f"add_arguments_{name}", None) or mod.add_arguments)(p)
+        p.add_argument(
+            "--threads",
+            type=int,
+            metavar="N",
+            help="torch CPU threads (default: the cores this process may use; under torchrun, divided by "
+            "the local world size)",
+        )
         p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
     return parser
+
+
+def _close_progress_bars() -> None:
+    """End any open progress bar's line, so an error message starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 def main(argv=None) -> int:
@@ -98,11 +112,16 @@ def main(argv=None) -> int:
         print(f"ddpm-fast: error: {args._missing}", file=sys.stderr)
         return 2
     try:
+        from ddpm_fast.devices import set_threads
+
+        set_threads(args.threads)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("ddpm-fast: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        _close_progress_bars()
         if os.environ.get("DDPM_FAST_DEBUG"):
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -39,6 +39,7 @@ __all__ = [
     "image_grid",
     "save_grid",
     "model_digest",
+    "check_out",
     "add_arguments",
     "add_arguments_sample",
     "add_arguments_merge",
@@ -180,18 +181,36 @@ class Sampler:
     batch_size: int
     kwargs: dict = field(default_factory=dict)  # df.sample keywords besides shape and start_index
     data_range: tuple[float, float] = (-1.0, 1.0)
+    _steps: int | None = field(default=None, init=False, repr=False)
 
-    def __call__(self, start: int, count: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    def __call__(
+        self, start: int, count: int, on_images: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        """uint8 [count, H, W, C]; `on_images(n)` is told after every step, n = rows / steps (fractions of images)."""
         from ddpm_fast.sampling import sample
 
         out = np.empty((count, self.image_shape[1], self.image_shape[2], self.image_shape[0]), np.uint8)
+        steps = self.num_steps() if on_images is not None else 1
         for off in range(0, count, self.batch_size):
             b = min(self.batch_size, count - off)
-            x = sample(self.model, shape=(b, *self.image_shape), start_index=start + off, **self.kwargs)
+            callback = None if on_images is None else (lambda i, t, x, b=b: on_images(b / steps))
+            x = sample(
+                self.model,
+                shape=(b, *self.image_shape),
+                start_index=start + off,
+                callback=callback,
+                **self.kwargs,
+            )
             out[off : off + b] = to_uint8(x, self.data_range)
-            if on_batch is not None:
-                on_batch(b)
         return out
+
+    def num_steps(self) -> int:
+        """Steps per sample of this run (the respaced schedule's length)."""
+        if self._steps is None:
+            self._steps = _plan(
+                self.model, {**self.kwargs, "device": "cpu"}, (1, *self.image_shape)
+            ).table.num_steps
+        return self._steps
 
 
 def _plan(model, kwargs: dict, shape):
@@ -314,7 +333,9 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 class Progress:
-    """One tqdm bar in images (rank 0 only) with images/s and time left; counts what this process sees."""
+    """One tqdm bar in images (rank 0 only), advanced after every step, with images/s and time left."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total_fmt} img [{elapsed}<{remaining}, {rate_fmt}]"
 
     def __init__(self, total: int, done: int, enabled: bool, desc: str = "sampling"):
         self.t0 = time.perf_counter()
@@ -323,16 +344,23 @@ class Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=total, initial=done, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1
+                total=total,
+                initial=done,
+                unit="img",
+                desc=desc,
+                dynamic_ncols=True,
+                smoothing=0.1,
+                bar_format=self.FORMAT,
             )
 
-    def update(self, n: int) -> None:
+    def update(self, n: float) -> None:
         if self.bar is not None and n:
             self.bar.update(n)
 
     def close(self) -> float:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         return time.perf_counter() - self.t0
 
 
@@ -404,7 +432,7 @@ def generate(
         sample_kwargs["schedule"] = schedule
     sampler = Sampler(model, shape, min(batch_size, num), sample_kwargs, data_range)
 
-    kind = output_kind(out)
+    kind = check_out(out)
     if kind != "dir" and dist.world > 1:
         raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {out!r}")
     resolve_backend(model, sampler, num, dist)
@@ -415,15 +443,21 @@ def generate(
                 f"num={num} is too many for one PNG grid (at most {MAX_GRID}); use --out DIR or .npz"
             )
         bar = Progress(num, 0, progress)
-        images = sampler(0, num, bar.update)
+        try:
+            images = sampler(0, num, bar.update)
+        finally:
+            seconds = bar.close()  # an error prints on its own line, not on the bar's
         save_grid(images, out)
-        return {"out": out, "num": num, "new": num, "seconds": bar.close()}
+        return {"out": out, "num": num, "new": num, "seconds": seconds}
     if kind == "npz":
         bar = Progress(num, 0, progress)
-        with shards.NpzWriter(out, (num, shape[1], shape[2], shape[0])) as w:
-            for start in range(0, num, sampler.batch_size):
-                w.write(sampler(start, min(sampler.batch_size, num - start), bar.update))
-        return {"out": out, "num": num, "new": num, "seconds": bar.close()}
+        try:
+            with shards.NpzWriter(out, (num, shape[1], shape[2], shape[0])) as w:
+                for start in range(0, num, sampler.batch_size):
+                    w.write(sampler(start, min(sampler.batch_size, num - start), bar.update))
+        finally:
+            seconds = bar.close()
+        return {"out": out, "num": num, "new": num, "seconds": seconds}
 
     if model_id is None:
         model_id = model_digest(model)
@@ -446,6 +480,34 @@ def output_kind(out: str) -> str:
     if ext in _NOT_A_DIR:
         raise ValueError(f"out must end in .png (a grid) or .npz, or name a directory; got {out!r}")
     return "dir"
+
+
+def check_out(out: str, name: str = "out") -> str:
+    """Refuse, before any sampling, an output the run could not write; returns output_kind(out).
+
+    A file (.png, .npz) needs an existing, writable directory; a run directory needs its path free of
+    files: the nearest existing ancestor must be a writable directory. Errors are one line naming `name`.
+    """
+    kind = output_kind(out)
+    path = os.path.abspath(out.rstrip("/\\") or out)
+    if kind == "dir":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{name} {out!r} must name a directory for a sharded run, but it is a file")
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{name} {out!r}: {parent!r} is a file, so the run directory cannot be made")
+    else:
+        if out.endswith(("/", os.sep)):
+            raise ValueError(f"{name} {out!r} ends in / but names a .{kind} file")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            what = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise ValueError(f"{name} {out!r}: directory {os.path.dirname(out) or '.'!r} {what}")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{name} {out!r}: {parent!r} is not writable")
+    return kind
 
 
 def _read_manifest_quietly(run_dir: str) -> dict | None:
@@ -616,7 +678,7 @@ def _run_sharded(
                     k = mine[r]
                     start, count = ranges[k]
                     try:
-                        images = sampler(start, count, bar.update if dist.rank == 0 else None)
+                        images = sampler(start, count, bar.update if dist.rank == 0 and progress else None)
                         pending.append((k, writer.submit(shards.write_shard, run_dir, k, start, images, fmt)))
                         drawn = count
                         del images
@@ -682,7 +744,13 @@ def add_arguments_sample(p: argparse.ArgumentParser) -> None:
     )
     a("--num", type=int, default=64, metavar="N", help="number of samples (default 64)")
     a("--batch-size", type=int, metavar="B", help="samples per model call (default 256 on CUDA, 64 on CPU)")
-    a("--steps", type=int, metavar="S", help="sampling steps, evenly respaced (default: the whole schedule)")
+    a(
+        "--steps",
+        type=int,
+        metavar="S",
+        help="sampling steps, evenly respaced (default: the checkpoint's recorded count, else the whole schedule; "
+        "the bundled model: 100)",
+    )
     a("--method", default="ddpm", metavar="M", help="ddpm (ancestral) or ddim (default ddpm)")
     a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
     a("--seed", type=int, default=0, metavar="K", help="noise seed; sample n depends only on (seed, n)")
@@ -777,7 +845,20 @@ def run_sample(args) -> int:
         )
     if args.method == "ddpm" and args.eta != 0:
         raise ValueError(f"--eta applies to --method ddim only; got --eta {args.eta} with --method ddpm")
-    kind = output_kind(args.out)
+    kind = check_out(args.out, "--out")
+    onnx_file = args.model is not None and args.model.lower().endswith(".onnx")
+    if args.backend == "onnx" and not onnx_file:
+        raise ValueError(
+            f"--backend onnx needs --model FILE.onnx; got --model {args.model or '(the bundled model)'}"
+        )
+    if (onnx_file or args.backend == "onnx") and DTYPES[args.dtype] != torch.float32:
+        raise ValueError(
+            f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
+        )
+    if onnx_file and args.backend not in ("auto", "onnx"):
+        raise ValueError(
+            f"--model {args.model} is an ONNX file: use --backend onnx (or auto); got --backend {args.backend}"
+        )
 
     rank, world, local = env_world()
     if world > 1 and kind != "dir":
@@ -795,6 +876,8 @@ def run_sample(args) -> int:
         steps = args.steps
         if steps is None and getattr(model, "steps", None):
             steps = model.steps  # an ONNX step graph samples exactly the run it was exported for
+        elif steps is None and isinstance(getattr(model, "sampling", None), dict):
+            steps = model.sampling.get("steps")  # the checkpoint's documented default (digits: 100)
         dtype = DTYPES[args.dtype]
         if backend == "auto" and dtype == torch.float64:
             backend = "reference"  # the only backend computing in float64

@@ -55,7 +55,9 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 def test_native_round_trip_is_exact(tmp_path):
     m = perturb_(UNet(TINY)).eval()
     s = df.Schedule.cosine(40)
-    out = save_model(m, tmp_path / "ck", schedule=s, sampling={"variance": "fixed_large", "clip": False})
+    out = save_model(
+        m, tmp_path / "ck", schedule=s, sampling={"variance": "fixed_large", "clip": False, "steps": 25}
+    )
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # no temp files left
     m2 = load_model(out)
     assert not m2.training and m2.config == TINY
@@ -70,6 +72,7 @@ def test_native_round_trip_is_exact(tmp_path):
         "clip_range": 1.0,
         "image_shape": [3, 16, 16],
         "data_range": [-1.0, 1.0],
+        "steps": 25,
     }
     # the loaded attributes are saved again by default: a second round trip changes nothing
     save_model(m2, tmp_path / "ck2")
