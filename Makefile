@@ -1,12 +1,16 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make sample   -> creates .venv, installs the package, samples a grid from the bundled model
-#   make test     -> creates .venv, installs the package with test + onnx extras, runs ruff and pytest
+#   make test     -> creates .venv, installs the package with the test + onnx extras, runs ruff (lint and
+#                    format check) and the default pytest suite (everything not marked slow: a few minutes)
 # Both are idempotent: a second run only re-installs when pyproject.toml changed.
+# `make test-slow` runs the tests marked slow (quality, 1000-step chains, full exports); CI runs it after
+# `make test` as a separate step with its own time budget (SLOW_BUDGET_S).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+SLOW_BUDGET_S ?= 1500
 
 # A machine with an NVIDIA driver gets the CUDA build PyPI serves by default; a CPU machine pins the
 # CPU build that our CI machines hold on local disk (a plain `torch` there would pull a multi-GB CUDA build).
@@ -17,7 +21,7 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 
-.PHONY: sample test lint bench setup clean
+.PHONY: sample test test-slow lint bench setup clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,8 +43,11 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(VENV)/.dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: lint
+	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.dev
+	timeout --signal=INT $(SLOW_BUDGET_S) $(PY) -m pytest -q -m slow --durations=10 $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/ddpm-fast bench $(ARGS)

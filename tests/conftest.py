@@ -17,6 +17,21 @@ else:
 
 import pytest  # noqa: E402
 
+VERSIONED = ("torch", "triton", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "diffusers")
+
+
+def pytest_report_header(config):
+    """The resolved versions of what decides the numerics, at the top of every run's output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in VERSIONED:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return "ddpm-fast numerics: " + ", ".join(found)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
