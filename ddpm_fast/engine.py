@@ -29,17 +29,15 @@ Options (keyword arguments of `df.sample(..., backend="fast")`; environment vari
 Warm-up, compile and capture happen once per (model, bucket, image shape, dtype, options) and are reused by
 later calls: the cache is keyed weakly on the model (a module's entry holds a shallow copy sharing its
 submodules and parameters, never the module itself). `counters` counts what was built ("runners",
-"compiles", "captures"). The fused kernel takes seed and start_index as launch arguments, which a CUDA graph
-freezes: a call with a new (seed, start_index) re-captures (one eager warm step plus the capture, about two
-steps' time); the compiled U-Net is reused.
+"compiles", "captures"). The update (fused kernel or twin) reads seed and start_index from a device tensor
+the runner refills per batch, so one graph per bucket serves every seed, shard and chunk of a run; only a
+new clip range, a longer step table or new weights re-capture (one eager warm step plus the capture, about
+two steps' time), reusing the compiled U-Net.
 
-Backend "auto" (`auto_backend`): float64 -> reference. Otherwise it times one eager forward at the plan's
-batch (t_fwd) and estimates the eager run as E = S * t_fwd. CUDA -> fast; compile stays on unless the caller
-set it or E < COMPILE_COST_S["cuda"] (then compile=False: graphs and the fused update still apply). CPU ->
-fast (compiled) when the compiled forward is already cached for this model, or when
-E * (1 - 1 / CPU_COMPILE_SPEEDUP) > COMPILE_COST_S["cpu"], i.e. the time compiling saves exceeds what it
-costs (with 1.2 and 30 s: an eager run above 3 minutes); else reference. CPU with bfloat16/float16 -> fast
-(compile as above), since the reference would need the model itself cast to that dtype.
+Compile left out (`compile_pays`, a pure function, also what backend "auto" asks on CPU): CUDA compiles; a
+model already compiled in this process for the plan's device and dtype compiles (the cache is reused); on
+CPU otherwise only when parameters x pixels x steps x batch > CPU_COMPILE_PAYS (an eager run above about
+3 minutes, where compiling's ~30 s pays for itself).
 """
 
 from __future__ import annotations
@@ -48,18 +46,20 @@ import collections
 import copy
 import logging
 import os
-import time
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ddpm_fast import noise
-from ddpm_fast.sampling import Plan, check_model_output
+from ddpm_fast.plan import Plan, check_model_output
 
 __all__ = [
+    "run",
     "sample_fast",
-    "auto_backend",
+    "compiled_for",
+    "compile_pays",
+    "CPU_COMPILE_PAYS",
     "resolve_options",
     "EngineOptions",
     "StepRunner",
@@ -67,8 +67,6 @@ __all__ = [
     "counters",
     "clear_cache",
     "DEFAULT_COMPILE_MODE",
-    "COMPILE_COST_S",
-    "CPU_COMPILE_SPEEDUP",
 ]
 
 log = logging.getLogger("ddpm_fast")
@@ -79,13 +77,14 @@ log = logging.getLogger("ddpm_fast")
 DEFAULT_COMPILE_MODE = {"cuda": "default", "cpu": "default"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
-# What compiling costs and saves (benchmarks/README.md; `ddpm-fast bench --device cpu --threads 1`):
-# cpu: tiny U-Net + twin on a 2-core EPYC, 14-25 s per new batch size (cold inductor cache); compiled vs
-# reference step 1.64x / 1.52x / 1.37x at batch 1 / 4 / 16 (quiet), 1.19x at batch 4 under load: plan on 1.2.
-# cuda: not measured yet (no GPU lent); a conservative guess for the cifar10 U-Net.
-COMPILE_COST_S = {"cpu": 30.0, "cuda": 60.0}
-RECOMPILE_LIMIT = 64  # compiled U-Net variants per process (see _Compiled)
-CPU_COMPILE_SPEEDUP = 1.2
+RECOMPILE_LIMIT = 64  # compiled U-Net variants per call site (see _Compiled)
+
+# CPU: compiling costs 14-25 s per new batch size (tiny U-Net + twin, 2-core EPYC, cold inductor cache; plan
+# on 30 s) and makes a step 1.64x / 1.52x / 1.37x faster at batch 1 / 4 / 16 quiet, 1.19x under load (plan on
+# 1.2), so it pays for an eager run above 30 / (1 - 1/1.2) = 180 s. The eager tiny U-Net (0.70M parameters,
+# 3x16x16) ran 1000 steps at batch 16 in 15.1 s: parameters x pixels x steps x batch = 2.9e12 per 15.1 s,
+# so 180 s is about 3.4e13 of that measure.
+CPU_COMPILE_PAYS = 3.4e13
 
 ENV_SWITCHES = {
     "compile": "DDPM_FAST_NO_COMPILE",
@@ -135,14 +134,18 @@ def _bool_option(opts: dict, name: str) -> bool:
     return v
 
 
-def resolve_options(plan: Plan) -> EngineOptions:
-    """Validate `plan.options` (errors name the option) and apply environment switches and availability."""
+def resolve_options(plan: Plan, model=None) -> EngineOptions:
+    """Validate `plan.options` (errors name the option) and apply environment switches and availability.
+
+    `compile` left out: `compile_pays(model, plan)` (True without a model)."""
     opts = plan.options
     unknown = sorted(set(opts) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
     dev = plan.device.type
     on = {name: _bool_option(opts, name) for name in ("compile", "cuda_graph", "triton", "channels_last")}
+    if "compile" not in opts and model is not None:
+        on["compile"] = compile_pays(model, plan)
     mode = opts.get("compile_mode")
     if mode is None:
         mode = DEFAULT_COMPILE_MODE.get(dev, "default")
@@ -197,13 +200,6 @@ def resolve_options(plan: Plan) -> EngineOptions:
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def _set_compile_cache_dir() -> None:
-    """Keep inductor's compiled kernels across processes and reboots (~/.cache/ddpm-fast/inductor)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "ddpm-fast", "inductor")
-
-
 def _model_handle(model):
     """What the cache may hold: a module's shallow copy shares submodules, parameters and buffers, not the module."""
     if isinstance(model, torch.nn.Module):
@@ -254,7 +250,6 @@ class _Engine:
                 self.handle.to(memory_format=torch.channels_last)
             fn = _UNetCall(self.handle, amp_dtype, opts.channels_last, device_type)
             if opts.compile:
-                _set_compile_cache_dir()
                 # dynamic=False: one graph per bucket, as the CUDA graph needs; buckets bound the count.
                 fn = _Compiled(fn, opts.compile_mode, "U-Net", dynamic=False)
             self.forwards[key] = fn
@@ -287,18 +282,17 @@ def clear_cache() -> None:
     _TWINS.clear()
 
 
+def _recompile_limit():
+    """dynamo's per-code-object compile limit raised to RECOMPILE_LIMIT for one call, not for the process."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    return torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT)})
+
+
 class _Compiled:
     """torch.compile(fn) whose compile failure falls back to fn with one logged line (a bug in fn still raises)."""
 
     def __init__(self, fn, mode: str, what: str, **kwargs):
         self.eager = fn
-        # Every compiled U-Net shares one code object (_UNetCall.forward), so each (bucket, dtype, mode) is a
-        # recompile of it; past dynamo's limit (8) it would silently run eagerly.
-        cfg = torch._dynamo.config
-        if hasattr(cfg, "recompile_limit"):
-            cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
-        else:  # torch < 2.6
-            cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
         self.fn = torch.compile(fn, mode=mode, **kwargs)
         self.what = what
         self.failed = False
@@ -308,7 +302,10 @@ class _Compiled:
         if self.failed:
             return self.eager(*args, **kwargs)
         try:
-            return self.fn(*args, **kwargs)
+            # Every compiled U-Net shares one code object (_UNetCall.forward), so each (bucket, dtype, mode) is a
+            # recompile of it; past dynamo's default limit (8) it would silently run eagerly.
+            with _recompile_limit():
+                return self.fn(*args, **kwargs)
         except Exception as e:  # compile errors come in many types (dynamo, inductor, a missing C++ compiler)
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # an eager retry inside a broken CUDA graph capture would only add a confusing error
@@ -357,8 +354,9 @@ class StepRunner:
         self.counter = kernels.make_step_counter(0, dev)
         self.coefs = torch.zeros((0, 8), dtype=torch.float32, device=dev)
         self.timesteps = torch.zeros(0, dtype=torch.int64, device=dev)
-        self.seed, self.start_index, self.clip_range = 0, 0, None
-        # The torch twin reads (seed, start_index) from this tensor, so one compiled update serves every run.
+        self.clip_range = None
+        # [seed, start_index], read on the device by the update (kernel or twin): one compiled update and one
+        # captured graph serve every seed, shard and chunk; load() refills it.
         self.keys = torch.zeros(2, dtype=torch.int64, device=dev)
         self.forward = engine.forward(self.amp_dtype, opts, dev.type)
         if opts.triton:
@@ -383,7 +381,6 @@ class StepRunner:
             self.graph = None
         self.coefs[:S].copy_(coefs)
         self.timesteps[:S].copy_(timesteps)
-        self.seed, self.start_index = plan.seed, start_index
         self.keys.copy_(torch.tensor([plan.seed, start_index], dtype=torch.int64))
         self.clip_range = plan.clip_range if plan.clip else None
         self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
@@ -396,15 +393,14 @@ class StepRunner:
         if not self.checked:  # first call only (a host sync): shape and finiteness, errors name the step
             check_model_output(out, self.out_shape, 0, -1)
             self.checked = True
-        triton = self.opts.triton
         self.update(
             self.x,
             out,
             self.coefs,
             self.timesteps,
             self.counter,
-            seed=self.seed if triton else self.keys[0:1],
-            start_index=self.start_index if triton else self.keys[1:2],
+            seed=self.keys[0:1],
+            start_index=self.keys[1:2],
             clip_range=self.clip_range,
             learned=self.learned,
             out=self.x,
@@ -417,7 +413,8 @@ class StepRunner:
         handle = self.engine.handle
         if isinstance(handle, torch.nn.Module):
             params = tuple(p.data_ptr() for p in handle.parameters())
-        return (self.seed, self.start_index, self.clip_range, self.coefs.data_ptr(), params)
+        # What a capture freezes: launch arguments and pointers. The keys, step and x are device buffers.
+        return (self.clip_range, self.coefs.data_ptr(), params)
 
     def ensure_graph(self) -> None:
         """Capture `step()` unless the graph for these buffers, scalars and weights exists; leaves x, counter as loaded."""
@@ -426,7 +423,7 @@ class StepRunner:
             return
         self.graph = None
         saved_x, saved_counter = self.x.clone(), self.counter.clone()
-        warm = WARMUP_STEPS if self.graph_key is None else 1  # later captures: new launch arguments only
+        warm = WARMUP_STEPS if self.graph_key is None else 1  # later captures: already compiled and warm
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -461,7 +458,7 @@ class StepRunner:
 
 def get_runner(model, plan: Plan, batch: int, opts: EngineOptions | None = None) -> StepRunner:
     """The cached runner for (model, batch, image shape, dtype, options, variance kind), built on first use."""
-    opts = resolve_options(plan) if opts is None else opts
+    opts = resolve_options(plan, model) if opts is None else opts
     eng = _engine_for(model)
     key = (batch, plan.shape[1:], plan.out_channels, plan.device, plan.dtype, opts, plan.table.learned)
     runner = eng.runners.get(key)
@@ -505,7 +502,7 @@ def _check(model, plan: Plan) -> None:
 def sample_fast(model, plan: Plan) -> torch.Tensor:
     """backend='fast': float32 [B, C, H, W], row i = global sample plan.start_index + i (module docstring)."""
     _check(model, plan)
-    opts = resolve_options(plan)
+    opts = resolve_options(plan, model)
     eng = _engine_for(model)
     coefs, timesteps = plan.table.to(plan.device)
     S = plan.table.num_steps
@@ -542,57 +539,28 @@ def sample_fast(model, plan: Plan) -> torch.Tensor:
     return out
 
 
-def _time_forward(model, plan: Plan) -> float:
-    """Seconds for one eager forward at the plan's batch (capped at 64 rows and scaled), best of two."""
-    B = plan.shape[0]
-    b = min(B, 64)
-    # fast keeps the model in float32 and autocasts it for bfloat16/float16, so time it that way
-    x = torch.zeros((b, *plan.shape[1:]), dtype=torch.float32, device=plan.device)
-    t = torch.full((b,), int(plan.table.timesteps[0]), dtype=torch.int64, device=plan.device)
-    sync = torch.cuda.synchronize if plan.device.type == "cuda" else (lambda: None)
-    best = float("inf")
-    amp = plan.dtype in HALF_DTYPES
-    with torch.no_grad(), torch.autocast(plan.device.type, dtype=plan.dtype if amp else None, enabled=amp):
-        for _ in range(2):  # the first call pays one-time set-up (cuDNN/oneDNN plans, allocations)
-            sync()
-            t0 = time.perf_counter()
-            model(x, t)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-    return best * B / b
+def compile_pays(model, plan: Plan) -> bool:
+    """Whether to compile when the caller did not say: a pure function of the model's size, the plan and
+    what this process already compiled (module docstring, "compile left out")."""
+    if plan.device.type == "cuda" or compiled_for(model, plan):
+        return True
+    if not isinstance(model, torch.nn.Module):
+        return False
+    params = sum(p.numel() for p in model.parameters())
+    B, _, H, W = plan.shape
+    return params * H * W * plan.table.num_steps * B > CPU_COMPILE_PAYS
 
 
-def auto_backend(model, plan: Plan) -> str:
-    """backend='auto': "reference" or "fast" by the rule in the module docstring; may set plan.options['compile']."""
-    if plan.dtype == torch.float64:
-        return "reference"
-    dev = plan.device.type
-    opts = resolve_options(plan)
-    pays = opts.compile and (_compiled_already(model, plan, opts) or _compile_pays(model, plan))
-    if dev == "cuda" or pays or plan.dtype in HALF_DTYPES:
-        # CUDA: graphs and the fused update pay off at once. CPU half dtypes: the reference would need the
-        # model itself cast to that dtype; fast autocasts it.
-        if opts.compile and not pays and "compile" not in plan.options:
-            plan.options["compile"] = False
-            log.info("ddpm_fast auto: compiling would not pay off for this run; fast without compile")
-        return "fast"
-    return "reference"
-
-
-def _compiled_already(model, plan: Plan, opts: EngineOptions) -> bool:
+def compiled_for(model, plan: Plan) -> bool:
+    """Whether this process holds a compiled forward of `model` for the plan's device and dtype."""
     eng = _ENGINES.get(model) if _weakrefable(model) else _UNCACHEABLE.get(id(model))
     if eng is None:
         return False
     amp = plan.dtype if plan.dtype in HALF_DTYPES else None
-    return (amp, opts.channels_last, True, opts.compile_mode, plan.device.type) in eng.forwards
+    return any(k[0] == amp and k[2] and k[4] == plan.device.type for k in eng.forwards)
 
 
-def _compile_pays(model, plan: Plan) -> bool:
-    """Eager run estimate E = S * t_fwd against the compile cost (module docstring)."""
-    est = plan.table.num_steps * _time_forward(model, plan)
-    if plan.device.type == "cuda":
-        return est > COMPILE_COST_S["cuda"]
-    return est * (1 - 1 / CPU_COMPILE_SPEEDUP) > COMPILE_COST_S["cpu"]
+run = sample_fast  # the backend table's entry: run(model, plan) -> Tensor
 
 
 def _weakrefable(obj) -> bool:

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from ddpm_fast import noise
+from ddpm_fast.defaults import defaults_of
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
-from ddpm_fast.schedule import Schedule, spaced_timesteps
+from ddpm_fast.plan import Plan
+from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
-from ddpm_fast.steps import METHODS, VARIANCES, build_step_table
 
 __all__ = [
     "OPSET",
@@ -211,16 +212,10 @@ def read_metadata(source) -> dict:
     return out
 
 
-def _sampling_defaults(model, config) -> dict:
-    d = getattr(model, "sampling", None)
-    d = dict(d) if isinstance(d, dict) else {}
-    learned = config is not None and config.out_channels == 2 * config.in_channels
-    d.setdefault("variance", "learned_range" if learned else "fixed_small")
-    d.setdefault("clip", True)
-    d.setdefault("clip_range", 1.0)
-    if config is not None:
-        d.setdefault("image_shape", list(config.image_shape))
-    d.setdefault("data_range", [-1.0, 1.0])
+def _sampling_defaults(model, image_shape) -> dict:
+    """The model's record as the file's "sampling" metadata (the image shape the file is exported for)."""
+    d = defaults_of(model).sampling_dict()
+    d["image_shape"] = list(image_shape)
     return d
 
 
@@ -231,30 +226,27 @@ def export_onnx(
     model: nn.Module,
     path,
     *,
-    step: bool = False,
+    plan: Plan | None = None,
     fp16: bool = False,
     opset: int = OPSET,
     exporter: str | None = None,
     schedule: Schedule | None = None,
     image_shape=None,
-    steps: int | None = None,
-    timesteps=None,
-    method: str = "ddpm",
-    eta: float = 0.0,
-    variance: str | None = None,
-    clip: bool | None = None,
     validate: bool = True,
 ) -> ExportReport:
     """Export `model` (a ddpm_fast.UNet, or any (x, t) -> eps module) to `path`; returns an ExportReport.
 
-    step=True exports one sampling step for the run (`steps`, `method`, `eta`, `variance`, `clip`) instead
-    of the noise model (`timesteps`: explicit kept timesteps instead of `steps`). The schedule, image shape and sampling defaults come from the model
-    (`model.schedule`, `model.config`, `model.sampling`) unless given. The file is written atomically.
+    With `plan` (`ddpm_fast.plan.make_plan`) it exports one whole sampling step of that run (its table,
+    method, variance and clipping) instead of the noise model. The schedule, image shape and sampling
+    defaults come from the model (`model.defaults`, `model.config`) unless given. Written atomically.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(step, bool) or not isinstance(fp16, bool):
-        raise TypeError(f"step and fp16 must be bools; got step={step!r}, fp16={fp16!r}")
+    if not isinstance(fp16, bool):
+        raise TypeError(f"fp16 must be a bool; got fp16={fp16!r}")
+    step = plan is not None
+    if step and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
     exporter = default_exporter() if exporter is None else exporter
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
@@ -266,7 +258,7 @@ def export_onnx(
         raise FileNotFoundError(f"output directory {str(path.parent)!r} does not exist")
     config = getattr(model, "config", None)
     if schedule is None:
-        schedule = getattr(model, "schedule", None)
+        schedule = defaults_of(model).schedule
     if schedule is not None and not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
     if image_shape is None:
@@ -276,7 +268,13 @@ def export_onnx(
     image_shape = tuple(int(d) for d in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
-    defaults = _sampling_defaults(model, config)
+    defaults = _sampling_defaults(model, image_shape)
+    if step and schedule is None:
+        raise ValueError(
+            "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
+        )
+    if step and tuple(plan.shape[1:]) != image_shape:
+        raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -299,32 +297,15 @@ def export_onnx(
     model.eval()
     try:
         if step:
-            if schedule is None:
-                raise ValueError("a step graph needs a schedule: pass schedule= (the model carries none)")
-            if method not in METHODS:
-                raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-            variance = defaults["variance"] if variance is None else variance
-            if variance not in VARIANCES:
-                raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
-            clip = bool(defaults["clip"]) if clip is None else clip
-            if not isinstance(clip, bool):
-                raise TypeError(f"clip must be a bool; got {clip!r}")
-            clip_range = float(defaults["clip_range"]) if clip else None
-            T = schedule.num_timesteps
-            if timesteps is not None:
-                run = schedule.respace(timesteps)
-            else:
-                run = (
-                    schedule if steps is None or steps == T else schedule.respace(spaced_timesteps(T, steps))
-                )
-            table = build_step_table(run, method=method, variance=variance, eta=eta)
+            table = plan.table
+            clip_range = plan.clip_range if plan.clip else None
             graph = StepGraph(net, table, clip_range).eval()
             meta["step"] = {
-                "method": method,
-                "eta": float(eta),
-                "variance": variance,
-                "clip": clip,
-                "clip_range": float(defaults["clip_range"]),
+                "method": plan.method,
+                "eta": plan.eta,
+                "variance": plan.variance,
+                "clip": plan.clip,
+                "clip_range": plan.clip_range,
                 "num_steps": table.num_steps,
                 "timesteps": table.timesteps.tolist(),  # model timestep (and noise slot) of step 0, 1, ...
                 "xT_slot": noise.XT_SLOT,

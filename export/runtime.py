@@ -22,15 +22,18 @@ call raises `Unavailable` instead of silently running on the CPU. Sessions are c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.defaults import ModelDefaults
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.steps import C_EPS, C_X0, SIGMA, SRM1
@@ -39,6 +42,7 @@ __all__ = [
     "OnnxModel",
     "as_onnx_model",
     "sample_onnx",
+    "run",
     "create_session",
     "clear_session_cache",
     "import_onnxruntime",
@@ -211,7 +215,10 @@ class OnnxModel:
             self.config = UNetConfig.from_dict(cfg)
         spec = metadata.get("schedule")
         self.schedule = Schedule.from_spec(spec) if spec else None
-        self.sampling = dict(metadata.get("sampling") or {})
+        sampling = metadata.get("sampling") or {}
+        known = {f.name for f in dataclasses.fields(ModelDefaults)} - {"schedule", "arch"}
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items() if k in known}
+        self.defaults = ModelDefaults(schedule=self.schedule, **fields)
         step = metadata.get("step")
         # The run a step graph was exported for: its number of steps is the only one it can sample.
         self.steps = int(step["num_steps"]) if kind == "step" and isinstance(step, dict) else None
@@ -371,7 +378,8 @@ def as_onnx_model(model) -> OnnxModel:
         return model
     if isinstance(model, (str, os.PathLike)):
         return OnnxModel.load(model)
-    if type(model).__name__ == "InferenceSession":
+    ort = sys.modules.get("onnxruntime")
+    if ort is not None and isinstance(model, ort.InferenceSession):
         return OnnxModel.from_session(model)
     raise TypeError(
         f"backend='onnx' needs an .onnx path, an OnnxModel or an onnxruntime.InferenceSession; got {type(model).__name__}"
@@ -447,6 +455,11 @@ def _progress(plan, n: int):
     from tqdm.auto import tqdm
 
     return tqdm(range(n), desc="sampling (onnx)", unit="step")
+
+
+def run(model, plan) -> torch.Tensor:
+    """The backend table's entry (`ddpm_fast.sampling.BACKENDS`): `sample_onnx`."""
+    return sample_onnx(model, plan)
 
 
 def sample_onnx(model, plan) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from analytic_model import GaussianEps
 
 import ddpm_fast as df
 from ddpm_fast import engine
-from ddpm_fast.sampling import make_plan, sample_reference
+from ddpm_fast.plan import make_plan
+from ddpm_fast.reference import run as sample_reference
+from ddpm_fast.sampling import choose_backend
 
 CPU = torch.device("cpu")
 
@@ -139,7 +142,7 @@ def test_runner_step_is_an_ordinary_function_of_static_buffers():
         runner.step()
     assert runner.counter.item() == plan.table.num_steps
     with torch.no_grad():
-        ref = sample_reference(model, plan)
+        ref = sample_reference(model, replace(plan, options={}))
     truth = reference(model, s, plan.shape, torch.float64, steps=6, seed=4, start_index=3)
     assert max_err(runner.x, truth) <= 2 * max_err(ref, truth)
 
@@ -221,6 +224,34 @@ def test_second_call_reuses_the_runner_and_a_smaller_batch_pads():
     fast(model, s, (3, 1, 4, 4), steps=5, compile=False)  # 3 rows: no compile or graph, runs its own size
     grown = engine.counters - before
     assert grown["runners"] == 2 and grown["compiles"] == 0 and grown["captures"] == 0
+
+
+def test_a_sharded_run_keeps_one_runner_and_one_graph_key(monkeypatch):
+    """Ten shards (a new start_index each), one batch of 20 in ten chunks, ten seeds, all in one bucket: the
+    keys live in a device tensor the runner refills, so one runner and one graph key (on CUDA: one capture)
+    serve them all, and every row is still its own global sample."""
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, 0.2, 0.1)
+    graph_keys = set()
+    load = engine.StepRunner.load
+
+    def load_and_key(self, *args):
+        load(self, *args)
+        graph_keys.add(self._graph_key())
+
+    monkeypatch.setattr(engine.StepRunner, "load", load_and_key)
+    shape, kw = (2, 1, 3, 5), dict(steps=3, buckets=(2,))
+    before = engine.counters.copy()
+    shards = torch.cat([fast(model, s, shape, seed=5, start_index=2 * k, **kw) for k in range(10)])
+    whole = fast(model, s, (20, *shape[1:]), seed=5, **kw)
+    seeds = [fast(model, s, shape, seed=k, start_index=7, **kw) for k in range(10)]
+    grown = engine.counters - before
+    assert grown["runners"] == 1 and len(graph_keys) == 1 and grown["captures"] == 0
+    assert torch.equal(shards, whole)
+    for got, seed, start in [(shards, 5, 0), *((seeds[k], k, 7) for k in range(10))]:
+        kw_ref = dict(steps=3, seed=seed, start_index=start)
+        truth = reference(model, s, got.shape, torch.float64, **kw_ref)
+        assert max_err(got, truth) <= 2 * max_err(reference(model, s, got.shape, **kw_ref), truth), seed
 
 
 def test_cache_is_weak_on_the_model():
@@ -391,17 +422,24 @@ def test_callback_sees_every_step_in_order():
 def test_auto_rule(monkeypatch):
     s = df.Schedule.linear(20)
     model = GaussianEps(s, 0.0, 1.0)
+    net = unet(df.UNetConfig.tiny())
 
-    def plan(**kw):
-        return make_plan(model, s, (2, 1, 4, 4), device="cpu", **kw)
+    def plan(m=model, **kw):
+        return make_plan(m, s, (2, 1, 4, 4), device="cpu", **kw)
 
-    assert engine.auto_backend(model, plan(dtype=torch.float64)) == "reference"
-    assert engine.auto_backend(model, plan()) == "reference"  # microseconds of work: never compile
-    p = plan(dtype=torch.bfloat16)
-    assert engine.auto_backend(model, p) == "fast" and p.options["compile"] is False
-    monkeypatch.setitem(engine.COMPILE_COST_S, "cpu", 0.0)
-    assert engine.auto_backend(model, plan()) == "fast"
-    assert engine.auto_backend(model, plan(options={"compile": False})) == "reference"
+    assert choose_backend(model, plan(dtype=torch.float64)) == "reference"
+    assert choose_backend(model, plan(generator=torch.Generator())) == "reference"
+    assert choose_backend(model, plan()) == "reference"  # not a module: nothing to compile
+    assert choose_backend(net, plan(net)) == "reference"  # microseconds of work: never compile
+    p = plan(net, dtype=torch.bfloat16)
+    assert choose_backend(net, p) == "fast" and p.options == {}  # decided, nothing written into the plan
+    assert engine.resolve_options(p, net).compile is False  # ... and the fast backend does not compile it
+    assert choose_backend(net, plan(net, options={"compile": False})) == "fast"  # fast options: fast
+    assert choose_backend("model.onnx", plan()) == "onnx"
+    monkeypatch.setattr(engine, "CPU_COMPILE_PAYS", 0.0)  # any run pays: compile
+    assert choose_backend(net, plan(net)) == "fast" and engine.resolve_options(plan(net), net).compile
+    # pure: the same answer every time for the same inputs (every torchrun rank agrees without a broadcast)
+    assert len({choose_backend(net, plan(net)) for _ in range(5)}) == 1
 
 
 def test_auto_end_to_end_short_cpu_job_is_the_reference():
@@ -441,11 +479,14 @@ def test_cuda_graph_replay_equals_eager_steps():
     assert engine.counters["captures"] == before + 1
     again = df.sample(model, s, (5, 3, 16, 16), backend="fast", **kw)
     assert torch.equal(graph, again) and engine.counters["captures"] == before + 1
-    # a new start_index is a new launch argument of the fused kernel: one re-capture, same rows
+    # a new start_index or seed only refills the keys tensor the captured update reads: no re-capture
     shifted = df.sample(model, s, (5, 3, 16, 16), backend="fast", **{**kw, "start_index": 3})
-    assert engine.counters["captures"] == before + 2
+    reseeded = df.sample(model, s, (5, 3, 16, 16), backend="fast", **{**kw, "seed": 4})
+    assert engine.counters["captures"] == before + 1
     # rows 3..6 in both runs; a row's position in the batch may change GEMM tiling, so rounding only
     assert torch.allclose(shifted[:4], graph[1:], atol=1e-3)
+    eager = df.sample(model, s, (5, 3, 16, 16), backend="fast", cuda_graph=False, **{**kw, "seed": 4})
+    assert torch.equal(reseeded, eager)
 
 
 @pytest.mark.cuda

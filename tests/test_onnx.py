@@ -24,7 +24,8 @@ import torch
 
 import ddpm_fast as df
 from ddpm_fast.errors import Unavailable
-from ddpm_fast.sampling import make_plan, sample_reference
+from ddpm_fast.plan import make_plan
+from ddpm_fast.reference import run as sample_reference
 from ddpm_fast.unet import UNet, UNetConfig
 
 onnx = pytest.importorskip("onnx")
@@ -83,11 +84,15 @@ def files(tmp_path_factory, tiny, cifar_narrow):
     one, the default, costs ~10 s per export on 2 cores; TorchScript ~2 s)."""
     d = tmp_path_factory.mktemp("onnx")
     out = {}
+
+    def step(model, **kw):  # the run a step graph is exported for
+        return make_plan(model, None, (1, *model.config.image_shape), **kw)
+
     for name, model, kw in [
         ("tiny_eps", tiny, {}),
-        ("tiny_step", tiny, {"step": True, "steps": 6, "exporter": "torchscript"}),
+        ("tiny_step", tiny, {"plan": step(tiny, steps=6), "exporter": "torchscript"}),
         ("c10_eps", cifar_narrow, {"exporter": "torchscript"}),
-        ("c10_step", cifar_narrow, {"step": True, "steps": 4, "method": "ddim", "eta": 0.5}),
+        ("c10_step", cifar_narrow, {"plan": step(cifar_narrow, steps=4, method="ddim", eta=0.5)}),
     ]:
         out[name] = export_onnx(model, d / f"{name}.onnx", **kw)
     return out
@@ -186,7 +191,7 @@ def test_learned_range_and_cosine_schedule_round_trip(tmp_path):
     rep = export_onnx(model, path, exporter="torchscript")
     assert rep.exporter == "torchscript" and max(rep.max_abs_diff.values()) <= 1e-4
     m = OnnxModel.load(path)
-    assert m.sampling["variance"] == "learned_range" and m.schedule.spec == s.spec
+    assert m.defaults.variance == "learned_range" and m.schedule.spec == s.spec
     assert torch.equal(m.schedule.betas, s.betas)
     kw = dict(shape=(2, 3, 8, 8), steps=5, seed=1)
     got = df.sample(str(path), **kw)  # variance and schedule come from the file
@@ -235,7 +240,7 @@ def test_float16_storage_rounds_every_result_and_writes_back_in_place():
 
 
 def test_bench_provider_matches_reference(tiny):
-    from ddpm_fast.export.bench import onnx_provider
+    from ddpm_fast.bench.onnx import onnx_provider
 
     plan = make_plan(tiny, None, (2, 3, 16, 16), steps=3, seed=6)
     run = onnx_provider(tiny, plan, step_graph=True, exporter="torchscript")
@@ -361,8 +366,10 @@ def test_export_argument_errors(tmp_path, tiny):
         export_onnx(tiny, tmp_path / "a.onnx", opset=11)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_onnx(tiny, tmp_path / "no" / "a.onnx")
-    with pytest.raises(ValueError, match="method must be one of"):
-        export_onnx(tiny, tmp_path / "a.onnx", step=True, method="euler", exporter="torchscript")
+    with pytest.raises(TypeError, match="plan must be a ddpm_fast.plan.Plan"):
+        export_onnx(tiny, tmp_path / "a.onnx", plan={"method": "ddim"}, exporter="torchscript")
+    with pytest.raises(ValueError, match="image shape"):
+        export_onnx(tiny, tmp_path / "a.onnx", plan=make_plan(tiny, None, (1, 1, 8, 8), steps=3))
     assert not list(tmp_path.glob("*.onnx*"))  # nothing half-written
 
 
@@ -392,7 +399,7 @@ def test_cli_export_then_sample(tmp_path, tiny, capsys):
 
 @pytest.mark.cuda
 def test_cuda_execution_provider_sampling_matches_reference():
-    from ddpm_fast.export.bench import gpu_check
+    from ddpm_fast.bench.onnx import gpu_check
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime here has no CUDAExecutionProvider (onnxruntime-gpu not installed)")

@@ -1,0 +1,170 @@
+"""A validated sampling request (`Plan`): what every backend needs besides the model.
+
+`make_plan` checks every argument (errors name it), fills what the caller left out from the model's record
+(`ddpm_fast.defaults`), respaces the schedule and builds the run's coefficient table through the sampler
+registry. Backends receive a Plan and never re-validate or re-derive any of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ddpm_fast import noise
+from ddpm_fast.defaults import defaults_of
+from ddpm_fast.errors import Unavailable
+from ddpm_fast.samplers import build_step_table, family
+from ddpm_fast.schedule import Schedule, check_timesteps, spaced_timesteps
+from ddpm_fast.steps import VARIANCES, StepTable
+
+__all__ = ["Plan", "make_plan", "check_model_output", "model_device", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Plan:
+    """A validated sampling request. Row i of the result is global sample start_index + i."""
+
+    shape: tuple[int, int, int, int]
+    schedule: Schedule  # respaced to the kept timesteps
+    table: StepTable
+    method: str
+    eta: float
+    variance: str
+    clip: bool
+    clip_range: float
+    seed: int
+    start_index: int
+    device: torch.device
+    dtype: torch.dtype
+    progress: bool = False
+    callback: Callable | None = None
+    options: dict = field(default_factory=dict)  # backend keyword options (fast: compile, cuda_graph, ...)
+    generator: torch.Generator | None = None  # diffusers-order noise (reference backend only)
+    full_schedule: Schedule | None = None  # the schedule before respacing (what a checkpoint records)
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[1] * (2 if self.variance == "learned_range" else 1)
+
+    def rows(self, batch: int, start_index: int) -> Plan:
+        """The same run for `batch` rows starting at global sample `start_index` (a batch of a larger run)."""
+        return replace(self, shape=(batch, *self.shape[1:]), start_index=start_index)
+
+
+def make_plan(
+    model,
+    schedule: Schedule | None,
+    shape,
+    *,
+    steps=None,
+    timesteps=None,
+    method: str = "ddpm",
+    eta: float = 0.0,
+    variance: str | None = None,
+    clip: bool | None = None,
+    clip_range: float | None = None,
+    seed: int = 0,
+    start_index: int = 0,
+    generator: torch.Generator | None = None,
+    device=None,
+    dtype=torch.float32,
+    progress: bool = False,
+    callback=None,
+    options: dict | None = None,
+) -> Plan:
+    """Validate arguments (errors name the argument) and build the run's respaced schedule and step table."""
+    d = defaults_of(model)
+    if schedule is None:
+        schedule = d.schedule
+        if schedule is None:
+            raise ValueError("schedule must be given (the model carries none)")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
+    family(method)  # an unknown method lists the known ones
+    variance = d.variance if variance is None else variance
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    clip = d.clip if clip is None else clip
+    clip_range = d.clip_range if clip_range is None else clip_range
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool; got {clip!r}")
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+        raise ValueError(f"clip_range must be positive; got {clip_range!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
+    noise.check_seed(seed)
+    if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
+        raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    T = schedule.num_timesteps
+    if timesteps is not None:
+        kept = check_timesteps(timesteps, T)
+    elif steps is not None:
+        kept = torch.tensor(spaced_timesteps(T, steps))
+    else:
+        kept = None
+    run_schedule = schedule if kept is None or kept.numel() == T else schedule.respace(kept)
+    table = build_step_table(run_schedule, method=method, variance=variance, eta=eta)
+    if device is None:
+        device = model_device(model)
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device must name a torch device; got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Unavailable(f"device {device} was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    return Plan(
+        shape=shape,
+        schedule=run_schedule,
+        table=table,
+        method=method,
+        eta=float(eta),
+        variance=variance,
+        clip=clip,
+        clip_range=float(clip_range),
+        seed=seed,
+        start_index=start_index,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        callback=callback,
+        options=dict(options or {}),
+        generator=generator,
+        full_schedule=schedule,
+    )
+
+
+def model_device(model) -> torch.device:
+    """Where a module's parameters live (cpu for other callables)."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def check_model_output(out, expected_shape, step: int, t: int) -> torch.Tensor:
+    """The model must return a finite tensor of the expected shape; errors say at which step."""
+    if not isinstance(out, torch.Tensor):
+        out = getattr(out, "sample", out)  # diffusers' UNet2DOutput
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model must return a tensor; got {type(out).__name__} at step {step} (t={t})")
+    if tuple(out.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"model output must have shape {tuple(expected_shape)}; got {tuple(out.shape)} at step {step} (t={t})"
+        )
+    if not torch.isfinite(out).all():
+        raise ValueError(f"model returned NaN or Inf at step {step} (t={t})")
+    return out

@@ -1,0 +1,74 @@
+"""The sampler registry: method name -> its family (reference loop, coefficient-table builder, what it takes).
+
+A family file holds a short reference loop in k-diffusion's style,
+
+    loop(model, x, table, noise, *, sigma, clip, callback=None) -> x_0
+
+over `model(x, t) -> (eps, v)` (v the variance half or None), the run's `StepTable`, `noise(i, t) -> z`
+(zeros where the table's `draws` says no draw), `sigma(row, v)` and `clip(x0)` (both chosen before the loop),
+and its table builder `table(schedule, *, variance, eta) -> StepTable`. The fused kernel, its torch twin and
+the ONNX step graph read only the table, so they serve every family whose `history` they support.
+Adding a sampler is one file in this package plus one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
+from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
+from ddpm_fast.schedule import Schedule
+from ddpm_fast.steps import VARIANCES, StepTable
+
+__all__ = ["Family", "FAMILIES", "METHODS", "family", "build_step_table", "check_params"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One sampler family: its reference loop, its table builder and what a request may set for it."""
+
+    name: str
+    loop: Callable
+    table: Callable
+    history: int  # x0 predictions of earlier steps a step reads (0: one-step)
+    noise: str  # "always" (ancestral), "eta" (only when eta > 0), "never"
+    params: tuple[str, ...] = ()  # keyword arguments besides variance that the method takes, e.g. ("eta",)
+
+
+FAMILIES: dict[str, Family] = {
+    "ddpm": Family("ddpm", sample_ddpm, ddpm_table, history=0, noise="always"),
+    "ddim": Family("ddim", sample_ddim, ddim_table, history=0, noise="eta", params=("eta",)),
+}
+METHODS = tuple(FAMILIES)
+
+
+def family(method) -> Family:
+    """The registered family of `method`; an unknown name is a ValueError listing the known ones."""
+    if method not in FAMILIES:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    return FAMILIES[method]
+
+
+def check_params(method: str, *, eta: float) -> None:
+    """Reject a parameter the method does not take (errors name it)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a float; got {eta!r}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    if eta != 0 and "eta" not in family(method).params:
+        takes = [m for m, f in FAMILIES.items() if "eta" in f.params]
+        raise ValueError(
+            f"eta applies to method={' or '.join(map(repr, takes))} only; got eta={eta} with method={method!r}"
+        )
+
+
+def build_step_table(
+    schedule: Schedule, *, method: str = "ddpm", variance: str = "fixed_small", eta: float = 0.0
+) -> StepTable:
+    """The coefficient table for walking `schedule` (already respaced if wanted) from its last index to 0."""
+    fam = family(method)
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    check_params(method, eta=eta)
+    return fam.table(schedule, variance=variance, eta=float(eta))
