@@ -28,8 +28,8 @@ import time
 import torch
 
 from ddpm_fast.kernels import step_torch, step_triton
+from ddpm_fast.samplers import build_step_table
 from ddpm_fast.schedule import Schedule
-from ddpm_fast.steps import build_step_table
 
 CPU_SIZES = "1x3x32x32,64x3x32x32"  # ~15 s of compile per size on 2 cores
 CUDA_SIZES = "1x3x32x32,64x3x32x32,256x3x32x32,1x3x256x256,64x3x256x256,256x3x256x256"
@@ -121,7 +121,9 @@ def step_callables(shape, device, dtype=torch.float32, providers=PROVIDERS) -> t
     eps = torch.randn(shape, generator=g, device=device).to(dtype)
     out = torch.empty_like(x)
     nbytes = 3 * x.numel() * x.element_size()
-    kw = dict(seed=0, start_index=0, clip_range=1.0, out=out)
+    # [seed, start_index] as the engine passes them: a device tensor the launch reads
+    keys = torch.zeros(2, dtype=torch.int64, device=device)
+    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, out=out)
     eager = _eager_chain(s, STEP)
     fns = {
         "eager": lambda: eager(x, eps),

@@ -13,33 +13,24 @@ learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
                        clip_range=1.0, learned=table.learned, out=x, advance=True)
 
 - `posterior_step(...)`: the public entry. Triton when `use_triton(x)` (x on CUDA, or TRITON_INTERPRET=1),
-  else the torch twin; a missing Triton falls back with one logged line. `ddpm_step` is the same function;
-  `ddim_step` fixes learned=False.
+  else the torch twin; a missing Triton falls back with one logged line.
 - `step_torch(...)`: the twin, same signature; compiles with torch.compile(fullgraph=True) (no `.item()`).
-- `step_triton(...)`: the fused kernel, forced (RuntimeError without Triton or a CUDA tensor).
+- `step_triton(...)`: the launcher of the fused kernel, forced (RuntimeError without Triton or a CUDA
+  tensor); it launches on x's device.
+- seed and start_index: ints, or two one-element int64 tensors on x's device (`keys[0:1]`, `keys[1:2]` of one
+  int64 [2] buffer) that both paths read on the device, so a compiled twin or a captured CUDA graph serves
+  every seed, shard and chunk after `keys.copy_(...)`, without recompiling or re-capturing.
 - `make_step_counter(start, device)`: the device counter `advance=True` increments inside the launch, so one
   CUDA graph replays every step. Between launches it holds the step; during an advancing launch its high
   32 bits count the programs that have read it, and the last one writes (step + 1, 0): one launch, no race.
 """
 
-from ddpm_fast.kernels.step import (
-    check_step_args,
-    ddim_step,
-    ddpm_step,
-    make_step_counter,
-    posterior_step,
-    step_torch,
-    step_triton,
-    use_triton,
-)
+from ddpm_fast.kernels.step import make_step_counter, posterior_step, step_torch, step_triton, use_triton
 
 __all__ = [
     "posterior_step",
-    "ddpm_step",
-    "ddim_step",
     "step_torch",
     "step_triton",
     "use_triton",
     "make_step_counter",
-    "check_step_args",
 ]

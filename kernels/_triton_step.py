@@ -1,20 +1,21 @@
-"""The fused posterior-step Triton kernel and its launcher. Imported only when Triton is used.
+"""The fused posterior-step Triton kernel. Imported only when Triton is used (by `step.step_triton`).
 
 One launch computes, for a whole batch, x_{t-1} from x_t and the model output (formula in
-`ddpm_fast.steps`), drawing z in registers from the counter-based Philox of `ddpm_fast.noise`:
+`ddpm_fast.kernels.step`), drawing z in registers from the counter-based Philox of `ddpm_fast.noise`:
 the noise never touches memory. Bytes moved per element: read x, read eps (and v when learned),
-write x_{t-1}.
+write x_{t-1}. Everything a run changes (the step, seed, start_index) is read from device memory, so one
+CUDA graph of the launch serves every step, seed and shard. The launcher, `step_triton`, lives in
+`ddpm_fast.kernels.step` beside the twin, so that `ddpm_fast.kernels` imports without Triton.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from ddpm_fast import steps
 
-__all__ = ["launch_step"]
+__all__ = ["MAX_BLOCK", "NUM_WARPS", "block_for"]
 
 # StepTable column indices; jit code may read only constexpr globals.
 SRA = tl.constexpr(steps.SRA)
@@ -36,7 +37,11 @@ NUM_WARPS = 4
 
 @triton.jit
 def _philox_normals(seed, q, n, slot):
-    """Four float32 normals per counter lane q of sample n, noise slot `slot` (ddpm_fast.noise formula)."""
+    """Four float32 normals per counter lane q of sample n, noise slot `slot` (ddpm_fast.noise formula).
+
+    seed is int64: tl.philox takes its bits as uint64 and keys Philox with (low 32 bits, high 32 bits),
+    as `noise.normals` does with (seed & 0xFFFFFFFF, seed >> 32).
+    """
     zero = q.to(tl.uint32) * 0
     n64 = n.to(tl.int64)
     c1 = zero + n64.to(tl.uint32)
@@ -111,8 +116,8 @@ def _step_kernel(
     coefs_ptr,
     ts_ptr,
     step_ptr,
-    seed,
-    start_index,
+    seed_ptr,
+    start_ptr,
     N,
     Q,
     blocks_per_row,
@@ -129,6 +134,7 @@ def _step_kernel(
     pid = tl.program_id(0)
     row = pid // blocks_per_row
     blk = pid - row * blocks_per_row
+    row64 = row.to(tl.int64)  # offsets into x and out are int64: B * N may pass 2**31
 
     if ADVANCE:
         # The int64 counter holds step in its low 32 bits and a ticket in its high 32 bits (zero between
@@ -156,7 +162,9 @@ def _step_kernel(
 
     q = blk * BLOCK + tl.arange(0, BLOCK)
     lane = q < Q
-    n = row.to(tl.int64) + start_index  # int64 whatever type Triton gives start_index (1 becomes a constexpr)
+    # The keys are int64 device scalars, not launch arguments, which a CUDA graph would freeze.
+    seed = tl.load(seed_ptr)
+    n = row64 + tl.load(start_ptr)
 
     z0 = tl.zeros([BLOCK], dtype=tl.float32)
     z1 = z0
@@ -165,7 +173,6 @@ def _step_kernel(
     if sigma != 0.0:  # SIGMA = 0 (last step, DDIM eta = 0): the noise term vanishes, skip the Philox rounds
         z0, z1, z2, z3 = _philox_normals(seed, q, n, slot)
 
-    row64 = row.to(tl.int64)
     xr = x_ptr + row64 * N
     mr = m_ptr + row64 * m_row
     orow = out_ptr + row64 * N
@@ -191,52 +198,6 @@ def _step_kernel(
     )  # fmt: skip
 
 
-def _block_for(Q: int) -> int:
-    """Smallest power of two covering Q lanes, at least 16 and at most MAX_BLOCK."""
+def block_for(Q: int) -> int:
+    """Counter lanes per program: the smallest power of two covering Q, at least 16 and at most MAX_BLOCK."""
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(Q)))
-
-
-def launch_step(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    coefs: torch.Tensor,
-    timesteps: torch.Tensor,
-    step: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    seed: int,
-    start_index: int,
-    clip_range: float | None,
-    learned: bool,
-    advance: bool,
-) -> torch.Tensor:
-    """Launch `_step_kernel` on arguments already validated by ``ddpm_fast.kernels.step.check_step_args``."""
-    B = x.shape[0]
-    N = x.numel() // B
-    Q = (N + 3) // 4
-    BLOCK = _block_for(Q)
-    blocks_per_row = triton.cdiv(Q, BLOCK)
-    grid = (blocks_per_row * B,)
-    clip = clip_range is not None
-    _step_kernel[grid](
-        x,
-        model_out,
-        out,
-        coefs,
-        timesteps,
-        step,
-        seed,
-        start_index,
-        N,
-        Q,
-        blocks_per_row,
-        model_out.numel() // B,
-        float(clip_range) if clip else 0.0,
-        LEARNED=learned,
-        CLIP=clip,
-        OUT_BF16=out.dtype == torch.bfloat16,
-        ADVANCE=advance,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
-    )
-    return out

@@ -1,4 +1,4 @@
-"""The posterior step x_t -> x_{t-1}: validation, the torch twin, and the one branch that picks Triton or the twin.
+"""The posterior step x_t -> x_{t-1}: the torch twin, the Triton launcher, and the one branch that picks between them.
 
 With eps and v the two halves of the model output (v only for learned_range) and c = coefs[step]:
 
@@ -9,10 +9,14 @@ With eps and v the two halves of the model output (v only for learned_range) and
     z[i, e] = ddpm_fast.noise.normals(seed, start_index + i, slot = timesteps[step], e)
 
 All arithmetic is float32 whatever the storage dtype; the result is rounded once to x's dtype.
+
+The noise keys (seed, start_index) are two ints, or two one-element int64 tensors on x's device that both paths
+read on the device: a compiled twin or a captured kernel then serves every seed and shard unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -24,13 +28,11 @@ from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA,
 
 __all__ = [
     "posterior_step",
-    "ddpm_step",
-    "ddim_step",
     "step_torch",
     "step_triton",
     "use_triton",
     "make_step_counter",
-    "check_step_args",
+    "update_formula",
 ]
 
 log = logging.getLogger("ddpm_fast")
@@ -45,7 +47,7 @@ def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
     return torch.full((1,), start, dtype=torch.int64, device=device)
 
 
-def check_step_args(
+def _check_step_args(
     x, model_out, coefs, timesteps, step, *, seed, start_index, clip_range, learned, out, advance
 ) -> tuple[torch.Tensor, float | None]:
     """Validate one step's arguments; returns (out tensor, clip_range or None). Errors name argument and value."""
@@ -123,14 +125,7 @@ def check_step_args(
             raise ValueError(
                 f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
             )
-    if isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor):
-        _check_key_tensors(x, seed, start_index)
-    else:
-        noise.check_seed(seed)
-        if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
-            raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
-        if start_index + x.shape[0] > 2**63:
-            raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
+    _check_keys(x, seed, start_index)
     if clip_range is not None:
         if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
             raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
@@ -139,12 +134,19 @@ def check_step_args(
     return out, (None if clip_range is None else float(clip_range))
 
 
-def _check_key_tensors(x, seed, start_index) -> None:
-    """The twin's tensor form of (seed, start_index): both one-element int64 tensors on x's device.
+def _check_keys(x, seed, start_index) -> None:
+    """(seed, start_index): two ints, or two one-element int64 tensors on x's device.
 
-    Their values are taken as given (reading them would sync the device and break a compiled graph);
-    callers validate the ints they fill them from.
+    Tensor values are taken as given (reading them would sync the device and break a compiled or captured
+    step); callers validate the ints they fill them from, as `noise.check_seed` and this function do.
     """
+    if not (isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor)):
+        noise.check_seed(seed)
+        if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
+            raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+        if start_index + x.shape[0] > 2**63:
+            raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
+        return
     for name, v in (("seed", seed), ("start_index", start_index)):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{name} must be a tensor when the other key is one; got {type(v).__name__}")
@@ -181,8 +183,8 @@ def step_torch(
     timesteps: torch.Tensor,
     step,
     *,
-    seed: int,
-    start_index: int = 0,
+    seed,
+    start_index=0,
     clip_range: float | None = None,
     learned: bool = False,
     out: torch.Tensor | None = None,
@@ -191,12 +193,11 @@ def step_torch(
     """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
 
     Tables are indexed with the step tensor (index_select), never `.item()`, so the function compiles with
-    `torch.compile(fullgraph=True)` and a device-resident counter works unchanged. `seed` and `start_index`
-    may also be one-element int64 tensors on x's device: compiled, the twin then serves every seed and
-    shard without recompiling (ints would be specialised, then turned into symbols that Inductor's C++
-    backend mistypes in the Philox arithmetic).
+    `torch.compile(fullgraph=True)` and a device-resident counter works unchanged. With tensor keys a compiled
+    twin serves every seed and shard without recompiling (ints would be specialised, then turned into
+    symbols that Inductor's C++ backend mistypes in the Philox arithmetic).
     """
-    out, clip_range = check_step_args(
+    out, clip_range = _check_step_args(
         x,
         model_out,
         coefs,
@@ -253,9 +254,13 @@ def _log_fallback(reason: str) -> None:
     log.warning("fused step kernel unavailable (%s); using the torch twin", reason)
 
 
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """The one choice: Triton when x is on CUDA (or TRITON_INTERPRET=1 runs it on CPU) and Triton imports."""
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not _triton_runs_on(x):
         return False
     if not _triton_importable():
         _log_fallback("triton is not installed")
@@ -270,19 +275,24 @@ def step_triton(
     timesteps: torch.Tensor,
     step,
     *,
-    seed: int,
-    start_index: int = 0,
+    seed,
+    start_index=0,
     clip_range: float | None = None,
     learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
 ) -> torch.Tensor:
-    """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers."""
+    """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers.
+
+    The launcher of `_triton_step._step_kernel`: validates, allocates `out` and the one-element device
+    tensors the kernel reads an int step or int keys from, builds a 1-D grid of B * ceil(Q / BLOCK)
+    programs (Q = ceil(N / 4) counter lanes per row) and launches on x's device.
+    """
     if not _triton_importable():
         raise RuntimeError("step_triton needs triton, which is not installed")
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not _triton_runs_on(x):
         raise RuntimeError(f"step_triton needs a CUDA tensor (or TRITON_INTERPRET=1); x is on {x.device}")
-    out, clip_range = check_step_args(
+    out, clip_range = _check_step_args(
         x,
         model_out,
         coefs,
@@ -295,23 +305,47 @@ def step_triton(
         out=out,
         advance=advance,
     )
-    if not isinstance(step, torch.Tensor):
-        step = torch.full((1,), step, dtype=torch.int64, device=x.device)
-    from ddpm_fast.kernels._triton_step import launch_step
+    from ddpm_fast.kernels import _triton_step as tk
 
-    return launch_step(
-        x,
-        model_out,
-        coefs,
-        timesteps,
-        step,
-        out,
-        seed=seed,
-        start_index=start_index,
-        clip_range=clip_range,
-        learned=learned,
-        advance=advance,
-    )
+    dev = x.device
+    # Int arguments, for convenience: torch.full is a fill kernel (no host copy), so this too can be captured,
+    # with the values frozen in the graph; the engine passes tensors it refills instead.
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((1,), step, dtype=torch.int64, device=dev)
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.full((1,), seed, dtype=torch.int64, device=dev)
+        start_index = torch.full((1,), start_index, dtype=torch.int64, device=dev)
+    B = x.shape[0]
+    N = x.numel() // B
+    Q = (N + 3) // 4
+    BLOCK = tk.block_for(Q)
+    blocks_per_row = (Q + BLOCK - 1) // BLOCK
+    grid = (blocks_per_row * B,)
+    clip = clip_range is not None
+    # Triton launches on the current device; x may live on another GPU.
+    with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+        tk._step_kernel[grid](
+            x,
+            model_out,
+            out,
+            coefs,
+            timesteps,
+            step,
+            seed,
+            start_index,
+            N,
+            Q,
+            blocks_per_row,
+            model_out.numel() // B,
+            clip_range if clip else 0.0,
+            LEARNED=learned,
+            CLIP=clip,
+            OUT_BF16=out.dtype == torch.bfloat16,
+            ADVANCE=advance,
+            BLOCK=BLOCK,
+            num_warps=tk.NUM_WARPS,
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -324,8 +358,8 @@ def posterior_step(
     timesteps: torch.Tensor,
     step,
     *,
-    seed: int,
-    start_index: int = 0,
+    seed,
+    start_index=0,
     clip_range: float | None = None,
     learned: bool = False,
     out: torch.Tensor | None = None,
@@ -336,8 +370,10 @@ def posterior_step(
     x: [B, C, ...] float32/float16/bfloat16; model_out: eps [B, C, ...] or (eps | v) [B, 2C, ...], any of those
     dtypes; coefs: float32 [S, 8] and timesteps: int64 [S] from `StepTable.to(device)`; step: an int in
     [0, S), or a one-element int tensor on x's device, read on the device and so not range-checked (that would
-    need a sync); advance=True adds 1 to it (int64 only). out: where to write (may be x), else a new tensor.
-    Returns out.
+    need a sync); advance=True adds 1 to it (int64 only). seed, start_index: ints (seed in [0, 2**63),
+    start_index >= 0), or both one-element int64 tensors on x's device, read on the device (unchecked, like a
+    step tensor). out: where to write (may be x), else a new tensor. Any StepTable (DDPM of every variance,
+    DDIM); with learned=False a variance half of model_out is ignored. Returns out.
     """
     fn = step_triton if use_triton(x) else step_torch
     return fn(
@@ -350,39 +386,6 @@ def posterior_step(
         start_index=start_index,
         clip_range=clip_range,
         learned=learned,
-        out=out,
-        advance=advance,
-    )
-
-
-# DDPM (fixed_small, fixed_large, learned_range) uses posterior_step as it is.
-ddpm_step = posterior_step
-
-
-def ddim_step(
-    x: torch.Tensor,
-    model_out: torch.Tensor,
-    coefs: torch.Tensor,
-    timesteps: torch.Tensor,
-    step,
-    *,
-    seed: int,
-    start_index: int = 0,
-    clip_range: float | None = None,
-    out: torch.Tensor | None = None,
-    advance: bool = False,
-) -> torch.Tensor:
-    """DDIM step (Song et al. eq. 12) on a DDIM StepTable: posterior_step with learned=False (v is ignored)."""
-    return posterior_step(
-        x,
-        model_out,
-        coefs,
-        timesteps,
-        step,
-        seed=seed,
-        start_index=start_index,
-        clip_range=clip_range,
-        learned=False,
         out=out,
         advance=advance,
     )

@@ -19,7 +19,8 @@ import ddpm_fast as df
 from ddpm_fast import noise
 from ddpm_fast.kernels import make_step_counter, posterior_step, step_torch, step_triton, use_triton
 from ddpm_fast.kernels import step as step_mod
-from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, build_step_table
+from ddpm_fast.samplers import build_step_table
+from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
 
 
 def reference_step(x, model_out, s: df.Schedule, j: int, *, method, variance, eta, clip_range, z, dtype):
@@ -226,6 +227,59 @@ def test_row_is_the_same_sample_in_any_batch(impl):
     assert torch.equal(full[2:], one)
 
 
+def keys_tensor(seed, start_index, device="cpu"):
+    """The engine's form of the noise keys: one int64 [2] buffer, passed as its two one-element views."""
+    keys = torch.tensor([seed, start_index], dtype=torch.int64, device=device)
+    return keys, dict(seed=keys[0:1], start_index=keys[1:2])
+
+
+# (seed, start_index): both Philox key words and both words of the sample index, up to the limits check_seed
+# and the start_index + batch < 2**63 rule allow
+EXTREME_KEYS = [(2**40 + 17, 2**33 + 1), (2**63 - 1, 2**63 - 4), (0, 0), (0xFFFFFFFF, 2**32 - 2)]
+
+
+def test_tensor_keys_triton_agrees_with_twin():
+    # x = 0, eps = 0, SIGMA = 1: the step returns z itself, drawn with keys read from a device tensor.
+    coefs = torch.zeros(2, len(COLUMNS))
+    coefs[:, SIGMA] = 1.0
+    ts = torch.tensor([999, 0], dtype=torch.int64)
+    for shape in [(3, 1, 1, 13), (2, 3, 7, 5)]:
+        x = m = torch.zeros(shape)
+        for seed, start in EXTREME_KEYS:
+            _, kw = keys_tensor(seed, start)
+            for i in range(2):
+                tri = step_triton(x, m, coefs, ts, i, **kw)
+                twin = step_torch(x, m, coefs, ts, i, **kw)
+                assert torch.equal(twin, noise.sample_noise(seed, start, shape, int(ts[i])))
+                # same Philox integers; numpy vs torch log/sqrt/cos/sin: a few ulps
+                torch.testing.assert_close(tri, twin, atol=4 * F32_EPS, rtol=4 * F32_EPS)
+                assert torch.equal(tri, step_triton(x, m, coefs, ts, i, seed=seed, start_index=start))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_refilled_keys_change_the_noise_as_fresh_ints_would(impl):
+    """What makes one CUDA graph serve a whole run: the same launch, its keys tensor refilled in place, draws
+    exactly the noise of a fresh call with those ints."""
+    coefs, ts = build_step_table(LINEAR, variance="learned_range").to("cpu")
+    x, m = make_inputs(SHAPES[0], learned=True)
+    out = torch.empty_like(x)
+    counter = make_step_counter(0)
+    keys, kw = keys_tensor(0, 0)
+
+    def launch():  # the arguments a captured step holds: the same tensors every time
+        return IMPLS[impl](x, m, coefs, ts, counter, **kw, clip_range=1.0, learned=True, out=out)
+
+    seen = []
+    for seed, start in [(3, 2), (3, 5), (2**40 + 7, 5), *EXTREME_KEYS[1:]]:
+        keys.copy_(torch.tensor([seed, start]))
+        counter.fill_(7)
+        y = launch().clone()
+        fresh = IMPLS[impl](x, m, coefs, ts, 7, seed=seed, start_index=start, clip_range=1.0, learned=True)
+        assert torch.equal(y, fresh), (seed, start)
+        assert not any(torch.equal(y, prev) for prev in seen), (seed, start)
+        seen.append(y)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_two_runs_are_equal(impl):
     coefs, ts = build_step_table(LINEAR, variance="learned_range").to("cpu")
@@ -420,7 +474,7 @@ def test_import_and_fallback_without_triton():
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
         "import torch, ddpm_fast as df\n"
         "from ddpm_fast.kernels import posterior_step, step_torch\n"
-        "from ddpm_fast.steps import build_step_table\n"
+        "from ddpm_fast.samplers import build_step_table\n"
         "c, t = build_step_table(df.Schedule.linear(10)).to('cpu')\n"
         "x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)\n"
         "for _ in range(2): y = posterior_step(x, m, c, t, 1, seed=0)\n"
@@ -488,14 +542,36 @@ def test_twin_compiles_fullgraph():
     assert counts["stats"]["unique_graphs"] == 1, dict(counts["stats"])
 
 
-def test_twin_tensor_keys_are_checked():
+# the value and its error after "seed must be a one-element int64 tensor on cpu; got "
+BAD_KEYS = {
+    "dtype": (lambda: torch.zeros(1, dtype=torch.int32), r"torch.int32 \(1,\) on cpu"),
+    "shape": (lambda: torch.zeros(2, dtype=torch.int64), r"torch.int64 \(2,\) on cpu"),
+    "device": (lambda: torch.zeros(1, dtype=torch.int64, device="meta"), r"torch.int64 \(1,\) on meta"),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["seed", "start_index"])
+@pytest.mark.parametrize("what", BAD_KEYS)
+def test_tensor_keys_are_checked(impl, name, what):
+    coefs, ts = build_step_table(LINEAR).to("cpu")
+    x, m = make_inputs(SHAPES[0], learned=False)
+    kw = {"seed": torch.zeros(1, dtype=torch.int64), "start_index": torch.zeros(1, dtype=torch.int64)}
+    bad, got = BAD_KEYS[what]
+    kw[name] = bad()
+    with pytest.raises(ValueError, match=f"^{name} must be a one-element int64 tensor on cpu; got {got}$"):
+        IMPLS[impl](x, m, coefs, ts, 0, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keys_are_both_ints_or_both_tensors(impl):
     coefs, ts = build_step_table(LINEAR).to("cpu")
     x, m = make_inputs(SHAPES[0], learned=False)
     one = torch.zeros(1, dtype=torch.int64)
-    with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
-        step_torch(x, m, coefs, ts, 0, seed=torch.zeros(1, dtype=torch.int32), start_index=one)
     with pytest.raises(TypeError, match="start_index must be a tensor"):
-        step_torch(x, m, coefs, ts, 0, seed=one, start_index=0)
+        IMPLS[impl](x, m, coefs, ts, 0, seed=one, start_index=0)
+    with pytest.raises(TypeError, match="seed must be a tensor"):
+        IMPLS[impl](x, m, coefs, ts, 0, seed=0, start_index=one)
 
 
 @pytest.mark.cuda
@@ -519,6 +595,52 @@ def test_cuda_kernel_matches_twin(case):
             assert counter.item() == k + 1
 
 
+@pytest.mark.cuda
+def test_cuda_graph_replay_reads_refilled_keys():
+    """One captured launch with tensor keys: refilling the keys between replays gives a fresh int call's noise."""
+    coefs, ts = build_step_table(LINEAR).to("cuda")
+    x, m = (t.cuda() for t in make_inputs((3, 3, 7, 5), learned=False))
+    out = torch.empty_like(x)
+    step = torch.full((1,), 10, dtype=torch.int64, device="cuda")
+    keys, kw = keys_tensor(0, 0, "cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step_triton(x, m, coefs, ts, step, out=out, **kw)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_triton(x, m, coefs, ts, step, out=out, **kw)
+    for seed, start in [(1, 0), (1, 4), *EXTREME_KEYS]:
+        keys.copy_(torch.tensor([seed, start]))
+        graph.replay()
+        assert torch.equal(out, step_triton(x, m, coefs, ts, 10, seed=seed, start_index=start)), (seed, start)
+
+
+def test_cpu_launch_enters_no_cuda_device(monkeypatch):
+    """The interpreter path (CPU x) launches as before: torch.cuda.device is entered only for a CUDA x."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d))
+    coefs, ts = build_step_table(LINEAR).to("cpu")
+    x, m = make_inputs(SHAPES[0], learned=False)
+    y = step_triton(x, m, coefs, ts, 3, seed=1)
+    assert entered == []
+    torch.testing.assert_close(y, step_torch(x, m, coefs, ts, 3, seed=1), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_launch_follows_x_device():
+    """x on the last GPU while the current device is cuda:0: the kernel runs on x's device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    coefs, ts = build_step_table(LINEAR).to(dev)
+    x, m = (t.to(dev) for t in make_inputs(SHAPES[0], learned=False))
+    with torch.cuda.device(0):
+        y = step_triton(x, m, coefs, ts, 3, seed=1)
+    torch.testing.assert_close(y, step_torch(x, m, coefs, ts, 3, seed=1), atol=1e-5, rtol=1e-5)
+
+
 _SM90_SCRIPT = """
 import itertools, triton
 from triton.backends.compiler import GPUTarget
@@ -527,7 +649,7 @@ from ddpm_fast.kernels._triton_step import MAX_BLOCK, NUM_WARPS, _step_kernel
 
 for dtype, learned, advance in [("fp32", False, True), ("bf16", True, False)]:
     sig = {"x_ptr": "*" + dtype, "m_ptr": "*bf16", "out_ptr": "*" + dtype, "coefs_ptr": "*fp32", "ts_ptr": "*i64",
-           "step_ptr": "*i64", "seed": "i64", "start_index": "i32", "N": "i32", "Q": "i32", "blocks_per_row": "i32",
+           "step_ptr": "*i64", "seed_ptr": "*i64", "start_ptr": "*i64", "N": "i32", "Q": "i32", "blocks_per_row": "i32",
            "m_row": "i32", "clip_r": "fp32"}
     consts = {"LEARNED": learned, "CLIP": True, "OUT_BF16": dtype == "bf16", "ADVANCE": advance, "BLOCK": MAX_BLOCK}
     sig.update({k: "constexpr" for k in consts})
