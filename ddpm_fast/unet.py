@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast.defaults import ModelDefaults
+
 __all__ = ["UNetConfig", "UNet", "diffusers_key", "timestep_embedding"]
 
 
@@ -326,9 +328,11 @@ class UNet(nn.Module):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"config must be a UNetConfig; got {type(config).__name__}")
         self.config = c = config
-        # Set by ddpm_fast.checkpoint.load_model; ddpm_fast.sample reads its defaults from them.
-        self.schedule = None
-        self.sampling: dict = {}
+        # How to sample it (ddpm_fast.defaults): set by ddpm_fast.checkpoint.load_model, read by ddpm_fast.sample.
+        learned = c.out_channels == 2 * c.in_channels
+        self.defaults = ModelDefaults(
+            variance="learned_range" if learned else "fixed_small", image_shape=tuple(c.image_shape)
+        )
         ch, L, nl = c.block_out_channels, c.num_levels, c.layers_per_block
         g, eps, dp, td = c.norm_num_groups, c.norm_eps, c.dropout, c.temb_dim
 
@@ -370,6 +374,15 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(g, ch[0], eps=eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    @property
+    def schedule(self):
+        """The training schedule of the model's record (`self.defaults.schedule`); assignable."""
+        return self.defaults.schedule
+
+    @schedule.setter
+    def schedule(self, value) -> None:
+        self.defaults = self.defaults.replace(schedule=value)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -1,0 +1,66 @@
+"""Reading weight files and JSON configs, shared by every checkpoint loader. No pickle: safetensors, or
+`torch.load(weights_only=True)` for the .bin/.pt files other projects publish."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["read_json", "safetensors_from_bytes", "read_weights", "load_state"]
+
+
+def read_json(file: Path) -> dict:
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object; got {type(d).__name__}")
+    return d
+
+
+def safetensors_from_bytes(blob: bytes, file: Path) -> dict:
+    from safetensors.torch import load as st_load
+
+    try:
+        return st_load(blob)
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def read_weights(file: Path) -> dict:
+    if file.suffix == ".safetensors":
+        return safetensors_from_bytes(file.read_bytes(), file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with globals, ...: all unreadable for us
+        raise ValueError(f"{file}: cannot read weights with torch.load(weights_only=True) ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a dict of tensors")
+    return state
+
+
+def load_state(model: torch.nn.Module, state: dict, file: Path, rename) -> None:
+    """Check every key and shape first, then copy; `rename(our_key) -> file_key` (None: identity)."""
+    ours = model.state_dict()
+    wanted = {k: (rename(k) if rename else k) for k in ours}
+    theirs = set(state)
+    missing = [fk for fk in wanted.values() if fk not in theirs]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{file}: missing key {missing[0]!r}{more}")
+    unknown = sorted(theirs - set(wanted.values()))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ValueError(f"{file}: unknown key {unknown[0]!r}{more}")
+    for k, fk in wanted.items():
+        t = state[fk]
+        if tuple(t.shape) != tuple(ours[k].shape):
+            raise ValueError(
+                f"{file}: key {fk!r} has shape {tuple(t.shape)}; the model expects {tuple(ours[k].shape)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{file}: key {fk!r} has dtype {t.dtype}; expected a floating tensor")
+    model.load_state_dict({k: state[fk] for k, fk in wanted.items()}, strict=True)
