@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 import ddpm_fast as df
-from ddpm_fast import shards
-from ddpm_fast.generate import Dist, Sampler, _image_shape, generate, model_digest, resolve_backend
+from ddpm_fast import sampling, shards
+from ddpm_fast.plan import make_plan
+from ddpm_fast.runs import Sampler, generate, model_digest, resolve_backend
 
 PRESETS = ("tiny", "digits", "cifar10")
 
@@ -85,34 +86,31 @@ def run(
 ) -> list[dict]:
     device = torch.device(device)
     m = load(model, preset, device)
-    shape = _image_shape(m)
-    kw = dict(steps=steps, backend=backend, device=device, seed=0)
-    sampler = Sampler(m, shape, batch_size, dict(kw))
-    resolve_backend(m, sampler, num, Dist())
-    kw = dict(sampler.kwargs)  # the resolved backend and its options, shared by every provider
+    shape = m.defaults.image_shape
+    plan = make_plan(m, None, (min(batch_size, num), *shape), steps=steps, device=device, seed=0)
+    backend, plan = resolve_backend(m, plan, backend, num)  # resolved once, shared by every provider
+    sampler = Sampler(m, plan, backend)
     model_id = model_digest(m)
     sampler(0, min(batch_size, num))  # warm-up: compile, capture, cuDNN choices
     _sync(device)
 
     def t_sampler(_):
-        from ddpm_fast.sampling import sample
-
         for off in range(0, num, batch_size):
-            sample(m, shape=(min(batch_size, num - off), *shape), start_index=off, **kw)
+            sampling.run(m, plan.rows(min(batch_size, num - off), off), backend)
         _sync(device)
 
     def t_generate(fmt):
         def go(d):
             generate(
-                m, os.path.join(d, "run"), num=num, batch_size=batch_size, shard_size=shard_size,
-                shard_format=fmt, merge=False, model_id=model_id, **kw,
+                m, os.path.join(d, "run"), plan, num=num, backend=backend, shard_size=shard_size,
+                shard_format=fmt, merge=False, model_id=model_id,
             )  # fmt: skip
             _sync(device)
 
         return go
 
     def t_file(d):
-        generate(m, os.path.join(d, "one.npz"), num=num, batch_size=batch_size, **kw)
+        generate(m, os.path.join(d, "one.npz"), plan, num=num, backend=backend)
         _sync(device)
 
     rng = np.random.default_rng(0)
@@ -149,7 +147,7 @@ def run(
         "device_name": _device_name(device),
         "model": model or f"random {preset}",
         "image_shape": list(shape),
-        "backend": kw["backend"],
+        "backend": backend,
         "num": num,
         "batch_size": batch_size,
         "shard_size": shard_size,

@@ -10,7 +10,7 @@ Sections, in order (each records its own wall time; a failing section is reporte
 3. targets:  batch 256 bf16 >= 4x diffusers images/s and >= 40% of the bf16 dense peak (989 TFLOP/s,
              12.4 GFLOP per image per step); batch 1 >= 10x diffusers' per-step speed;
 4. kernels:  benchmarks/bench_kernels.py's run("cuda") when present;
-5. onnx:     ddpm_fast.export.bench.gpu_check (ONNX Runtime's CUDA path) when present;
+5. onnx:     ddpm_fast.bench.onnx.gpu_check (ONNX Runtime's CUDA path) when present;
 6. modes:    torch.compile mode "default" vs "max-autotune-no-cudagraphs" at batch 64 bf16, if the budget allows.
 Writes OUT_DIR/report.md, report.json, sampling.png. Exit 0 when every test passed, 1 otherwise, 2 without CUDA.
 """
@@ -152,7 +152,7 @@ def run_kernels() -> list[dict]:
 
 
 def run_onnx(out: Path) -> dict:
-    from ddpm_fast.export.bench import gpu_check
+    from ddpm_fast.bench.onnx import gpu_check
 
     return gpu_check(out / "onnx")
 

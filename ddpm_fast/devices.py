@@ -1,4 +1,4 @@
-"""torchrun's environment and the --device argument, shared by sampling runs and training."""
+"""The --device and --threads arguments, shared by every command."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import os
 import torch
 
 from ddpm_fast.errors import Unavailable
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, world, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as e:
-        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
-    return rank, world, local
 
 
 def default_threads() -> int:

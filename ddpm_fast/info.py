@@ -10,17 +10,15 @@ diffusers, which pulls in torch._dynamo and sympy, triton and onnx), so `info` c
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import shutil
 import sys
 
-__all__ = ["collect", "add_arguments", "run"]
+__all__ = ["collect"]
 
 DISTRIBUTIONS = (
     "ddpm-fast",
@@ -231,16 +229,3 @@ def _print_text(info: dict) -> None:
         print(f"bundled model  {shape}, {m['parameters']:,} parameters, {m['path']}")
     else:
         print(f"bundled model  missing: {m['why']}")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def run(args) -> int:
-    info = collect()
-    if args.json:
-        print(json.dumps(info, indent=1))
-    else:
-        _print_text(info)
-    return 0

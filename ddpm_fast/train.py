@@ -30,7 +30,6 @@ Multi-GPU: launch the same command under `torchrun`; each rank takes its slice o
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -42,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.devices import env_world, resolve_device
+from ddpm_fast.devices import resolve_device
+from ddpm_fast.distributed import env_world, join
 from ddpm_fast.schedule import Schedule
 
 __all__ = [
@@ -52,8 +52,6 @@ __all__ = [
     "diffusion_loss",
     "save_state",
     "load_state",
-    "add_arguments",
-    "run",
 ]
 
 log = logging.getLogger("ddpm_fast")
@@ -431,7 +429,7 @@ def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int
         seed=0,
         backend="reference",
     )
-    from ddpm_fast.generate import save_grid, to_uint8
+    from ddpm_fast.images import save_grid, to_uint8
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(to_uint8(x), str(path))
@@ -469,13 +467,8 @@ def train(
     if cfg.bf16 and dev.type != "cuda":
         raise ValueError(f"--bf16 is for CUDA devices only; the device is {dev}")
     if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.barrier()  # every rank has checked --out before rank 0 changes it
+        join(dev)  # the group stays for DistributedDataParallel; the process ends with it
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 changes it
     main = rank == 0
     if force and main:
         _remove_run(out)
@@ -605,100 +598,3 @@ def _ema_update(ema, model, decay: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument(
-        "--data",
-        default=d.data,
-        help="'digits' (scikit-learn, 8x8), an image folder, or an .npz (arr_0 NHWC)",
-    )
-    p.add_argument("--out", default="runs/digits", help="output directory (default: %(default)s)")
-    p.add_argument("--preset", default=d.preset, choices=PRESETS, help="U-Net size (default: %(default)s)")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="train resolution (default: the data's; required for folders)",
-    )
-    p.add_argument(
-        "--channels", type=int, default=None, choices=(1, 3), help="convert the data to 1 or 3 channels"
-    )
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--hflip", action="store_true", help="random horizontal flips")
-    p.add_argument("--schedule", default=d.schedule, choices=("linear", "cosine"))
-    p.add_argument("--timesteps", type=int, default=d.num_timesteps, help="T (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps in all (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (default: %(default)s)"
-    )
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--variance",
-        default=d.variance,
-        choices=("fixed_small", "fixed_large"),
-        help="sampling variance recorded in the checkpoint (default: %(default)s)",
-    )
-    p.add_argument(
-        "--save-every", type=int, default=1000, help="checkpoint every N steps (default: %(default)s)"
-    )
-    p.add_argument(
-        "--sample-steps",
-        type=int,
-        default=100,
-        help="respaced steps for the sample grid at each checkpoint; 0: no grid (default: %(default)s)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="start over in an --out that holds a run, deleting its model, state, log and sample grids",
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args) -> int:
-    cfg = TrainConfig(
-        data=args.data,
-        preset=args.preset,
-        image_size=args.image_size,
-        channels=args.channels,
-        dropout=args.dropout,
-        hflip=args.hflip,
-        schedule=args.schedule,
-        num_timesteps=args.timesteps,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        variance=args.variance,
-        bf16=args.bf16,
-    )
-    t0 = time.perf_counter()
-    train(
-        cfg,
-        args.out,
-        resume=args.resume,
-        force=args.force,
-        device=args.device,
-        save_every=args.save_every,
-        sample_steps=args.sample_steps,
-        compile=args.compile,
-        progress=not args.no_progress,
-    )
-    if env_world()[0] == 0:
-        print(f"trained to step {cfg.steps} in {time.perf_counter() - t0:.0f} s; model in {args.out}")
-    return 0

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import ddpm_fast as df
-from ddpm_fast import checkpoint, devices, generate, sampling
+from ddpm_fast import checkpoint, devices, runs, sampling
 from ddpm_fast.cli import _close_progress_bars, main
+from ddpm_fast.cli import sample as sample_cmd
+from ddpm_fast.plan import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def no_sampling(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("sampling started before the arguments were checked")
 
-    monkeypatch.setattr(sampling, "sample", refuse)
+    monkeypatch.setattr(sampling, "run", refuse)
 
 
 @pytest.fixture(autouse=True)
@@ -96,14 +98,14 @@ def test_threads_option_and_default(model_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_model_step_count_is_the_cli_default(model_dir, tmp_path, monkeypatch):
-    assert checkpoint.default_model().sampling["steps"] == 100  # the README's measured quality is at 100
+    assert checkpoint.default_model().defaults.steps == 100  # the README's measured quality is at 100
     seen = {}
 
-    def fake_generate(model, out, **kw):
-        seen.update(kw)
+    def fake_generate(model, out, plan, **kw):
+        seen["steps"] = plan.table.num_steps
         return {"out": out, "num": kw["num"], "new": kw["num"], "seconds": 1.0}
 
-    monkeypatch.setattr(generate, "generate", fake_generate)
+    monkeypatch.setattr(sample_cmd, "generate", fake_generate)
     assert main(["sample", "--out", str(tmp_path / "a.png")]) == 0
     assert seen["steps"] == 100
     assert main(["sample", "--model", model_dir, "--out", str(tmp_path / "a.png")]) == 0
@@ -114,7 +116,7 @@ def test_model_step_count_is_the_cli_default(model_dir, tmp_path, monkeypatch):
 
 def test_progress_advances_every_step(model_dir):
     model = checkpoint.load_model(model_dir)
-    sampler = generate.Sampler(model, (3, 8, 8), batch_size=2, kwargs={"steps": 4, "backend": "reference"})
+    sampler = runs.Sampler(model, make_plan(model, None, (2, 3, 8, 8), steps=4), "reference")
     told = []
     images = sampler(0, 3, told.append)  # batches of 2 and 1 rows, 4 steps each
     assert images.shape == (3, 8, 8, 3)
@@ -122,11 +124,11 @@ def test_progress_advances_every_step(model_dir):
 
 
 def test_an_error_during_sampling_starts_its_own_line(model_dir, tmp_path, monkeypatch, capsys):
-    def fail_after_one_step(model, *, shape, callback=None, **kw):
-        callback(0, 3, torch.zeros(shape))
+    def fail_after_one_step(model, plan, backend):
+        plan.callback(0, 3, torch.zeros(plan.shape))
         raise ValueError("model returned NaN or Inf at step 1 (t=2)")
 
-    monkeypatch.setattr(sampling, "sample", fail_after_one_step)
+    monkeypatch.setattr(sampling, "run", fail_after_one_step)
     assert main(["sample", "--model", model_dir, "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "\nddpm-fast sample: error: model returned NaN" in err  # after the bar's line, not on it

@@ -23,7 +23,8 @@ import ddpm_fast as df
 from ddpm_fast import checkpoint, shards
 from ddpm_fast.cli import main
 from ddpm_fast.errors import UserError
-from ddpm_fast.generate import generate, to_uint8
+from ddpm_fast.images import to_uint8
+from ddpm_fast.runs import generate
 
 STEPS = 3
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -34,7 +35,7 @@ def direct(model, start: int, count: int, batch: int, **kw) -> np.ndarray:
     out = []
     for off in range(0, count, batch):
         b = min(batch, count - off)
-        x = df.sample(model, shape=(b, *model.sampling["image_shape"]), start_index=start + off, **kw)
+        x = df.sample(model, shape=(b, *model.defaults.image_shape), start_index=start + off, **kw)
         out.append(to_uint8(x))
     return np.concatenate(out)
 
@@ -282,9 +283,9 @@ def test_cli_default_grid_npz_and_bad_options(model_dir, tmp_path, monkeypatch, 
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 8, 8, 3)
     for bad, words in (
-        (["--method", "dpm"], "--method must be one of"),
-        (["--dtype", "int8"], "--dtype must be one of"),
-        (["--num", "0"], "--num must be >= 1"),
+        (["--method", "dpm"], "argument --method: invalid choice: 'dpm'"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--num", "0"], "argument --num: must be >= 1"),
         (["--eta", "0.5"], "--eta applies to --method ddim"),
         (["--out", "x.jpg"], "must end in .png"),
         (["--device", "tpu:9"], "--device must name a torch device"),
@@ -292,10 +293,9 @@ def test_cli_default_grid_npz_and_bad_options(model_dir, tmp_path, monkeypatch, 
         assert main([*argv, *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (bad, err)
-    with pytest.raises(SystemExit) as e:  # argparse's own errors: also one line, exit 2
-        main([*argv, "--bogus"])
+    assert main([*argv, "--bogus"]) == 2  # argparse's own errors: also one line, exit 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
+    assert err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
     assert main(["sample", "--model", str(tmp_path / "nope")]) == 2
     assert "--model" in (err := capsys.readouterr().err) and "does not exist" in err
 
@@ -357,6 +357,23 @@ def test_torchrun_two_processes_equal_one(model_dir, one_process_run, tmp_path):
     ma, mb = manifest(one_process_run), manifest(run)
     assert mb["info"]["world_size"] == 2 and mb["complete"]
     assert ma["done"] == mb["done"]  # same bytes, shard by shard
+
+
+@pytest.mark.slow
+def test_nproc_per_node_starts_torchrun_itself(model_dir, one_process_run, tmp_path):
+    """`sample --nproc-per-node 2 --num ...`: no `--` and no torchrun command line (torchrun would read --num
+    as its --numa-binding), the same bytes as one process."""
+    run = str(tmp_path / "run")
+    p = cli("sample", "--nproc-per-node", "2", "--model", model_dir, "--out", run, *RUN_ARGS)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert np.array_equal(merged(one_process_run), merged(run))
+    assert manifest(run)["info"]["world_size"] == 2 and manifest(run)["complete"]
+
+
+def test_nproc_per_node_needs_a_run_directory(model_dir, tmp_path, capsys):
+    assert main(["sample", "--model", model_dir, "--nproc-per-node", "2", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nproc-per-node needs --out DIR" in err
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm_fast import train as tr
+from ddpm_fast.cli import train as train_cmd
 from ddpm_fast.schedule import Schedule
 
 # A small, fast run: the 'tiny' U-Net on 8x8 one-channel digits, with dropout so the RNG state matters.
@@ -192,7 +193,7 @@ def test_run_writes_checkpoints_grid_and_log(tmp_path):
     model = load_model(tmp_path)
     for k, v in ema.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
-    assert model.sampling["variance"] == "fixed_large"
+    assert model.defaults.variance == "fixed_large"
     assert model.schedule.spec == Schedule.linear(1000).spec
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step-00000002.png",
@@ -387,12 +388,12 @@ def test_threads_belong_to_the_command_line(tmp_path, monkeypatch):
     import argparse
 
     p = argparse.ArgumentParser()
-    tr.add_arguments(p)
+    train_cmd.add_arguments(p)
     p.add_argument("--threads", type=int)  # as cli.py does; a second --threads would be an argparse error
     args = p.parse_args(
         [*TINY_ARGS, "--steps", "1", "--out", str(tmp_path), "--no-progress", "--threads", "3"]
     )
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    assert tr.run(args) == 0
+    assert train_cmd.run(args) == 0
     assert calls == []

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
-from ddpm_fast.devices import resolve_device
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.shards import atomic_write_bytes
 
@@ -42,8 +41,6 @@ __all__ = [
     "write_report",
     "diffusers_unet",
     "device_info",
-    "add_arguments",
-    "run",
 ]
 
 PRESETS = ("tiny", "digits", "cifar10", "celebahq256")
@@ -69,7 +66,7 @@ def diffusers_unet(model):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise Unavailable("the diffusers provider needs diffusers (pip install diffusers)") from e
-    from ddpm_fast.checkpoint import diffusers_kwargs
+    from ddpm_fast.diffusers_io import diffusers_kwargs
     from ddpm_fast.unet import diffusers_key
 
     try:
@@ -109,8 +106,8 @@ def _diffusers_factory(model, schedule, shape, steps, device):
 
 def _onnx_factory(model, schedule, shape, steps, device):
     try:
-        from ddpm_fast.export.bench import onnx_provider
-        from ddpm_fast.sampling import make_plan
+        from ddpm_fast.bench.onnx import onnx_provider
+        from ddpm_fast.plan import make_plan
     except ImportError as e:
         raise Unavailable(f"the onnx provider needs ddpm_fast.export: {e}") from e
     plan = make_plan(model, schedule, shape, seed=SEED, device=device)
@@ -392,48 +389,3 @@ def write_report(rows: list[dict], out_dir, stem: str = "bench", meta: dict | No
 
 
 # ---------------------------------------------------------------------------------------------- command line
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}") from e
-    if not vals or min(vals) < 1:
-        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}")
-    return vals
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument(
-        "--model", default=None, help=f"a preset ({', '.join(PRESETS)}; random weights) or a checkpoint"
-    )
-    p.add_argument("--batch-sizes", default=None, help="comma-separated (default: cpu 1,4; cuda 1,16,64,256)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: cpu 10, cuda 20)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per point after the first (default 3)")
-    p.add_argument("--providers", default=None, help=f"comma-separated, among {', '.join(PROVIDERS)}")
-    p.add_argument("--out", default="bench", help="directory for bench.md, bench.json, bench.png")
-
-
-def run(args) -> int:
-    # Before build_model: moving a model to a CUDA device this machine lacks raises an AssertionError.
-    # (--threads is ddpm_fast.cli's, applied before run(); device_info reports torch.get_num_threads().)
-    device = resolve_device(args.device, name="--device")
-    cuda = device.type == "cuda"
-    model = build_model(args.model or ("cifar10" if cuda else "tiny"), device)
-    batch_sizes = _int_list(args.batch_sizes) if args.batch_sizes else ([1, 16, 64, 256] if cuda else [1, 4])
-    providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
-    rows = benchmark(
-        model,
-        device=device,
-        batch_sizes=batch_sizes,
-        steps=args.steps or (20 if cuda else 10),
-        repeats=args.repeats,
-        providers=providers,
-    )
-    meta = {"model": args.model or ("cifar10" if cuda else "tiny"), "parameters": model.num_parameters()}
-    paths = write_report(rows, args.out, meta=meta)
-    print(markdown(rows))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0

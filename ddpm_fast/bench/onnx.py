@@ -56,7 +56,7 @@ class OnnxProvider:
 def onnx_provider(
     model, plan, *, fp16: bool = False, step_graph: bool = False, validate: bool = False, **export_kwargs
 ) -> OnnxProvider:
-    """A callable running `plan` (a ddpm_fast.sampling.Plan) through ONNX Runtime on plan.device.
+    """A callable running `plan` (a ddpm_fast.plan.Plan) through ONNX Runtime on plan.device.
 
     `model`: an nn.Module (exported to a temporary file first: the eps graph, or with step_graph=True the
     step graph for exactly this plan) or an .onnx path / OnnxModel / InferenceSession (used as is).
@@ -65,23 +65,15 @@ def onnx_provider(
     if not isinstance(model, torch.nn.Module):
         return OnnxProvider(model, plan)
     from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.schedule import Schedule
 
     tmpdir = tempfile.mkdtemp(prefix="ddpm_fast_onnx_")
     path = Path(tmpdir) / ("step.onnx" if step_graph else "model.onnx")
     kw = dict(export_kwargs)
     if step_graph:
-        kw.update(
-            schedule=Schedule.from_spec(plan.schedule.spec),
-            timesteps=plan.schedule.timesteps.tolist(),
-            method=plan.method,
-            eta=plan.eta,
-            variance=plan.variance,
-            clip=plan.clip,
-        )
+        kw.update(plan=plan, schedule=plan.full_schedule)
     try:
         cpu_model = model if _on_cpu(model) else copy.deepcopy(model).cpu()
-        report = export_onnx(cpu_model, path, step=step_graph, fp16=fp16, validate=validate, **kw)
+        report = export_onnx(cpu_model, path, fp16=fp16, validate=validate, **kw)
         return OnnxProvider(path, plan, export_seconds=report.export_seconds, tmpdir=tmpdir)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -130,7 +122,8 @@ def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
     from ddpm_fast.export.graphs import EpsGraph, half_unet
     from ddpm_fast.export.onnx_export import export_onnx
     from ddpm_fast.export.runtime import OnnxModel, import_onnxruntime, reference_tolerance
-    from ddpm_fast.sampling import make_plan, sample_reference
+    from ddpm_fast.plan import make_plan
+    from ddpm_fast.reference import run as sample_reference
     from ddpm_fast.unet import UNet, UNetConfig
 
     result = {"status": "skipped", "torch": torch.__version__}
@@ -210,7 +203,8 @@ def _cifar10_speed(work: Path, dev: torch.device, batch: int = 64, steps: int = 
     """images/s of a `steps`-step run at `batch` for onnx fp32 / fp16 and the reference, same CUDA device."""
     import ddpm_fast as df
     from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.sampling import make_plan, sample_reference
+    from ddpm_fast.plan import make_plan
+    from ddpm_fast.reference import run as sample_reference
     from ddpm_fast.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
@@ -254,7 +248,7 @@ def _median_seconds(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-if __name__ == "__main__":  # python -m ddpm_fast.export.bench: the GPU check alone
+if __name__ == "__main__":  # python -m ddpm_fast.bench.onnx: the GPU check alone
     import json
 
     print(json.dumps(gpu_check(os.environ.get("DDPM_FAST_GPU_CHECK_DIR")), indent=2, default=str))

@@ -1,4 +1,5 @@
-"""`ddpm-fast` command line. Each subcommand lives in its own module with `add_arguments(p)` and `run(args) -> int`.
+"""`ddpm-fast` command line: one module per command in this package, each with `add_arguments(p)` and
+`run(args) -> int`; this module builds the parser, applies --threads and turns user errors into one line.
 
 A user error (bad option, missing file, unavailable device) prints one line to stderr and exits 2;
 set DDPM_FAST_DEBUG=1 to see the traceback instead.
@@ -17,38 +18,38 @@ from ddpm_fast.errors import Unavailable, UserError
 # name -> (module, one-line help, examples)
 COMMANDS = {
     "sample": (
-        "ddpm_fast.generate",
+        "ddpm_fast.cli.sample",
         "sample images (a PNG grid, a folder of PNGs, an .npz, or a sharded run directory)",
         "ddpm-fast sample\n  ddpm-fast sample --num 16 --steps 250 --out grid.png\n"
         "  ddpm-fast sample --model ckpt/ --num 50000 --batch-size 256 --out run/",
     ),
     "merge": (
-        "ddpm_fast.generate",
+        "ddpm_fast.cli.merge",
         "merge the shards of a sharded run into one .npz in index order",
         "ddpm-fast merge run/ samples.npz",
     ),
     "train": (
-        "ddpm_fast.train",
+        "ddpm_fast.cli.train",
         "train a DDPM (digits, an image folder or an .npz)",
         "ddpm-fast train --data digits --steps 2000 --out runs/digits",
     ),
     "convert": (
-        "ddpm_fast.convert_cmd",
+        "ddpm_fast.cli.convert",
         "convert a diffusers UNet2DModel or pipeline directory to the native format",
         "ddpm-fast convert ./ddpm-cifar10-32 ./cifar10-native",
     ),
     "export": (
-        "ddpm_fast.export.cli",
+        "ddpm_fast.cli.export",
         "export a model (or a whole sampling step) to ONNX",
         "ddpm-fast export ckpt/ model.onnx\n  ddpm-fast export ckpt/ step.onnx --step",
     ),
     "bench": (
-        "ddpm_fast.bench",
+        "ddpm_fast.cli.bench",
         "benchmark the backends side by side",
         "ddpm-fast bench --device cpu --out bench/",
     ),
     "info": (
-        "ddpm_fast.info",
+        "ddpm_fast.cli.info",
         "versions, devices and which backends are available (and why not)",
         "ddpm-fast info",
     ),
@@ -58,11 +59,15 @@ COMMANDS = {
 USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
 
 
+class _ArgumentError(Exception):
+    """A bad option: argparse's message, reported by `main` as one line (exit 2)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line on stderr (exit 2), like every other user error."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        raise _ArgumentError(f"{self.prog}: error: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError as e:  # a part not installed: say so when the command is used
             p.set_defaults(_missing=f"'{name}' is unavailable: {e}")
             continue
-        (getattr(mod, f"add_arguments_{name}", None) or mod.add_arguments)(p)
+        mod.add_arguments(p)
         p.add_argument(
             "--threads",
             type=int,
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="torch CPU threads (default: the cores this process may use; under torchrun, divided by "
             "the local world size)",
         )
-        p.set_defaults(_run=getattr(mod, f"run_{name}", None) or mod.run)
+        p.set_defaults(_run=mod.run)
     return parser
 
 
@@ -101,9 +106,23 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _compile_cache_default() -> None:
+    """Commands keep inductor's compiled kernels across runs in ~/.cache/ddpm-fast/inductor (XDG_CACHE_HOME
+    honoured) unless TORCHINDUCTOR_CACHE_DIR is set; the library itself leaves torch's default alone."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "ddpm-fast", "inductor")
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as e:
+        print(str(e).splitlines()[0], file=sys.stderr)
+        return 2
+    args._argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command is None:
         parser.print_help()
@@ -115,6 +134,7 @@ def main(argv=None) -> int:
         from ddpm_fast.devices import set_threads
 
         set_threads(args.threads)
+        _compile_cache_default()
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         _close_progress_bars()

@@ -32,15 +32,14 @@ def run(args) -> int:
     if (dst / CONFIG_FILE).exists() and not args.force:
         raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
     model = load_model(src)
-    sampling = dict(model.sampling)
+    changes = {}
     if args.variance:
-        sampling["variance"] = args.variance
+        changes["variance"] = args.variance
     if args.no_clip:
-        sampling["clip"] = False
-    save_model(model, dst, sampling=sampling)
+        changes["clip"] = False
+    save_model(model, dst, sampling=changes)
+    d = load_model(dst).defaults
     n = sum(p.numel() for p in model.parameters())
-    sched = "none" if model.schedule is None else f"T={model.schedule.num_timesteps}"
-    print(
-        f"wrote {dst}: {n:,} parameters, schedule {sched}, variance {sampling['variance']}, clip {sampling['clip']}"
-    )
+    sched = "none" if d.schedule is None else f"T={d.schedule.num_timesteps}"
+    print(f"wrote {dst}: {n:,} parameters, schedule {sched}, variance {d.variance}, clip {d.clip}")
     return 0

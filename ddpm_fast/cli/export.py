@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddpm_fast.samplers import METHODS
+from ddpm_fast.steps import VARIANCES
+
 __all__ = ["add_arguments", "run"]
 
 BUNDLED = "digits"  # checkpoint.DEFAULT_MODEL_DIR; `bench --model digits` is its preset
@@ -38,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("step graph (--step): the run it is exported for")
     g.add_argument("--steps", type=int, help="sampling steps, evenly respaced (default: all of the schedule)")
-    g.add_argument("--method", default="ddpm", help="ddpm or ddim (default ddpm)")
+    g.add_argument("--method", default="ddpm", choices=METHODS, help="sampler (default ddpm)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
-    g.add_argument("--variance", help="fixed_small, fixed_large or learned_range (default: the checkpoint's)")
+    g.add_argument("--variance", choices=VARIANCES, help="(default: the checkpoint's)")
     g.add_argument(
         "--clip",
         action=argparse.BooleanOptionalAction,
@@ -71,6 +74,7 @@ def _load(spec: str):
 
 def run(args) -> int:
     from ddpm_fast.export.onnx_export import export_onnx
+    from ddpm_fast.plan import make_plan
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1; got {args.steps}")
@@ -83,20 +87,27 @@ def run(args) -> int:
     ):
         raise ValueError("--steps, --method, --eta, --variance and --clip describe a step graph: add --step")
     model = _load(args.model)
-    if args.step and model.schedule is None:
-        raise ValueError(f"{args.model} names no noise schedule; a step graph needs one")
+    plan = None
+    if args.step:
+        if model.schedule is None:
+            raise ValueError(f"{args.model} names no noise schedule; a step graph needs one")
+        plan = make_plan(
+            model,
+            None,
+            (1, *model.defaults.image_shape),
+            steps=args.steps,
+            method=args.method,
+            eta=args.eta,
+            variance=args.variance,
+            clip=args.clip,
+        )
     report = export_onnx(
         model,
         args.out,
-        step=args.step,
+        plan=plan,
         fp16=args.fp16,
         opset=args.opset,
         exporter=args.exporter,
-        steps=args.steps,
-        method=args.method,
-        eta=args.eta,
-        variance=args.variance,
-        clip=args.clip,
         validate=not args.no_validate,
     )
     print(report.summary(), file=sys.stderr)

@@ -1,0 +1,256 @@
+"""`ddpm-fast sample`: images from a model into a PNG grid, an .npz, or a sharded, resumable run directory.
+
+`--nproc-per-node N` starts the torchrun job itself (through `torch.distributed.run`), one process per
+device, each drawing whole shards of a directory run; under an outer torchrun the command joins that job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from ddpm_fast.devices import resolve_device
+from ddpm_fast.distributed import Dist, env_world, join
+from ddpm_fast.errors import Unavailable, UserError
+from ddpm_fast.plan import make_plan
+from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, generate
+from ddpm_fast.samplers import METHODS
+from ddpm_fast.sampling import BACKENDS
+from ddpm_fast.shards import SHARD_FORMATS
+
+__all__ = ["add_arguments", "run", "DTYPES"]
+
+log = logging.getLogger("ddpm_fast")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def _positive(minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from e
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {v}")
+        return v
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a(
+        "--model",
+        metavar="DIR|FILE.onnx",
+        help="checkpoint directory or .onnx file (default: the bundled model)",
+    )
+    a("--num", type=_positive(), default=64, metavar="N", help="number of samples (default 64)")
+    a(
+        "--batch-size",
+        type=_positive(),
+        metavar="B",
+        help="samples per model call (default 256 on CUDA, 64 on CPU)",
+    )
+    a(
+        "--steps",
+        type=_positive(),
+        metavar="S",
+        help="sampling steps, evenly respaced (default: the checkpoint's recorded count, else the whole schedule; "
+        "the bundled model: 100)",
+    )
+    a("--method", default="ddpm", choices=METHODS, help="sampler (default ddpm)")
+    a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
+    a(
+        "--seed",
+        type=_positive(0),
+        default=0,
+        metavar="K",
+        help="noise seed; sample n depends only on (seed, n)",
+    )
+    a("--backend", default="auto", choices=("auto", *BACKENDS), help="(default auto)")
+    a(
+        "--device",
+        metavar="D",
+        help="torch device (default: cuda if available, else cpu; cuda:LOCAL_RANK under torchrun)",
+    )
+    a("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    a(
+        "--out",
+        default="samples.png",
+        metavar="PATH",
+        help="FILE.png: one grid; FILE.npz: arr_0 uint8 NHWC; DIR: sharded, resumable run (default samples.png)",
+    )
+    a(
+        "--shard-size",
+        type=_positive(),
+        metavar="N",
+        help=f"samples per shard of a DIR run (default {DEFAULT_SHARD_SIZE})",
+    )
+    a(
+        "--format",
+        default="npz",
+        dest="shard_format",
+        choices=SHARD_FORMATS,
+        help="shards of a DIR run (default npz)",
+    )
+    a("--no-merge", action="store_true", help="DIR run: do not write DIR/samples.npz at the end")
+    a(
+        "--nproc-per-node",
+        type=_positive(),
+        metavar="N",
+        help="start N processes (torchrun) that share a DIR run; one per GPU",
+    )
+    a("--quiet", action="store_true", help="no progress bar")
+
+
+def _load_model(spec: str | None, device: torch.device):
+    """(model, backend it requires or None)."""
+    if spec is None:
+        from ddpm_fast.checkpoint import default_model
+
+        try:
+            return default_model(device=device), None
+        except RuntimeError as e:
+            raise Unavailable(f"the bundled model is not available ({e}); pass --model DIR") from e
+    if spec.lower().endswith(".onnx"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"--model {spec}: no such file")
+        try:
+            from ddpm_fast.export.runtime import load_onnx
+        except ImportError as e:
+            raise Unavailable(f"--model {spec}: ONNX models need ddpm_fast.export.runtime ({e})") from e
+        return load_onnx(spec), "onnx"
+    from ddpm_fast.checkpoint import load_model
+
+    try:
+        return load_model(spec, device=device), None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--model {spec}: {e}") from e
+
+
+def _check(args) -> str:
+    """Everything that can be refused before a model is loaded; returns the output kind."""
+    if args.method != "ddim" and args.eta != 0:
+        raise ValueError(
+            f"--eta applies to --method ddim only; got --eta {args.eta} with --method {args.method}"
+        )
+    kind = check_out(args.out, "--out")
+    onnx_file = args.model is not None and args.model.lower().endswith(".onnx")
+    if args.backend == "onnx" and not onnx_file:
+        raise ValueError(
+            f"--backend onnx needs --model FILE.onnx; got --model {args.model or '(the bundled model)'}"
+        )
+    if (onnx_file or args.backend == "onnx") and DTYPES[args.dtype] != torch.float32:
+        raise ValueError(
+            f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
+        )
+    if onnx_file and args.backend not in ("auto", "onnx"):
+        raise ValueError(
+            f"--model {args.model} is an ONNX file: use --backend onnx (or auto); got --backend {args.backend}"
+        )
+    if args.nproc_per_node and kind != "dir":
+        raise ValueError(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
+    if env_world()[1] > 1 and kind != "dir":
+        raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {args.out!r}")
+    return kind
+
+
+def _launch(args, argv: list[str]) -> int:
+    """Run this same command under torchrun with N processes (torch.distributed.run), minus --nproc-per-node."""
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    launch = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "-m", "ddpm_fast.cli", "--", *rest]
+    )
+    torchrun(launch)
+    return 0
+
+
+def run(args) -> int:
+    kind = _check(args)
+    if args.nproc_per_node and env_world()[1] == 1:
+        return _launch(args, args._argv)
+    rank, world, local = env_world()
+    device = resolve_device(args.device, local, world)
+    dist = join(device) if kind == "dir" else Dist()
+    try:
+        model, required = _load_model(args.model, device)
+        backend = required or args.backend
+        schedule = None
+        if model.defaults.schedule is None:
+            from ddpm_fast.schedule import Schedule
+
+            schedule = Schedule.linear(1000)
+            if dist.rank == 0:
+                log.warning("the model names no noise schedule: using DDPM's linear betas over 1000 steps")
+        steps = args.steps
+        if steps is None:
+            # an ONNX step graph samples exactly the run it was exported for; a checkpoint records its count
+            steps = getattr(model, "steps", None) or model.defaults.steps
+        dtype = DTYPES[args.dtype]
+        if backend == "reference" and dtype != torch.float32 and isinstance(model, torch.nn.Module):
+            model = model.to(dtype)  # the reference runs in the caller's dtype end to end
+        batch = args.batch_size or (256 if device.type == "cuda" else 64)
+        plan = make_plan(
+            model,
+            schedule,
+            (min(batch, args.num), *model.defaults.image_shape),
+            steps=steps,
+            method=args.method,
+            eta=args.eta,
+            seed=args.seed,
+            device=device,
+            dtype=dtype,
+        )
+        summary = generate(
+            model,
+            args.out,
+            plan,
+            num=args.num,
+            backend=backend,
+            shard_size=args.shard_size,
+            shard_format=args.shard_format,
+            merge=not args.no_merge,
+            progress=not args.quiet,
+            dist=dist,
+        )
+    finally:
+        dist.close()
+    if dist.rank == 0:
+        _report(summary)
+    return 0
+
+
+def _report(s: dict) -> None:
+    rate = s["new"] / s["seconds"] if s["seconds"] > 0 else float("inf")
+    line = f"{s['new']} images in {s['seconds']:.1f} s ({rate:.1f} img/s)"
+    if "shards" in s:
+        line += f"; {s['skipped']} already done; {s['num']} in {s['shards']} shards"
+        if s["world_size"] > 1:
+            line += f" over {s['world_size']} processes"
+        if "merged" in s:
+            line += f"; merged in {s['merge_seconds']:.1f} s"
+    print(line, file=sys.stderr)
+    print(s.get("merged", s["out"]))
