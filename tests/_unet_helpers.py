@@ -1,10 +1,62 @@
-"""Shared by test_unet.py and test_checkpoint.py: diffusers UNet2DModel twins of our configs."""
+"""Shared by test_unet*.py and test_checkpoint*.py: U-Net variants, inputs, and diffusers UNet2DModel twins.
+
+Importable without diffusers: only `random_diffusers_unet` needs it, and imports it when called.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ddpm_fast.checkpoint import diffusers_kwargs  # noqa: F401  (re-exported for the tests)
+from ddpm_fast.diffusers_io import diffusers_kwargs  # noqa: F401  (re-exported for the tests)
+from ddpm_fast.unet import UNetConfig
+
+EPS32 = torch.finfo(torch.float32).eps
+
+VARIANTS = {
+    # float64 convolutions take the slow CPU path: the wide variants stay narrow and small.
+    "cifar10-narrow": UNetConfig.cifar10(
+        sample_size=16, block_out_channels=(16, 32, 32, 32), norm_num_groups=8
+    ),
+    "celebahq-32px": UNetConfig.celebahq256(
+        sample_size=32, block_out_channels=(8, 8, 16, 16, 32, 32), norm_num_groups=4
+    ),
+    "tiny": UNetConfig.tiny(),
+    "digits-8": UNetConfig.digits(),
+    "digits-16": UNetConfig.digits(sample_size=16),
+    "knobs": UNetConfig.tiny(
+        layers_per_block=2,
+        attn_levels=(0, 1),
+        attention_head_dim=16,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        norm_eps=1e-5,
+        mid_scale_factor=1.4142,
+        time_embed_dim=96,
+        center_input_sample=True,
+        out_channels=6,
+    ),
+    "scale-shift": UNetConfig.tiny(scale_shift_norm=True),
+    "scale-shift-mid-norm": UNetConfig.tiny(scale_shift_norm=True, mid_attn_norm_groups=4),
+    "no-attention": UNetConfig.tiny(attn_levels=(), mid_attention=False),
+    "odd-channels": UNetConfig.tiny(
+        block_out_channels=(9, 18), norm_num_groups=3, in_channels=1, out_channels=2
+    ),
+    "three-levels": UNetConfig.tiny(block_out_channels=(16, 32, 48), attn_levels=(2,), attention_head_dim=8),
+}
+
+
+def unet_inputs(cfg: UNetConfig, batch=3, size=None, seed=0):
+    """(x, t) for cfg: standard normal x, t drawn from a 1000-step schedule with both ends present."""
+    g = torch.Generator().manual_seed(seed)
+    s = size or cfg.sample_size
+    x = torch.randn(batch, cfg.in_channels, s, s, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    t[0] = 0  # both ends of a 1000-step schedule
+    if batch > 1:
+        t[-1] = 999
+    return x, t
+
 
 # google/ddpm-cifar10-32's UNet2DModel config, as published (attention_head_dim null: one head).
 CIFAR10_DIFFUSERS = dict(

@@ -14,8 +14,6 @@ figures at 100 and at all 1000 steps are in the README.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -54,10 +52,6 @@ def model():
     return df.default_model()
 
 
-def _fast_available() -> bool:
-    return importlib.util.find_spec("ddpm_fast.engine") is not None
-
-
 def _options(backend: str) -> dict:
     if backend != "fast" or torch.cuda.is_available():
         return {}
@@ -70,8 +64,6 @@ def _options(backend: str) -> dict:
 @pytest.mark.slow  # two 256-sample runs of 100 steps: ~15 s on 2 cores
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_bundled_model_samples_are_recognisable_digits(backend, classifier, model):
-    if backend == "fast" and not _fast_available():
-        pytest.skip("ddpm_fast.engine (the fast backend) is not present in this checkout")
     clf, real_share = classifier
     x = df.sample(
         model,
