@@ -1,7 +1,8 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make sample   -> creates .venv, installs the package, samples a grid from the bundled model
 #   make test     -> creates .venv, installs the package with the test + onnx extras, runs ruff (lint and
-#                    format check) and the default pytest suite (everything not marked slow: a few minutes)
+#                    format check), lint-imports (the layering contracts in pyproject.toml) and the default
+#                    pytest suite (everything not marked slow: a few minutes)
 # Both are idempotent: a second run only re-installs when pyproject.toml changed.
 # `make test-slow` runs the tests marked slow (quality, 1000-step chains, full exports); CI runs it after
 # `make test` as a separate step with its own time budget (SLOW_BUDGET_S).
@@ -21,7 +22,7 @@ else
 TORCH_SPEC ?= torch==2.13.0
 endif
 
-.PHONY: sample test test-slow lint bench setup clean
+.PHONY: sample test test-slow lint wheel-check bench setup clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,18 @@ sample: $(VENV)/.base
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+
+# A wheel in a fresh virtual environment, used from a temporary directory: the installed package (not this
+# source tree) samples and imports its kernels and export parts.
+wheel-check: $(VENV)/.base
+	set -e; tmp=$$(mktemp -d); \
+	$(PIP) wheel -q --no-deps -w $$tmp/dist . ; \
+	$(PYTHON) -m venv $$tmp/venv; \
+	$$tmp/venv/bin/python -m pip install -q "$(TORCH_SPEC)" $$tmp/dist/ddpm_fast-*.whl; \
+	cd $$tmp && venv/bin/ddpm-fast sample --num 4 --steps 10 --out wheel.png --quiet && \
+	venv/bin/python -c "import ddpm_fast.kernels, ddpm_fast.export, ddpm_fast.cli; print('wheel ok:', ddpm_fast.kernels.__file__)"; \
+	rm -rf $$tmp
 
 test: lint
 	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS)
