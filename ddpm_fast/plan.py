@@ -16,7 +16,7 @@ from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.samplers import build_step_table, family
-from ddpm_fast.schedule import Schedule, check_timesteps, spaced_timesteps
+from ddpm_fast.schedule import Schedule, check_timesteps, spacing_timesteps
 from ddpm_fast.steps import VARIANCES, StepTable
 
 __all__ = ["Plan", "make_plan", "check_model_output", "model_device", "FLOAT_DTYPES"]
@@ -63,6 +63,7 @@ def make_plan(
     steps=None,
     timesteps=None,
     method: str = "ddpm",
+    spacing: str | None = None,
     eta: float = 0.0,
     variance: str | None = None,
     clip: bool | None = None,
@@ -90,7 +91,12 @@ def make_plan(
         raise TypeError(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
-    family(method)  # an unknown method lists the known ones
+    fam = family(method)  # an unknown method lists the known ones
+    spacing = fam.spacing if spacing is None else spacing
+    if spacing not in fam.spacings:
+        raise ValueError(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
+    if spacing != fam.spacing and steps is None:
+        raise ValueError(f"spacing={spacing!r} needs steps=N (it chooses which N timesteps to keep)")
     variance = d.variance if variance is None else variance
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
@@ -111,7 +117,7 @@ def make_plan(
     if timesteps is not None:
         kept = check_timesteps(timesteps, T)
     elif steps is not None:
-        kept = torch.tensor(spaced_timesteps(T, steps))
+        kept = torch.tensor(spacing_timesteps(schedule, steps, spacing))
     else:
         kept = None
     run_schedule = schedule if kept is None or kept.numel() == T else schedule.respace(kept)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Schedule", "spaced_timesteps"]
+__all__ = ["Schedule", "spaced_timesteps", "spacing_timesteps", "SPACINGS"]
 
 _F64 = torch.float64
 
@@ -171,3 +171,41 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
     return [round(i * stride) for i in range(steps)]
+
+
+SPACINGS = ("uniform", "linspace", "trailing", "logsnr")
+
+
+def spacing_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> list[int]:
+    """`steps` kept timesteps of `schedule` (ascending) by rule:
+
+    uniform   round(i (T-1)/(steps-1)), both ends (improved-diffusion; `spaced_timesteps`)
+    linspace  round(linspace(0, T-1, steps+1))[1:] (diffusers' default "linspace" for its multistep solvers)
+    trailing  round(arange(T, 0, -T/steps)) - 1 (diffusers' "trailing", from T-1 down)
+    logsnr    uniform in lambda = log(alpha/sigma) between t = T-1 and t = 0, each at its nearest timestep
+              (the DPM-Solver authors' choice for pixel-space models)
+    """
+    T = schedule.num_timesteps
+    ids = spaced_timesteps(T, steps)  # validates steps
+    if spacing == "uniform":
+        return ids
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, steps + 1, dtype=_F64).round().long()[1:]
+    elif spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / steps, dtype=_F64).round() - 1).long()
+    elif spacing == "logsnr":
+        lam = 0.5 * (
+            torch.log(schedule.alphas_cumprod) - torch.log1p(-schedule.alphas_cumprod)
+        )  # decreasing in t
+        want = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=_F64)
+        ts = (lam[None, :] - want[:, None]).abs().argmin(dim=1).sort().values
+        for k in range(1, steps):  # near t = 0 lambda moves faster than one timestep: keep them distinct
+            ts[k] = max(int(ts[k]), int(ts[k - 1]) + 1)
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
+    ts = torch.unique(ts.clamp(0, T - 1))
+    if ts.numel() != steps:
+        raise ValueError(
+            f"steps={steps} with spacing={spacing!r} gives {ts.numel()} distinct timesteps of {T}; use fewer steps"
+        )
+    return ts.tolist()

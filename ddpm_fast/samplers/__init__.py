@@ -18,7 +18,11 @@ from dataclasses import dataclass
 
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
-from ddpm_fast.schedule import Schedule
+from ddpm_fast.samplers.dpmpp_2m import dpmpp_2m_table, sample_dpmpp_2m
+from ddpm_fast.samplers.dpmpp_2m_sde import dpmpp_2m_sde_table, sample_dpmpp_2m_sde
+from ddpm_fast.samplers.dpmpp_3m import dpmpp_3m_table, sample_dpmpp_3m
+from ddpm_fast.samplers.unipc import sample_unipc, unipc_table
+from ddpm_fast.schedule import SPACINGS, Schedule
 from ddpm_fast.steps import VARIANCES, StepTable
 
 __all__ = ["Family", "FAMILIES", "METHODS", "family", "build_step_table", "check_params"]
@@ -32,13 +36,25 @@ class Family:
     loop: Callable
     table: Callable
     history: int  # x0 predictions of earlier steps a step reads (0: one-step)
-    noise: str  # "always" (ancestral), "eta" (only when eta > 0), "never"
+    noise: str  # "always" (a draw every step), "eta" (only when eta > 0), "never"
     params: tuple[str, ...] = ()  # keyword arguments besides variance that the method takes, e.g. ("eta",)
+    spacing: str = "uniform"  # the default rule for steps=N (ddpm_fast.schedule.spacing_timesteps)
+    spacings: tuple[str, ...] = ("uniform",)
+    min_steps: int = 1  # a multistep solver of order k needs k steps
 
 
+# steps=N: ddpm/ddim keep improved-diffusion's uniform spacing; the solvers default to diffusers' "linspace",
+# so steps=N walks the timesteps diffusers' scheduler.set_timesteps(N) gives.
+_SOLVER = dict(spacing="linspace", spacings=SPACINGS)
 FAMILIES: dict[str, Family] = {
     "ddpm": Family("ddpm", sample_ddpm, ddpm_table, history=0, noise="always"),
     "ddim": Family("ddim", sample_ddim, ddim_table, history=0, noise="eta", params=("eta",)),
+    "dpmpp_2m": Family("dpmpp_2m", sample_dpmpp_2m, dpmpp_2m_table, 1, "never", min_steps=2, **_SOLVER),
+    "dpmpp_3m": Family("dpmpp_3m", sample_dpmpp_3m, dpmpp_3m_table, 2, "never", min_steps=3, **_SOLVER),
+    "dpmpp_2m_sde": Family(
+        "dpmpp_2m_sde", sample_dpmpp_2m_sde, dpmpp_2m_sde_table, 1, "always", min_steps=2, **_SOLVER
+    ),
+    "unipc": Family("unipc", sample_unipc, unipc_table, 2, "never", min_steps=2, **_SOLVER),
 }
 METHODS = tuple(FAMILIES)
 
@@ -71,4 +87,9 @@ def build_step_table(
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
     check_params(method, eta=eta)
+    if schedule.num_timesteps < fam.min_steps:
+        raise ValueError(
+            f"steps must be >= {fam.min_steps} for method={method!r} (a multistep solver of that order); "
+            f"got {schedule.num_timesteps}"
+        )
     return fam.table(schedule, variance=variance, eta=float(eta))

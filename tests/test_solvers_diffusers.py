@@ -1,0 +1,105 @@
+"""The multistep solvers equal diffusers' schedulers step for step (reference backend, generator noise).
+
+diffusers' DPMSolverMultistepScheduler ("dpmsolver++" orders 2 and 3, "sde-dpmsolver++" order 2) and
+UniPCMultistepScheduler at their defaults (final sigma zero, lower-order final steps, no thresholding) drive
+the same model from the same generator; we walk `timesteps=scheduler.timesteps` with clip=False.
+
+Model: the exact noise prediction for Gaussian data plus 0.05 sqrt(abar_t) x a random UNet2DModel, so x
+stays bounded (an untrained U-Net alone predicts x0 ~ 1e2 at t = 999 of the linear schedule, more on the
+cosine one, and the chain's scale, not the solver, would set the difference). Tolerance 2e-4 absolute in float32: diffusers keeps its sigmas in float32 and solves its UniPC
+systems in float32 while our coefficients are float64; a step's coefficients then differ by ~1e-7 relative,
+and the few-step chains below (each step a contraction of x plus O(1) x0 terms) carry that to ~1e-5 on
+|x| <= 3, while a wrong order or coefficient moves x by 1e-2 or more.
+"""
+
+import pytest
+import torch
+from analytic_model import MU, S2, GaussianEps
+
+import ddpm_fast as df
+
+diffusers = pytest.importorskip("diffusers")
+
+ATOL = 2e-4
+
+SCHEDULERS = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=3)),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=2)),
+    "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+}
+SCHEDULES = {"linear": ("linear", df.Schedule.linear), "cosine": ("squaredcos_cap_v2", df.Schedule.cosine)}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()
+
+
+def diffusers_run(method, sched, model, shape, seed):
+    """diffusers' loop: x_T = randn(generator), then model and scheduler.step(generator) per timestep."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = model(x, t.expand(shape[0]))
+            kw = {"generator": g} if method == "dpmpp_2m_sde" else {}  # UniPC's step takes no generator
+            x = sched.step(eps, t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [5, 10, 20, 50])
+@pytest.mark.parametrize("method", list(SCHEDULERS))
+def test_equals_diffusers_scheduler(unet, method, steps, schedule):
+    if steps == 50 and schedule == "cosine" and method != "unipc":
+        pytest.skip("covered by linear at 50 and cosine at 5-20; keeps the suite short")
+    cls, kw = SCHEDULERS[method]
+    beta_schedule, ours_schedule = SCHEDULES[schedule]
+    sched = getattr(diffusers, cls)(num_train_timesteps=1000, beta_schedule=beta_schedule, **kw)
+    sched.set_timesteps(steps)
+    s = ours_schedule(1000)
+    g_eps = GaussianEps(s, MU, S2)
+
+    sqrt_abar = s.alphas_cumprod.sqrt().float()
+
+    def model(x, t):  # the U-Net's share scaled by sqrt(abar): its x0 error is 0.05 sigma_t |U-Net|
+        return g_eps(x, t) + 0.05 * sqrt_abar[t].reshape(-1, 1, 1, 1) * unet(x, t).sample
+
+    shape = (2, 3, 8, 8)
+    want = diffusers_run(method, sched, model, shape, seed=7)
+    got = df.sample(
+        model,
+        s,
+        shape,
+        timesteps=sched.timesteps.tolist(),
+        method=method,
+        clip=False,
+        generator=torch.Generator().manual_seed(7),
+        backend="reference",
+    )
+    assert want.abs().max() < 5 and (want - want.mean()).abs().max() > 0.1  # bounded and not constant
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(SCHEDULERS))
+def test_steps_n_walks_diffusers_timesteps(method):
+    """steps=N with the solvers' default spacing keeps the timesteps diffusers' set_timesteps(N) gives."""
+    from ddpm_fast.plan import make_plan
+
+    cls, kw = SCHEDULERS[method]
+    for steps in (5, 10, 20, 50):
+        sched = getattr(diffusers, cls)(num_train_timesteps=1000, **kw)
+        sched.set_timesteps(steps)
+        plan = make_plan(lambda x, t: x, df.Schedule.linear(1000), (1, 1, 2, 2), steps=steps, method=method)
+        assert plan.table.timesteps.tolist() == sched.timesteps.tolist()
