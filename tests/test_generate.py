@@ -371,7 +371,9 @@ def test_nproc_per_node_starts_torchrun_itself(model_dir, one_process_run, tmp_p
 
 
 def test_nproc_per_node_needs_a_run_directory(model_dir, tmp_path, capsys):
-    assert main(["sample", "--model", model_dir, "--nproc-per-node", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(["sample", "--model", model_dir, "--nproc-per-node", "2", "--out", str(tmp_path / "x.png")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--nproc-per-node needs --out DIR" in err
 
