@@ -155,7 +155,7 @@ def update_with_noise(
     """x_{t-1} from one StepTable row c (float32 [8]), x_t, the model output (eps or eps|v) and z; all float32."""
     C = x.shape[1]
     v = out[:, C:] if learned else None
-    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range)
+    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range)[0]
 
 
 class StepGraph(nn.Module):

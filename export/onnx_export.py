@@ -34,6 +34,7 @@ from torch import nn
 
 from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
+from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
 from ddpm_fast.plan import Plan
 from ddpm_fast.schedule import Schedule
@@ -272,6 +273,11 @@ def export_onnx(
     if step and schedule is None:
         raise ValueError(
             "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
+        )
+    if step and plan.table.history:
+        raise Unavailable(
+            f"a step graph of method={plan.method!r} (a multistep solver) is not exported yet: the graph would have "
+            "to carry its x0 history; export the noise model (no step graph) and sample it with backend='onnx'"
         )
     if step and tuple(plan.shape[1:]) != image_shape:
         raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")

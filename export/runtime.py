@@ -36,7 +36,7 @@ from ddpm_fast import noise
 from ddpm_fast.defaults import ModelDefaults
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.schedule import Schedule
-from ddpm_fast.steps import C_EPS, C_X0, SIGMA, SRM1
+from ddpm_fast.steps import C_EPS, C_X0, COLUMNS, SIGMA, SRM1
 
 __all__ = [
     "OnnxModel",
@@ -437,7 +437,8 @@ def _check_plan(m: OnnxModel, plan) -> None:
 
 
 def reference_tolerance(plan, per_call: float = 1e-5) -> float:
-    """Bound on max |onnx - reference| for a float32 run of `plan`: per_call * (1 + sum_i SRM1_i C_X0_i + C_EPS_i).
+    """Bound on max |onnx - reference| for a float32 run of `plan`: per_call * (1 + sum_i SRM1_i (|C_X0_i| +
+    sum_k |H_k,i|) + |C_EPS_i|), the H_k being a multistep table's history weights.
 
     A per-call eps difference (ORT's convolutions vs PyTorch's: <= 1e-5, measured ~2e-6) enters x_{t-1}
     multiplied by that step's eps gain SRM1 * C_X0 + C_EPS (up to ~15 at t = 999 of a 4-step DDIM run) and
@@ -445,7 +446,9 @@ def reference_tolerance(plan, per_call: float = 1e-5) -> float:
     counter-based tensors on both sides, so it adds nothing.
     """
     c = plan.table.coefs
-    gain = c[:, SRM1] * c[:, C_X0] + c[:, C_EPS]
+    # a multistep table carries each x0 on in its history columns: their weights add to the eps gain
+    x0_weight = c[:, C_X0].abs() + c[:, len(COLUMNS) :].abs().sum(dim=1)
+    gain = c[:, SRM1] * x0_weight + c[:, C_EPS].abs()
     return per_call * (1.0 + gain.sum().item())
 
 
@@ -484,6 +487,8 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
     ts = plan.table.timesteps.tolist()
     eps = torch.empty((B, plan.out_channels, *plan.shape[2:]), device=x.device)
     t_buf = torch.empty(B, dtype=torch.int64, device=x.device)
+    K = plan.table.history  # a multistep solver's earlier x0 predictions, shifted by each update
+    history = torch.zeros((K, *x.shape), dtype=torch.float32, device=x.device) if K else None
     if x.device.type == "cuda":
         binding = sess.io_binding()
         _bind(binding, "x", x, input=True)
@@ -507,6 +512,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             clip_range=clip_range,
             learned=plan.table.learned,
             out=x,
+            history=history,
         )
         if plan.callback is not None:
             plan.callback(i, ts[i], x)

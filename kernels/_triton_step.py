@@ -85,11 +85,18 @@ def _quarter(
     max_log,
     N,
     clip_r,
+    hr,
+    hstride,
+    h0c,
+    h1c,
     LEARNED: tl.constexpr,
     CLIP: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    HIST: tl.constexpr,
 ):
-    """Update the elements e (int64 offsets inside one row, already shifted to the row) of one quarter."""
+    """Update the elements e (int64 offsets inside one row, already shifted to the row) of one quarter;
+    with HIST earlier x0 predictions (hr: this row of history[0], hstride: B * N), add their terms and shift
+    them (history[1] <- history[0], history[0] <- x0)."""
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(m_ptr + e, mask=mask, other=0.0).to(tl.float32)
     x0 = sra * x - srm1 * eps
@@ -102,7 +109,18 @@ def _quarter(
         std = sigma * tl.exp(0.5 * (f * max_log + (1.0 - f) * min_log))
     else:
         std = sigma
-    y = c_x0 * x0 + c_xt * x + c_eps * eps + std * z
+    y = c_x0 * x0 + c_xt * x + c_eps * eps
+    if HIST >= 1:
+        h0 = tl.load(hr + e, mask=mask, other=0.0)
+        y = y + h0c * h0
+    if HIST >= 2:
+        h1 = tl.load(hr + hstride + e, mask=mask, other=0.0)
+        y = y + h1c * h1
+    y = y + std * z
+    if HIST >= 2:
+        tl.store(hr + hstride + e, h0, mask=mask)
+    if HIST >= 1:
+        tl.store(hr + e, x0, mask=mask)
     if OUT_BF16:
         y = _to_bfloat16_rne(y)
     tl.store(out_ptr + e, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -123,10 +141,13 @@ def _step_kernel(
     blocks_per_row,
     m_row,
     clip_r,
+    hist_ptr,
+    hstride,
     LEARNED: tl.constexpr,
     CLIP: tl.constexpr,
     OUT_BF16: tl.constexpr,
     ADVANCE: tl.constexpr,
+    HIST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # 1-D grid, row-major over (sample row, block of counter lanes): any batch size fits (a 2-D grid
@@ -149,7 +170,7 @@ def _step_kernel(
     else:
         step = tl.load(step_ptr).to(tl.int64)
 
-    c = coefs_ptr + step * NCOLS
+    c = coefs_ptr + step * (NCOLS + HIST)  # a multistep table has HIST history columns after the base ones
     sra = tl.load(c + SRA)
     srm1 = tl.load(c + SRM1)
     c_x0 = tl.load(c + C_X0)
@@ -159,6 +180,12 @@ def _step_kernel(
     min_log = tl.load(c + MIN_LOG)
     max_log = tl.load(c + MAX_LOG)
     slot = tl.load(ts_ptr + step)
+    h0c = 0.0
+    h1c = 0.0
+    if HIST >= 1:
+        h0c = tl.load(c + NCOLS)
+    if HIST >= 2:
+        h1c = tl.load(c + NCOLS + 1)
 
     q = blk * BLOCK + tl.arange(0, BLOCK)
     lane = q < Q
@@ -176,25 +203,26 @@ def _step_kernel(
     xr = x_ptr + row64 * N
     mr = m_ptr + row64 * m_row
     orow = out_ptr + row64 * N
+    hr = hist_ptr + row64 * N
     e0 = q.to(tl.int64)
     e1 = e0 + Q
     e2 = e1 + Q
     e3 = e2 + Q
     _quarter(
         xr, mr, orow, e0, lane & (e0 < N), z0, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP, OUT_BF16,
+        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e1, lane & (e1 < N), z1, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP, OUT_BF16,
+        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e2, lane & (e2 < N), z2, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP, OUT_BF16,
+        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e3, lane & (e3 < N), z3, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        LEARNED, CLIP, OUT_BF16,
+        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
     )  # fmt: skip
 
 

@@ -5,8 +5,12 @@ With eps and v the two halves of the model output (v only for learned_range) and
     x0      = clamp(c.SRA * x_t - c.SRM1 * eps, -r, r)          (no clamp when clip_range is None)
     sigma   = c.SIGMA                                           (learned=False)
             = c.SIGMA * exp(0.5 (f c.MAX_LOG + (1 - f) c.MIN_LOG)), f = (v + 1) / 2      (learned=True)
-    x_{t-1} = c.C_X0 * x0 + c.C_XT * x_t + c.C_EPS * eps + sigma * z
+    x_{t-1} = c.C_X0 * x0 + c.C_XT * x_t + c.C_EPS * eps + sum_k c.H_k * history[k] + sigma * z
     z[i, e] = ddpm_fast.noise.normals(seed, start_index + i, slot = timesteps[step], e)
+
+A multistep table has K history columns H_0 .. H_{K-1} after the 8 base columns, and `history` (float32
+[K, B, ...], K <= MAX_HISTORY) holds the x0 of the K previous steps, newest first; the step shifts it in
+place (history[k] <- history[k-1], history[0] <- x0). One-step tables (K = 0) take no history.
 
 All arithmetic is float32 whatever the storage dtype; the result is rounded once to x's dtype.
 
@@ -33,11 +37,13 @@ __all__ = [
     "use_triton",
     "make_step_counter",
     "update_formula",
+    "MAX_HISTORY",
 ]
 
 log = logging.getLogger("ddpm_fast")
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HISTORY = 2  # x0 predictions of earlier steps the kernel reads (DPM-Solver++(3M) and UniPC need 2)
 
 
 def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
@@ -48,7 +54,19 @@ def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
 
 
 def _check_step_args(
-    x, model_out, coefs, timesteps, step, *, seed, start_index, clip_range, learned, out, advance
+    x,
+    model_out,
+    coefs,
+    timesteps,
+    step,
+    *,
+    seed,
+    start_index,
+    clip_range,
+    learned,
+    out,
+    advance,
+    history=None,
 ) -> tuple[torch.Tensor, float | None]:
     """Validate one step's arguments; returns (out tensor, clip_range or None). Errors name argument and value."""
     for name, t in (("x", x), ("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)):
@@ -71,15 +89,25 @@ def _check_step_args(
             f"model_out must have x's shape {tuple(x.shape)} (or {two_c} with a variance half); "
             f"got {tuple(model_out.shape)}"
         )
+    K = 0 if history is None else (history.shape[0] if isinstance(history, torch.Tensor) else -1)
+    if history is not None:
+        if not isinstance(history, torch.Tensor):
+            raise TypeError(f"history must be a torch.Tensor or None; got {type(history).__name__}")
+        want = (K, *x.shape)
+        if history.dtype != torch.float32 or tuple(history.shape) != want or not 1 <= K <= MAX_HISTORY:
+            raise ValueError(
+                f"history must be float32 [K, *x.shape] with 1 <= K <= {MAX_HISTORY}; "
+                f"got {history.dtype} {tuple(history.shape)}"
+            )
     if (
         coefs.dtype != torch.float32
         or coefs.ndim != 2
-        or coefs.shape[1] != len(COLUMNS)
+        or coefs.shape[1] != len(COLUMNS) + K
         or coefs.shape[0] < 1
     ):
         raise ValueError(
-            f"coefs must be a float32 [S, {len(COLUMNS)}] table (StepTable.to(device)); "
-            f"got {coefs.dtype} {tuple(coefs.shape)}"
+            f"coefs must be a float32 [S, {len(COLUMNS) + K}] table (StepTable.to(device); "
+            f"{len(COLUMNS)} columns plus one per history entry, {K} here); got {coefs.dtype} {tuple(coefs.shape)}"
         )
     S = coefs.shape[0]
     if timesteps.dtype != torch.int64 or tuple(timesteps.shape) != (S,):
@@ -87,6 +115,8 @@ def _check_step_args(
             f"timesteps must be int64 of shape ({S},); got {timesteps.dtype} {tuple(timesteps.shape)}"
         )
     tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
+    if history is not None:
+        tensors.append(("history", history))
     if isinstance(step, torch.Tensor):
         if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
             raise ValueError(
@@ -120,6 +150,7 @@ def _check_step_args(
         ("coefs", coefs),
         ("timesteps", timesteps),
         ("out", out),
+        *([("history", history)] if history is not None else []),
     ):
         if not t.is_contiguous():
             raise ValueError(
@@ -160,11 +191,12 @@ def _check_keys(x, seed, start_index) -> None:
 # ------------------------------------------------------------------------------------------------ twin
 
 
-def update_formula(col, x, eps, v, z, clip_range: float | None):
-    """The posterior step of the module docstring in torch ops, float32 in and out.
+def update_formula(col, x, eps, v, z, clip_range: float | None, history=()):
+    """The posterior step of the module docstring in torch ops, float32 in and out; returns (x_{t-1}, x0).
 
     col(k) is StepTable column k, shaped to broadcast against x; v is the variance half of a learned_range
-    model output (None otherwise); z is the step's noise. Shared by the CPU twin and the ONNX step graph.
+    model output (None otherwise); z is the step's noise; history the earlier x0 predictions, newest first
+    (their weights are columns len(COLUMNS) + k). Shared by the CPU twin and the ONNX step graph.
     """
     x0 = col(SRA) * x - col(SRM1) * eps
     if clip_range is not None:
@@ -173,7 +205,10 @@ def update_formula(col, x, eps, v, z, clip_range: float | None):
     if v is not None:
         f = (v + 1.0) * 0.5
         sigma = sigma * torch.exp(0.5 * (f * col(MAX_LOG) + (1.0 - f) * col(MIN_LOG)))
-    return col(C_X0) * x0 + col(C_XT) * x + col(C_EPS) * eps + sigma * z
+    y = col(C_X0) * x0 + col(C_XT) * x + col(C_EPS) * eps
+    for k, h in enumerate(history):
+        y = y + col(len(COLUMNS) + k) * h
+    return y + sigma * z, x0
 
 
 def step_torch(
@@ -189,6 +224,7 @@ def step_torch(
     learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
 
@@ -209,6 +245,7 @@ def step_torch(
         learned=learned,
         out=out,
         advance=advance,
+        history=history,
     )
     B = x.shape[0]
     N = x.numel() // B
@@ -230,7 +267,11 @@ def step_torch(
     else:
         n = n + start_index
     z = noise.normals(seed, n, slot, N)
-    y = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range)  # c[:, k]: [1, 1] over [B, N]
+    hist = () if history is None else history.reshape(history.shape[0], B, N)
+    # c[:, k]: [1, 1] over [B, N]
+    y, x0 = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range, tuple(hist))
+    if history is not None:  # shift: history[k] <- history[k-1], history[0] <- x0 (after they were read)
+        hist.copy_(torch.cat([x0.unsqueeze(0), hist[:-1]]))
     out.copy_(y.reshape(x.shape))
     if advance:
         step.add_(1)
@@ -281,6 +322,7 @@ def step_triton(
     learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers.
 
@@ -304,6 +346,7 @@ def step_triton(
         learned=learned,
         out=out,
         advance=advance,
+        history=history,
     )
     from ddpm_fast.kernels import _triton_step as tk
 
@@ -322,6 +365,8 @@ def step_triton(
     blocks_per_row = (Q + BLOCK - 1) // BLOCK
     grid = (blocks_per_row * B,)
     clip = clip_range is not None
+    K = 0 if history is None else history.shape[0]
+    hist = out if history is None else history  # never read when K = 0
     # Triton launches on the current device; x may live on another GPU.
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
         tk._step_kernel[grid](
@@ -338,10 +383,13 @@ def step_triton(
             blocks_per_row,
             model_out.numel() // B,
             clip_range if clip else 0.0,
+            hist,
+            B * N,
             LEARNED=learned,
             CLIP=clip,
             OUT_BF16=out.dtype == torch.bfloat16,
             ADVANCE=advance,
+            HIST=K,
             BLOCK=BLOCK,
             num_warps=tk.NUM_WARPS,
         )
@@ -364,6 +412,7 @@ def posterior_step(
     learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x_{t-1} for row `step` of a StepTable (formula in the module docstring); Triton or the twin per `use_triton`.
 
@@ -372,8 +421,10 @@ def posterior_step(
     [0, S), or a one-element int tensor on x's device, read on the device and so not range-checked (that would
     need a sync); advance=True adds 1 to it (int64 only). seed, start_index: ints (seed in [0, 2**63),
     start_index >= 0), or both one-element int64 tensors on x's device, read on the device (unchecked, like a
-    step tensor). out: where to write (may be x), else a new tensor. Any StepTable (DDPM of every variance,
-    DDIM); with learned=False a variance half of model_out is ignored. Returns out.
+    step tensor). out: where to write (may be x), else a new tensor. history: float32 [K, *x.shape], the x0 of
+    the K previous steps of a multistep table (coefs then [S, 8 + K]), shifted in place. Any StepTable (DDPM
+    of every variance, DDIM, the multistep solvers); with learned=False a variance half of model_out is
+    ignored. Returns out.
     """
     fn = step_triton if use_triton(x) else step_torch
     return fn(
@@ -388,4 +439,5 @@ def posterior_step(
         learned=learned,
         out=out,
         advance=advance,
+        history=history,
     )

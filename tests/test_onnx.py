@@ -239,6 +239,21 @@ def test_float16_storage_rounds_every_result_and_writes_back_in_place():
     assert c.tolist() == [2.0, 3.0]
 
 
+@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
+def test_multistep_solvers_on_the_eps_graph(tmp_path, tiny, method):
+    """backend='onnx' with an exported noise model runs every family: ORT gives eps, the fused update (with its
+    x0 history) does the rest; a step graph of a multistep solver is refused with a line saying so."""
+    path = export_onnx(tiny, tmp_path / "eps.onnx", exporter="torchscript", validate=False).path
+    kw = dict(shape=(2, 3, 16, 16), steps=5, seed=3, method=method)
+    got = df.sample(str(path), backend="onnx", **kw)
+    want = reference(tiny, **kw)
+    assert (got - want).abs().max().item() <= sample_tol(tiny, **kw)
+    with pytest.raises(Unavailable, match="step graph of method="):
+        export_onnx(
+            tiny, tmp_path / "step.onnx", plan=make_plan(tiny, None, (1, 3, 16, 16), steps=5, method=method)
+        )
+
+
 def test_bench_provider_matches_reference(tiny):
     from ddpm_fast.bench.onnx import onnx_provider
 

@@ -20,6 +20,7 @@ from ddpm_fast.plan import make_plan
 from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, generate
 from ddpm_fast.samplers import METHODS
 from ddpm_fast.sampling import BACKENDS
+from ddpm_fast.schedule import SPACINGS
 from ddpm_fast.shards import SHARD_FORMATS
 
 __all__ = ["add_arguments", "run", "DTYPES"]
@@ -72,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the bundled model: 100)",
     )
     a("--method", default="ddpm", choices=METHODS, help="sampler (default ddpm)")
+    a(
+        "--spacing",
+        choices=SPACINGS,
+        help="which --steps timesteps to keep (default: uniform for ddpm/ddim, linspace for the solvers)",
+    )
     a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
     a(
         "--seed",
@@ -219,6 +225,7 @@ def run(args) -> int:
             (min(batch, args.num), *model.defaults.image_shape),
             steps=steps,
             method=args.method,
+            spacing=args.spacing,
             eta=args.eta,
             seed=args.seed,
             device=device,
