@@ -15,7 +15,8 @@ and output k = e // Q (the four Philox outputs fill four contiguous quarters of 
     z[n, e] = z_k
 
 `slot` is the model timestep t (0-based, original T scale) of the step whose z it is, and
-`XT_SLOT = 2^32 - 1` for the initial x_T, so x_T never shares a stream with a step's z. With
+`XT_SLOT = 2^32 - 1` for the initial x_T, so x_T never shares a stream with a step's z. Random class labels
+(labels="random") use `LABEL_SLOT = 2^32 - 2` and lane q = 0: label[n] = (r0 * K) >> 32 for K classes. With
 ctr = (q, 0, 0, 0) this is exactly `tl.randn4x(seed, q)`. Integers agree bit for bit everywhere;
 the normals agree to float32 rounding of log/sqrt/cos/sin.
 """
@@ -26,6 +27,8 @@ import torch
 
 __all__ = [
     "XT_SLOT",
+    "LABEL_SLOT",
+    "random_labels",
     "philox4x32",
     "uint32_to_uniform",
     "normals",
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 XT_SLOT = 0xFFFFFFFF
+LABEL_SLOT = 0xFFFFFFFE
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -123,3 +127,12 @@ def sample_noise(seed: int, start_index: int, shape, slot, device=None) -> torch
         numel *= d
     n = torch.arange(start_index, start_index + B, dtype=torch.int64, device=device)
     return normals(seed, n, slot, numel).reshape(shape)
+
+
+def random_labels(seed: int, start_index: int, batch: int, num_classes: int, device=None) -> torch.Tensor:
+    """Class labels of samples start_index .. start_index+batch-1, int64 [batch] in [0, num_classes): keyed by
+    (seed, global sample index) like the noise, so sample n gets the same label whatever the batching."""
+    n = torch.arange(start_index, start_index + batch, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(n)
+    r = philox4x32(zero, n & _M32, zero + LABEL_SLOT, (n >> 32) & _M32, seed & _M32, (seed >> 32) & _M32)
+    return (r[0] * num_classes) >> 32

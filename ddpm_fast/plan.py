@@ -45,6 +45,10 @@ class Plan:
     options: dict = field(default_factory=dict)  # backend keyword options (fast: compile, cuda_graph, ...)
     generator: torch.Generator | None = None  # diffusers-order noise (reference backend only)
     full_schedule: Schedule | None = None  # the schedule before respacing (what a checkpoint records)
+    labels: torch.Tensor | None = None  # class labels of these rows, int64 [B] on device (conditional models)
+    label_spec: object = None  # what was asked: an int, "random", or a tensor of labels from label_base on
+    label_base: int = 0
+    num_classes: int | None = None
 
     @property
     def out_channels(self) -> int:
@@ -52,7 +56,62 @@ class Plan:
 
     def rows(self, batch: int, start_index: int) -> Plan:
         """The same run for `batch` rows starting at global sample `start_index` (a batch of a larger run)."""
-        return replace(self, shape=(batch, *self.shape[1:]), start_index=start_index)
+        labels = _labels_for(
+            self.label_spec, self.label_base, self.num_classes, self.seed, start_index, batch, self.device
+        )
+        return replace(self, shape=(batch, *self.shape[1:]), start_index=start_index, labels=labels)
+
+
+def _labels_for(
+    spec, base: int, num_classes, seed: int, start: int, batch: int, device
+) -> torch.Tensor | None:
+    """The labels of rows start .. start+batch-1 of a run asked with `spec` (module docstring of make_plan)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):  # "random": keyed by (seed, global sample index), as the noise
+        return noise.random_labels(seed, start, batch, num_classes, device)
+    if isinstance(spec, int):
+        return torch.full((batch,), spec, dtype=torch.int64, device=device)
+    lo, hi = start - base, start - base + batch
+    if lo < 0 or hi > spec.numel():
+        raise ValueError(
+            f"labels cover samples {base} .. {base + spec.numel() - 1}; rows {start} .. {start + batch - 1} were asked"
+        )
+    return spec[lo:hi].to(device)
+
+
+def _check_labels(labels, num_classes, batch: int):
+    """labels as asked (None, an int, "random" or a 1-D int tensor of batch entries), validated; errors name it."""
+    if labels is None:
+        if num_classes:
+            raise ValueError(
+                f"labels must be given for this class-conditional model ({num_classes} classes): "
+                "a 1-D int tensor with one class per sample, an int, or 'random'"
+            )
+        return None
+    if not num_classes:
+        raise ValueError("labels were given but the model is unconditional (its record names no classes)")
+    if isinstance(labels, str):
+        if labels != "random":
+            raise ValueError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
+        return labels
+    if isinstance(labels, bool):
+        raise TypeError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
+    if isinstance(labels, int):
+        if not 0 <= labels < num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}); got {labels}")
+        return labels
+    t = torch.as_tensor(labels)
+    if t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(
+            f"labels must be a 1-D int tensor, an int or 'random'; got {t.dtype} of shape {tuple(t.shape)}"
+        )
+    if t.numel() < batch:  # more: the labels of a whole run, of which these rows are the first
+        raise ValueError(f"labels must hold one class per sample ({batch}); got {t.numel()}")
+    if ((t < 0) | (t >= num_classes)).any():
+        bad = t[(t < 0) | (t >= num_classes)][0].item()
+        raise ValueError(f"labels must lie in [0, {num_classes}); got {bad}")
+    return t.to(torch.int64).cpu()
 
 
 def make_plan(
@@ -71,13 +130,19 @@ def make_plan(
     seed: int = 0,
     start_index: int = 0,
     generator: torch.Generator | None = None,
+    labels=None,
     device=None,
     dtype=torch.float32,
     progress: bool = False,
     callback=None,
     options: dict | None = None,
 ) -> Plan:
-    """Validate arguments (errors name the argument) and build the run's respaced schedule and step table."""
+    """Validate arguments (errors name the argument) and build the run's respaced schedule and step table.
+
+    labels (class-conditional models, whose record gives num_classes): a 1-D int tensor with one class per
+    row, an int for every row, or "random" (drawn per global sample index from the seed, so sample n gets the
+    same label whatever the batch or world size).
+    """
     d = defaults_of(model)
     if schedule is None:
         schedule = d.schedule
@@ -132,6 +197,7 @@ def make_plan(
         raise Unavailable(f"device {device} was asked for but CUDA is not available")
     if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
         device = torch.device("cuda", torch.cuda.current_device())
+    label_spec = _check_labels(labels, d.num_classes, shape[0])
     return Plan(
         shape=shape,
         schedule=run_schedule,
@@ -150,6 +216,10 @@ def make_plan(
         options=dict(options or {}),
         generator=generator,
         full_schedule=schedule,
+        labels=_labels_for(label_spec, start_index, d.num_classes, seed, start_index, shape[0], device),
+        label_spec=label_spec,
+        label_base=start_index,
+        num_classes=d.num_classes,
     )
 
 

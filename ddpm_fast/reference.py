@@ -63,9 +63,11 @@ def run(model, plan: Plan) -> torch.Tensor:
     out_shape = (B, plan.out_channels, *plan.shape[2:])
     step = iter(range(plan.table.num_steps))
 
+    cond = {} if plan.labels is None else {"y": plan.labels}
+
     def eps_v(x, t: int):
         tt = torch.full((B,), t, dtype=torch.int64, device=x.device)
-        out = check_model_output(model(x, tt), out_shape, next(step), t).to(plan.dtype)
+        out = check_model_output(model(x, tt, **cond), out_shape, next(step), t).to(plan.dtype)
         return (out[:, :C], out[:, C:]) if plan.variance == "learned_range" else (out, None)
 
     r = plan.clip_range

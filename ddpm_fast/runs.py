@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -276,6 +277,7 @@ def generate(
     if kind != "dir" and max(dist.world, env_world()[1]) > 1:
         raise UserError(f"under torchrun, out must be a directory (a sharded run); got {out!r}")
     data_range = defaults_of(model).data_range
+    labels = None if plan.labels is None else plan.rows(num, 0).labels.cpu().numpy()  # every sample's class
     backend, plan = resolve_backend(model, plan, backend, num)
     sampler = Sampler(model, plan, backend, data_range)
     progress = progress and dist.rank == 0
@@ -295,7 +297,8 @@ def generate(
         C, H, W = sampler.image_shape
         bar = Progress(num, 0, progress)
         try:
-            with shards.NpzWriter(out, (num, H, W, C)) as w:
+            extra = {} if labels is None else {"arr_1": labels}  # guided-diffusion's layout
+            with shards.NpzWriter(out, (num, H, W, C), extra=extra) as w:
                 for start in range(0, num, sampler.batch_size):
                     w.write(sampler(start, min(sampler.batch_size, num - start), bar.update))
         finally:
@@ -312,6 +315,12 @@ def generate(
     settings = run_settings(
         plan, model_id=model_id, shard_size=shard_size, fmt=shard_format, data_range=data_range
     )
+    settings["labels_sha256"] = None if labels is None else hashlib.sha256(labels.tobytes()).hexdigest()
+    if labels is not None and dist.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        shards.atomic_write_bytes(os.path.join(out, shards.LABELS), buf.getvalue())
     return _run_sharded(sampler, out, num, settings, dist, progress, merge)
 
 

@@ -91,6 +91,7 @@ def sample(
     seed: int = 0,
     start_index: int = 0,
     generator: torch.Generator | None = None,
+    labels=None,
     backend: str = "auto",
     device=None,
     dtype=torch.float32,
@@ -100,7 +101,8 @@ def sample(
 ) -> torch.Tensor:
     """Run the reverse chain x_T ~ N(0, I) -> x_0; returns a float tensor [B, C, H, W] in model space [-1, 1].
 
-    `model(x, t) -> eps` ([B, 2C, H, W] for variance="learned_range"), t int64 [B], 0-based; or an .onnx path
+    `model(x, t) -> eps` ([B, 2C, H, W] for variance="learned_range"), t int64 [B], 0-based, called as
+    model(x, t, y=labels) for a class-conditional model (`labels`: see `ddpm_fast.plan.make_plan`); or an .onnx path
     or ONNX Runtime session. `variance`, `clip` and `schedule` default to what the model's record says
     (`ddpm_fast.defaults`), else "fixed_small" and True. Noise is counter-based (`seed`, `start_index`: row i
     is global sample start_index + i) unless a `generator` is given (reference backend only: diffusers'
@@ -117,6 +119,8 @@ def sample(
         model = as_onnx_model(model)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
+    if isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.numel() != shape[0]:
+        raise ValueError(f"labels must hold one class per sample ({shape[0]}); got {labels.numel()}")
     plan = make_plan(
         model,
         schedule,
@@ -131,6 +135,7 @@ def sample(
         seed=seed,
         start_index=start_index,
         generator=generator,
+        labels=labels,
         device=device,
         dtype=dtype,
         progress=progress,

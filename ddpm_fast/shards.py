@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+LABELS = "labels.npy"  # a conditional run's labels, index order (int64)
 SHARDS = "shards"
 SHARD_FORMATS = ("npz", "png")
 _TMP = ".tmp-"
@@ -102,7 +103,8 @@ class NpzWriter:
     one chunk, whatever the size; zip64 is used above 2 GiB.
     """
 
-    def __init__(self, path: str, shape, dtype=np.uint8):
+    def __init__(self, path: str, shape, dtype=np.uint8, extra: dict | None = None):
+        self.extra = dict(extra or {})  # small arrays written after arr_0 at close (e.g. arr_1: class labels)
         self.path = path
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
@@ -146,6 +148,9 @@ class NpzWriter:
             if self.rows != self.shape[0]:
                 raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
             self._member.close()
+            for name, arr in self.extra.items():
+                with self._zip.open(f"{name}.npy", "w") as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
             self._zip.close()
         except BaseException as e:
             self.abort(e)
@@ -362,7 +367,8 @@ def read_manifest(run_dir: str) -> dict | None:
 
 
 def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
-    """Write every shard of a finished run into one .npz (`arr_0` uint8 NHWC, index order); memory: one shard.
+    """Write every shard of a finished run into one .npz (`arr_0` uint8 NHWC, index order; `arr_1` the class
+    labels of a conditional run, from DIR/labels.npy); memory: one shard.
 
     Returns the array's shape. Raises ValueError naming the first shard that is missing or damaged.
     """
@@ -388,7 +394,9 @@ def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num, unit="img", desc="merging")
-    with NpzWriter(out, (num, *hwc)) as w:
+    labels_file = os.path.join(run_dir, LABELS)
+    extra = {"arr_1": np.load(labels_file, allow_pickle=False)} if os.path.exists(labels_file) else {}
+    with NpzWriter(out, (num, *hwc), extra=extra) as w:
         for k, (start, count) in enumerate(ranges):
             path = shard_path(run_dir, k, fmt)
             w.write(_verified_shard(path, fmt, start, count, hwc, done[str(k)].get("sha256"), k))

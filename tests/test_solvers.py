@@ -89,7 +89,7 @@ def test_history_is_part_of_the_runner_and_reset_per_run():
     b = df.sample(net, method="dpmpp_2m", **kw)  # history width 1: its own runner
     again = df.sample(net, method="unipc", **kw)  # the width-2 runner again: history zeroed at load
     assert torch.equal(a, again) and not torch.equal(a, b)
-    kinds = {k[-1] for k in engine._engine_for(net).runners}
+    kinds = {k[-2] for k in engine._engine_for(net).runners}  # (..., history width, classes)
     assert {1, 2} <= kinds
 
 

@@ -114,6 +114,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--no-merge", action="store_true", help="DIR run: do not write DIR/samples.npz at the end")
     a(
+        "--labels",
+        metavar="random|K|FILE.npy",
+        help="class-conditional models: random (per sample, from the seed), one class K for all, or an .npy of "
+        "--num ints; an .npz output holds them as arr_1",
+    )
+    a(
         "--nproc-per-node",
         type=_positive(),
         metavar="N",
@@ -145,6 +151,27 @@ def _load_model(spec: str | None, device: torch.device):
         return load_model(spec, device=device), None
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--model {spec}: {e}") from e
+
+
+def _labels(spec: str | None, num: int):
+    """--labels as make_plan takes it: None, "random", an int, or the int64 tensor an .npy file holds."""
+    if spec is None or spec == "random":
+        return spec
+    if spec.lstrip("-").isdigit():
+        return int(spec)
+    if not spec.endswith(".npy"):
+        raise ValueError(f"--labels must be random, a class number or FILE.npy; got {spec!r}")
+    import numpy as np
+
+    try:
+        arr = np.load(spec, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--labels {spec}: cannot read it as an .npy of ints ({e})") from e
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.shape[0] != num:
+        raise ValueError(
+            f"--labels {spec} must hold {num} ints (one per sample); got {arr.dtype} {arr.shape}"
+        )
+    return torch.from_numpy(arr.astype("int64"))
 
 
 def _check(args) -> str:
@@ -230,6 +257,7 @@ def run(args) -> int:
             seed=args.seed,
             device=device,
             dtype=dtype,
+            labels=_labels(args.labels, args.num),
         )
         summary = generate(
             model,
