@@ -8,19 +8,25 @@ follow exactly from m <- A m + B, v <- A^2 v + sigma^2.
 
 import math
 
+import torch
+
 # The data N(MU, S2) of test_reference*.py: far from x_T ~ N(0, 1), so a chain that does not move x fails.
 MU, S2 = 0.3, 0.04
 
 
-class GaussianEps:
-    """eps*(x_t, t) for N(mu, s^2 I) data under `schedule` (indexed by original timestep t)."""
+class GaussianEps(torch.nn.Module):
+    """eps*(x_t, t) for N(mu, s^2 I) data under `schedule` (indexed by original timestep t).
+
+    A module whose table is a buffer: `.to(device)` moves it, so a call on the device reads the table there
+    and copies nothing (a host table indexed by a device timestep would copy inside a captured step)."""
 
     def __init__(self, schedule, mu: float, s2: float):
-        self.abar = schedule.alphas_cumprod
+        super().__init__()
+        self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.clone())  # float64 [T]
         self.mu, self.s2 = mu, s2
 
-    def __call__(self, x, t):
-        ab = self.abar[t].to(x.dtype).reshape(-1, 1, 1, 1).to(x.device)
+    def forward(self, x, t):
+        ab = self.alphas_cumprod[t].to(x.dtype).reshape(-1, 1, 1, 1)
         return (1 - ab).sqrt() * (x - ab.sqrt() * self.mu) / (ab * self.s2 + 1 - ab)
 
 

@@ -1,0 +1,187 @@
+"""benchmarks/gpu_check.py proven on CPU: the report a lent GPU hands back survives what can go wrong there.
+
+The dry run (`--dry-run`) runs the real parent, subprocesses, limits and report on fake sections: one raises,
+a pytest run outlives its section (SIGINT; the junit XML is still read), one ignores SIGINT (SIGKILL), rows
+overrun a section's time, a section never fits the budget, the peer is not installed. The CPU sections
+(smoke, headline, kernel) run in this process with the dry configuration: their rows, fallback labels,
+error rows and figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from ddpm_fast import engine
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def _rows(out: Path, **match) -> list[dict]:
+    return [r for r in gpu_check.read_rows(out) if all(r.get(k) == v for k, v in match.items())]
+
+
+def _section(rep: dict, name: str) -> dict:
+    return next(s for s in rep["sections"] if s["name"] == name)
+
+
+def test_dry_run_report_survives_raise_pytest_timeout_kill_budget_and_missing_peer(tmp_path):
+    """About 8 s: the fake pytest run needs its 4 s section to start pytest and run two tests."""
+    out = tmp_path / "rel"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--budget", "60",
+         "--only", "raises,tests,hang,budget,peer,modes", "--out", "rel"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a section failed: exit 1
+    assert {p.name for p in out.iterdir()} == {
+        "rows.jsonl",
+        "report.md",
+        "report.json",
+        "junit.xml",
+        "pytest.log",
+    }
+    rep = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
+    assert rep["state"].startswith("complete")
+    # a section that raises: an error row with its traceback, and the next section still runs
+    assert _section(rep, "raises")["status"] == "failed"
+    (err,) = _rows(out, section="raises", kind="error")
+    assert "a section that raises" in err["error"] and "Traceback" in err["traceback"]
+    # pytest stopped by SIGINT at the section limit: the junit XML written on the interrupt is read
+    assert _section(rep, "tests")["status"] == "timeout"
+    (tests,) = _rows(out, kind="tests")
+    assert tests["source"] == "junit.xml"
+    assert (tests["passed"], tests["failed"]) == (1, 1)
+    assert "test_outlives_the_section" in tests["interrupted"]
+    assert (
+        "test_fails" in tests["failures"][0]["test"] and "a failing test" in tests["failures"][0]["message"]
+    )
+    assert "test_passes PASSED" in tests["output_tail"]
+    # a section deaf to SIGINT is killed; the row it wrote before stays
+    assert _section(rep, "hang")["status"] == "killed"
+    assert len(_rows(out, section="hang", kind="note")) == 1
+    # the budget inside a section: rows that no longer fit are skipped rows, with the reason
+    done, skipped = _rows(out, section="budget", kind="note"), _rows(out, section="budget", kind="skipped")
+    assert len(done) >= 1 and len(skipped) >= 1 and len(done) + len(skipped) == 6
+    assert all(r["reason"].startswith("budget:") for r in skipped)
+    # the budget across sections: a section that cannot fit is recorded, not started
+    modes = _section(rep, "modes")
+    assert modes["status"] == "skipped" and modes["reason"].startswith("budget:")
+    # the missing peer is a row that says how to bring it, and the targets that need it say why they are empty
+    (peer,) = _rows(out, section="peer", kind="skipped")
+    assert "missing peer" in peer["reason"] and "README" in peer["reason"]
+    assert "## tests (timeout)" in md and "**ERROR**" in md and "missing peer" in md
+
+
+def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
+    """smoke, headline and kernel with the dry configuration, in this process (no new torch import)."""
+    monkeypatch.setattr(torch, "compile", torch.compile)  # headline's dry run replaces it; restored after
+    monkeypatch.setattr(engine, "_logged", set())
+    engine.clear_cache()
+    gpu_check.append_row(
+        tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [4, 1]}
+    )
+    conf = gpu_check.replace(
+        gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
+    )
+    for name in ("smoke", "headline", "kernel"):
+        ctx = gpu_check.Context(tmp_path, name, until=1e18, conf=conf)
+        assert gpu_check.CHILDREN[name](ctx) == 0
+        ctx.close()
+    engine.clear_cache()
+
+    assert all(r["ok"] for r in _rows(tmp_path, kind="smoke"))
+    assert {r["what"] for r in _rows(tmp_path, kind="ceiling")} == {"bf16 matmul", "device copy"}
+    (model,) = _rows(tmp_path, kind="model")
+    assert model["flops_per_image_step"] > model["parameters"]  # counted convs: more FLOPs than weights
+    sampling = {(r["provider"], r["batch"]): r for r in _rows(tmp_path, kind="sampling")}
+    # batch 4 compiled (the dry run's stand-in compile); batch 1's compile fails: labelled, with the reason
+    assert ("fast-bf16", 4) in sampling and ("fast-bf16", 1) not in sampling
+    fallback = sampling[("fast-bf16-nocompile", 1)]
+    assert fallback["requested"] == "fast-bf16" and "simulated compile failure" in fallback["fallback"]
+    assert fallback["max_abs_diff"] < 0.1  # bf16 U-Net, float32 update: still the same images
+    # an exception per (provider, batch) is an error row; the next rows still ran
+    errors = _rows(tmp_path, kind="error", provider="raises (dry run)")
+    assert [r["batch"] for r in errors] == [4, 1] and "compile must be a bool" in errors[0]["error"]
+    assert _rows(tmp_path, kind="skipped", provider="diffusers")[0]["reason"].startswith("missing peer")
+    kernels = _rows(tmp_path, kind="kernel")
+    assert {r["provider"] for r in kernels} == {"eager", "twin", "copy"}
+
+    rep = gpu_check.render(tmp_path)
+    row = next(r for r in rep["rows"] if r.get("provider") == "fast-bf16" and r.get("batch") == 4)
+    assert row["tflops"] > 0 and 0 < row["of_ceiling"] and row["of_sheet"] is None  # no data sheet for a CPU
+    assert row["x_reference"] > 0
+    targets = {t["target"]: t for t in rep["targets"]}
+    assert targets["batch 4 fast-bf16 images/s over reference fp32"]["value"] == row["x_reference"]
+    over_peer = targets["batch 4 fast-bf16 images/s over diffusers fp32"]
+    assert over_peer["value"] is None and over_peer["note"].startswith("missing peer")
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert "fast-bf16-nocompile" in (tmp_path / "report.md").read_text()
+
+
+def test_a_report_cut_short_says_where_it_stopped(tmp_path):
+    gpu_check.append_row(
+        tmp_path, {"kind": "meta", "title": "t", "budget_s": 450, "target_batches": [256, 1]}
+    )
+    gpu_check.append_row(tmp_path, {"kind": "section", "name": "smoke", "status": "running"})
+    gpu_check.append_row(tmp_path, {"kind": "section", "name": "smoke", "status": "ok", "seconds": 9.0})
+    gpu_check.append_row(tmp_path, {"kind": "section", "name": "headline", "status": "running"})
+    with open(tmp_path / "rows.jsonl", "a") as f:
+        f.write('{"kind": "sampling", "provi')  # a kill in the middle of a write
+    rep = gpu_check.render(tmp_path)
+    assert rep["state"].startswith("stopped during section 'headline'")
+    assert [s["status"] for s in rep["sections"]] == ["ok", "running"]
+
+
+def test_tests_row_falls_back_to_the_verbose_log(tmp_path):
+    (tmp_path / "pytest.log").write_text(
+        "tests/test_a.py::test_one PASSED   [ 33%]\n"
+        "tests/test_a.py::test_two FAILED   [ 66%]\n"
+        "tests/test_b.py::test_slow \n"
+        "FAILED tests/test_a.py::test_two - AssertionError\n"
+    )
+    row = gpu_check.tests_row(tmp_path, rc=-9, status="killed", tail="", note="")
+    assert row["source"].startswith("the pytest -v log")
+    assert (row["passed"], row["failed"]) == (1, 1)
+    assert row["interrupted"] == "killed, while running tests/test_b.py::test_slow"
+
+
+def test_imports_from_the_repository_root_without_installing():
+    """The device runs the checkout as it is: no install, so ddpm_fast.kernels/.export resolve through the
+    symlinks in ddpm_fast/. `-S` skips site-packages' .pth files (this venv's editable install)."""
+    site = sysconfig.get_paths()["purelib"]
+    code = "import ddpm_fast.kernels, ddpm_fast.export; print(ddpm_fast.kernels.__file__, ddpm_fast.export.__file__)"
+    env = dict(os.environ, PYTHONPATH=site, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in proc.stdout.split():
+        assert Path(path).resolve().is_relative_to(ROOT) and "site-packages" not in path
+
+
+def test_a_stopped_run_keeps_its_rows_and_its_section_dies_with_it(tmp_path):
+    """SIGTERM to the parent (a `timeout`, the device tool's limit): the section's process group is killed,
+    the rows written so far stay, and the report says which section was running."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "budget",
+         "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:  # wait for the first row of the section
+        if "row 0 took" in line:
+            break
+    proc.terminate()
+    assert proc.wait(timeout=30) == 130
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["state"].startswith("stopped during section 'budget'")
+    assert len(_rows(tmp_path, section="budget", kind="note")) >= 1
