@@ -208,7 +208,8 @@ class Progress:
 
     def update(self, n: float) -> None:
         if self.bar is not None and n:
-            self.bar.update(n)
+            # per-step fractions (rows / steps) sum to the batch up to float rounding: never pass the total
+            self.bar.update(min(n, self.bar.total - self.bar.n))
 
     def close(self) -> float:
         if self.bar is not None:
