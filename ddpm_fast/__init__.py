@@ -18,6 +18,9 @@ __all__ = [
     "load_model",
     "save_model",
     "default_model",
+    "ADM",
+    "ADMConfig",
+    "metrics",
     "__version__",
 ]
 
@@ -29,10 +32,16 @@ _LAZY = {
     "load_model": "ddpm_fast.checkpoint",
     "save_model": "ddpm_fast.checkpoint",
     "default_model": "ddpm_fast.checkpoint",
+    "ADM": "ddpm_fast.adm",
+    "ADMConfig": "ddpm_fast.adm",
 }
 
 
 def __getattr__(name: str):
+    if name == "metrics":  # the subpackage, imported on first use like the names below
+        import importlib
+
+        return importlib.import_module("ddpm_fast.metrics")
     if name in _LAZY:
         import importlib
 

@@ -24,7 +24,9 @@ written last and carries the weights' sha256, so a save interrupted half-way is 
 `path` may also be a diffusers `UNet2DModel` directory (config.json + diffusion_pytorch_model.safetensors,
 or .bin read with torch.load(weights_only=True)), or a pipeline directory with unet/ and scheduler/ (its
 scheduler_config.json gives the schedule and the defaults), so `df.sample(model, shape=..., generator=g)`
-matches DDPMPipeline for the same generator to float32 rounding.
+matches DDPMPipeline for the same generator to float32 rounding. Or it may be an openai improved- or
+guided-diffusion state dict file with the flags that describe it (`adm_flags=` / `adm_preset=`, read by
+`ddpm_fast.adm_io`): an "adm" model whose sampling defaults come from those flags.
 Every failure raises one ValueError / FileNotFoundError naming the file (and key); nothing is returned
 half-loaded.
 """
@@ -51,7 +53,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "digits"
 # "arch" in config.json -> "module:ModelClass"; the class has .config (to_dict/from_dict via CONFIG_CLASS).
-ARCHITECTURES = {"ddpm-unet": ("ddpm_fast.unet:UNet", "ddpm_fast.unet:UNetConfig")}
+ARCHITECTURES = {
+    "ddpm-unet": ("ddpm_fast.unet:UNet", "ddpm_fast.unet:UNetConfig"),
+    "adm": ("ddpm_fast.adm:ADM", "ddpm_fast.adm:ADMConfig"),
+}
 
 
 def _architecture(arch: str, where: str):
@@ -132,16 +137,47 @@ def save_model(model, path, *, schedule: Schedule | None = None, sampling: dict 
 # ---------------------------------------------------------------------------------------------- load
 
 
-def load_model(path, device=None, dtype: torch.dtype = torch.float32):
-    """Load a native checkpoint, a diffusers UNet2DModel directory or a diffusers pipeline directory."""
+def load_model(
+    path,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    adm_flags: str | None = None,
+    adm_source: str | None = None,
+    adm_preset: str | None = None,
+):
+    """Load a native checkpoint, a diffusers UNet2DModel directory or a diffusers pipeline directory, or an
+    openai improved-/guided-diffusion .pt file described by `adm_flags` (their README's MODEL_FLAGS and
+    DIFFUSION_FLAGS) or `adm_preset` (`ddpm_fast.adm_io.PRESETS`; a published file name implies its own),
+    with `adm_source` "improved" | "guided" where the file and flags do not tell."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
-    if not path.is_dir():
-        raise ValueError(f"model path must be a checkpoint directory; got the file {path}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+    openai = adm_flags is not None or adm_source is not None or adm_preset is not None
+    if path.is_dir():
+        if openai:
+            raise ValueError(
+                f"adm_flags, adm_source and adm_preset describe an openai .pt file; {path} is a directory"
+            )
+        model = _load_dir(path)
+    else:
+        from ddpm_fast import adm_io
 
+        if not openai and adm_io.preset_for_file(path.name) is None:
+            raise ValueError(
+                f"model path must be a checkpoint directory, or an openai .pt file with adm_flags= or "
+                f"adm_preset=; got the file {path}"
+            )
+        model = adm_io.load_openai(path, flags=adm_flags, source=adm_source, preset=adm_preset)
+    model.eval()
+    if device is not None or dtype != torch.float32:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _load_dir(path: Path):
     cfg_file = path / CONFIG_FILE
     if not cfg_file.exists() and not (path / "unet" / CONFIG_FILE).exists():
         raise FileNotFoundError(
@@ -161,9 +197,6 @@ def load_model(path, device=None, dtype: torch.dtype = torch.float32):
         raise ValueError(
             f"{cfg_file}: not a ddpm-fast or diffusers config (no 'format' nor '_class_name' key)"
         )
-    model.eval()
-    if device is not None or dtype != torch.float32:
-        model.to(device=device, dtype=dtype)
     return model
 
 

@@ -8,7 +8,7 @@ from ddpm_fast.schedule import Schedule
 
 __all__ = ["ModelDefaults", "defaults_of", "record", "SAMPLING_KEYS", "VARIANCES", "ARCHS"]
 
-ARCHS = ("ddpm-unet",)
+ARCHS = ("ddpm-unet", "adm")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 SAMPLING_KEYS = ("variance", "clip", "clip_range", "image_shape", "data_range", "steps", "num_classes")
 

@@ -28,6 +28,13 @@ COMMANDS = {
         "merge the shards of a sharded run into one .npz in index order",
         "ddpm-fast merge run/ samples.npz",
     ),
+    "fid": (
+        "ddpm_fast.cli.fid",
+        "FID (and sFID, precision, recall, Inception Score) of samples against a reference",
+        "ddpm-fast fid run/ cifar10_train_stats.npz --out fid.json\n"
+        "  ddpm-fast fid run/ VIRTUAL_imagenet64_labeled.npz\n"
+        "  ddpm-fast fid cifar10_train.npz --stats-out cifar10_train_stats.npz",
+    ),
     "train": (
         "ddpm_fast.cli.train",
         "train a DDPM (digits, an image folder or an .npz)",
@@ -35,7 +42,7 @@ COMMANDS = {
     ),
     "convert": (
         "ddpm_fast.cli.convert",
-        "convert a diffusers UNet2DModel or pipeline directory to the native format",
+        "convert a diffusers UNet2DModel/pipeline directory or an openai ADM .pt file to the native format",
         "ddpm-fast convert ./ddpm-cifar10-32 ./cifar10-native",
     ),
     "export": (

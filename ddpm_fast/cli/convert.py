@@ -1,4 +1,5 @@
-"""`ddpm-fast convert SRC DST`: a diffusers UNet2DModel or pipeline directory (or a native one) -> native format."""
+"""`ddpm-fast convert SRC DST`: a diffusers UNet2DModel or pipeline directory (or a native one), or an openai
+improved-/guided-diffusion .pt file with --adm-flags / --adm-preset, -> native format."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ log = logging.getLogger("ddpm_fast")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "src", help="diffusers UNet2DModel dir, pipeline dir (unet/ + scheduler/) or native checkpoint"
+        "src",
+        help="diffusers UNet2DModel dir, pipeline dir (unet/ + scheduler/), native checkpoint, or an openai "
+        "improved-/guided-diffusion .pt file (with --adm-flags or --adm-preset)",
     )
     p.add_argument("dst", help="output directory (config.json + model.safetensors)")
     p.add_argument(
@@ -21,6 +24,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-clip", action="store_true", help="store clip=False (do not clip predicted x0)")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already at DST")
+    p.add_argument(
+        "--adm-flags",
+        metavar="FLAGS",
+        help="an openai .pt file's MODEL_FLAGS and DIFFUSION_FLAGS as its README prints them, e.g. "
+        '"--attention_resolutions 32,16,8 --class_cond True ..." (flags left out take that repository\'s defaults)',
+    )
+    p.add_argument(
+        "--adm-source",
+        choices=("improved", "guided"),
+        help="the repository the .pt file comes from, where the file and flags do not tell",
+    )
+    p.add_argument(
+        "--adm-preset",
+        metavar="NAME",
+        help="a published openai checkpoint's flags, e.g. guided-imagenet64-cond (README: openai checkpoints)",
+    )
 
 
 def run(args) -> int:
@@ -31,7 +50,7 @@ def run(args) -> int:
         raise ValueError(f"dst must differ from src; got {dst} for both")
     if (dst / CONFIG_FILE).exists() and not args.force:
         raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
-    model = load_model(src)
+    model = load_model(src, adm_flags=args.adm_flags, adm_source=args.adm_source, adm_preset=args.adm_preset)
     changes = {}
     if args.variance:
         changes["variance"] = args.variance
