@@ -59,7 +59,8 @@ ARCHITECTURES = {
 }
 
 
-def _architecture(arch: str, where: str):
+def architecture(arch: str, where: str):
+    """(model class, config class) registered for `arch`; an unknown one is a ValueError naming `where`."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"{where}: arch must be one of {sorted(ARCHITECTURES)}; got {arch!r}")
 
@@ -211,7 +212,7 @@ def _load_native(path: Path, raw: dict):
         if key not in raw:
             raise ValueError(f"{cfg_file}: missing key {key!r}")
     arch = raw.get("arch", "ddpm-unet")  # checkpoints written before "arch" existed hold the DDPM U-Net
-    model_cls, config_cls = _architecture(arch, f"{cfg_file}: key 'arch'")
+    model_cls, config_cls = architecture(arch, f"{cfg_file}: key 'arch'")
     try:
         cfg = config_cls.from_dict(raw["model"])
     except (TypeError, ValueError) as e:

@@ -151,28 +151,40 @@ def update_with_noise(
     z: torch.Tensor,
     clip_range: float | None,
     learned: bool,
-) -> torch.Tensor:
-    """x_{t-1} from one StepTable row c (float32 [8]), x_t, the model output (eps or eps|v) and z; all float32."""
+    history=(),
+):
+    """(x_{t-1}, x0) from one StepTable row c (float32 [8 + K]), x_t, the model output (eps or eps|v), z and the
+    K earlier x0 predictions (newest first); all float32."""
     C = x.shape[1]
     v = out[:, C:] if learned else None
-    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range)[0]
+    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range, history)
 
 
 class StepGraph(nn.Module):
-    """x_{t-1} = step(x_t, step index, z) for one sampling run: the U-Net plus the StepTable update."""
+    """x_{t-1} = step(x_t, step index, z) for one sampling run: the U-Net plus the StepTable update.
+
+    A multistep table (K = table.history > 0) adds an input and an output: history [K, B, C, H, W], the x0
+    of the K previous steps newest first, in (zeros at step 0) and shifted out (history_out[0] = this x0)."""
 
     def __init__(self, unet: nn.Module, table: StepTable, clip_range: float | None):
         super().__init__()
         self.eps = EpsGraph(unet)
         coefs, timesteps = table.to("cpu", torch.float32)
-        self.register_buffer("coefs", coefs)  # [S, 8]: becomes an initializer
+        self.register_buffer("coefs", coefs)  # [S, 8 + K]: becomes an initializer
         self.register_buffer("timesteps", timesteps)  # [S] int64
         self.clip_range = clip_range
         self.learned = table.learned
+        self.history = table.history
 
-    def forward(self, x: torch.Tensor, step: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, step: torch.Tensor, z: torch.Tensor, history: torch.Tensor | None = None
+    ):
         idx = step.reshape(1)
-        c = self.coefs.index_select(0, idx).reshape(-1)  # [8]
+        c = self.coefs.index_select(0, idx).reshape(-1)  # [8 + K]
         t = self.timesteps.index_select(0, idx).expand(x.shape[0])
         out = self.eps(x, t)
-        return update_with_noise(c, x, out, z, self.clip_range, self.learned)
+        hist = () if history is None else tuple(history[k] for k in range(self.history))
+        y, x0 = update_with_noise(c, x, out, z, self.clip_range, self.learned, hist)
+        if history is None:
+            return y
+        return y, torch.cat([x0.unsqueeze(0), history[: self.history - 1]], dim=0)

@@ -34,7 +34,6 @@ from torch import nn
 
 from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
-from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
 from ddpm_fast.plan import Plan
 from ddpm_fast.schedule import Schedule
@@ -60,6 +59,16 @@ META_PREFIX = "ddpm_fast."
 FORMAT_VERSION = 1
 INPUTS = {"eps": ("x", "t"), "step": ("x", "step", "z")}
 OUTPUTS = {"eps": "eps", "step": "x_prev"}
+HISTORY_IN, HISTORY_OUT = "history", "history_out"  # a multistep step graph's extra input and output
+
+
+def io_names(kind: str, history: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names, output names) of a graph kind; a multistep step graph also carries its x0 history."""
+    if kind == "step" and history:
+        return (*INPUTS["step"], HISTORY_IN), (OUTPUTS["step"], HISTORY_OUT)
+    return INPUTS[kind], (OUTPUTS[kind],)
+
+
 VALIDATE_BATCHES = (1, 3)  # 1 and a batch that differs from the one traced (2)
 TRACE_BATCH = 2
 NOISE_DOC = (
@@ -124,25 +133,31 @@ def _import_onnx():
     return onnx
 
 
-def _trace_inputs(kind: str, image_shape, num_steps: int):
+def _trace_inputs(kind: str, image_shape, num_steps: int, history: int = 0):
     C, H, W = image_shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(TRACE_BATCH, C, H, W, generator=g)
     if kind == "eps":
         return (x, torch.tensor([1, 2], dtype=torch.int64)[:TRACE_BATCH])
-    return (x, torch.tensor(min(1, num_steps - 1), dtype=torch.int64), torch.randn(x.shape, generator=g))
+    step = (x, torch.tensor(min(1, num_steps - 1), dtype=torch.int64), torch.randn(x.shape, generator=g))
+    return (*step, torch.randn(history, *x.shape, generator=g)) if history else step
 
 
-def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str):
-    """Run torch's exporter; returns an onnx.ModelProto with named inputs/outputs and a dynamic batch axis."""
+def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, history: int = 0):
+    """Run torch's exporter; returns an onnx.ModelProto with named inputs/outputs and a dynamic batch axis
+    (axis 1 of the history tensors)."""
     onnx = _import_onnx()
-    names, out_name = INPUTS[kind], OUTPUTS[kind]
+    names, out_names = io_names(kind, history)
     batch_args = [n for n in names if n != "step"]
+
+    def batch_axis(name):
+        return 1 if name in (HISTORY_IN, HISTORY_OUT) else 0
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer chatter
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=2**20)
-            dyn = {n: ({0: batch} if n in batch_args else None) for n in names}
+            dyn = {n: ({batch_axis(n): batch} if n in batch_args else None) for n in names}
             quiet = logging.getLogger("torch.onnx")
             level = quiet.level
             quiet.setLevel(logging.ERROR)
@@ -151,7 +166,7 @@ def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str):
                     graph,
                     example,
                     input_names=list(names),
-                    output_names=[out_name],
+                    output_names=list(out_names),
                     opset_version=opset,
                     dynamic_shapes=dyn,
                     dynamo=True,
@@ -167,9 +182,9 @@ def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str):
             example,
             buf,
             input_names=list(names),
-            output_names=[out_name],
+            output_names=list(out_names),
             opset_version=opset,
-            dynamic_axes={n: {0: "batch"} for n in [*batch_args, out_name]},
+            dynamic_axes={n: {batch_axis(n): "batch"} for n in [*batch_args, *out_names]},
             do_constant_folding=True,
             **kwargs,
         )
@@ -248,6 +263,7 @@ def export_onnx(
     step = plan is not None
     if step and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
+    history = plan.table.history if step else 0
     exporter = default_exporter() if exporter is None else exporter
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
@@ -274,24 +290,20 @@ def export_onnx(
         raise ValueError(
             "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
         )
-    if step and plan.table.history:
-        raise Unavailable(
-            f"a step graph of method={plan.method!r} (a multistep solver) is not exported yet: the graph would have "
-            "to carry its x0 history; export the noise model (no step graph) and sample it with backend='onnx'"
-        )
     if step and tuple(plan.shape[1:]) != image_shape:
         raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
 
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "step" if step else "eps",
-        "inputs": list(INPUTS["step" if step else "eps"]),
+        "inputs": list(io_names("step" if step else "eps", history)[0]),
         "output": OUTPUTS["step" if step else "eps"],
         "image_shape": list(image_shape),
         "weights_dtype": "float16" if fp16 else "float32",
         "exporter": exporter,
         "opset": opset,
         "torch": torch.__version__,
+        "arch": defaults_of(model).arch,
         "model": config.to_dict() if hasattr(config, "to_dict") else None,
         "schedule": schedule.spec if schedule is not None else None,
         "sampling": defaults,
@@ -313,17 +325,20 @@ def export_onnx(
                 "clip": plan.clip,
                 "clip_range": plan.clip_range,
                 "num_steps": table.num_steps,
+                "history": table.history,  # earlier x0 the graph carries in and out (multistep solvers)
                 "timesteps": table.timesteps.tolist(),  # model timestep (and noise slot) of step 0, 1, ...
                 "xT_slot": noise.XT_SLOT,
             }
         else:
             graph = EpsGraph(net).eval()
             table = None
-        example = _trace_inputs("step" if step else "eps", image_shape, table.num_steps if table else 1)
+        example = _trace_inputs(
+            "step" if step else "eps", image_shape, table.num_steps if table else 1, history
+        )
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            proto = _to_proto(graph, meta["kind"], example, opset, exporter)
+            proto = _to_proto(graph, meta["kind"], example, opset, exporter, history)
         _set_metadata(proto, meta)
         onnx = _import_onnx()
         onnx.checker.check_model(proto, full_check=True)  # full: also runs ONNX shape inference
@@ -364,6 +379,14 @@ def _tolerance(scale: float) -> float:
     return 1e-4 * max(1.0, scale)
 
 
+def _flat(outputs) -> torch.Tensor:
+    """A graph's outputs (one tensor, or x_prev and history_out) as one flat float tensor to compare."""
+    if isinstance(outputs, (list, tuple)):
+        return torch.cat([_flat(o) for o in outputs])
+    t = torch.from_numpy(outputs) if not isinstance(outputs, torch.Tensor) else outputs
+    return t.reshape(-1)
+
+
 def validate_onnx(
     path, graph: nn.Module, *, oracle: nn.Module | None = None, report: ExportReport | None = None
 ):
@@ -389,9 +412,12 @@ def validate_onnx(
         else:
             S = m.metadata["step"]["num_steps"]
             feeds = (x, torch.tensor(S // 2, dtype=torch.int64), torch.randn(B, C, H, W, generator=g))
-        got = torch.from_numpy(sess.run(None, {n: v.numpy() for n, v in zip(INPUTS[m.kind], feeds)})[0])
+            if m.history:
+                feeds = (*feeds, torch.randn(m.history, B, C, H, W, generator=g))
+        names = io_names(m.kind, m.history)[0]
+        got = _flat(sess.run(None, {n: v.numpy() for n, v in zip(names, feeds)}))
         with torch.no_grad(), Float16Storage() if oracle is not None else contextlib.nullcontext():
-            want = graph(*feeds).float()
+            want = _flat(graph(*feeds)).float()
         if got.shape != want.shape:
             raise ValueError(
                 f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(want.shape)} at batch {B}"
@@ -401,7 +427,7 @@ def validate_onnx(
         err, what = diff, "max |ORT - PyTorch|"
         if oracle is not None:
             with torch.no_grad():
-                exact = oracle(*feeds).double()
+                exact = _flat(oracle(*feeds)).double()
             err = (got.double() - exact).abs().max().item()
             tol += 2 * (want.double() - exact).abs().max().item()
             what = "max |ORT - float64| (bound: 2 x the float16 reference's error + float32 tolerance)"

@@ -51,7 +51,7 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 META_PREFIX = "ddpm_fast."
-KINDS = {("x", "t"): "eps", ("x", "step", "z"): "step"}
+KINDS = {("x", "t"): "eps", ("x", "step", "z"): "step", ("x", "step", "z", "history"): "step"}
 OPTIONS = ("threads",)
 _SESSIONS: dict = {}  # (file key, device, threads, stream, tf32) -> InferenceSession
 _MODELS: dict = {}  # (realpath, mtime_ns, size) -> OnnxModel
@@ -189,9 +189,13 @@ class OnnxModel:
                 f"{source}: ONNX model inputs must be named ('x', 't') (noise model) or ('x', 'step', 'z') (step "
                 f"graph); got {list(inputs)}"
             )
-        if len(outputs) != 1:
-            raise ValueError(f"{source}: the ONNX model must have one output; got {list(outputs)}")
-        want = {"x": "float", "t": "int64", "step": "int64", "z": "float"}
+        # a multistep step graph carries its x0 history in ("history") and out ("history_out")
+        self.history = int((metadata.get("step") or {}).get("history", 0)) if "history" in inputs else 0
+        if len(outputs) != (2 if self.history else 1):
+            raise ValueError(
+                f"{source}: the ONNX model must have one output (two with a history); got {list(outputs)}"
+            )
+        want = {"x": "float", "t": "int64", "step": "int64", "z": "float", "history": "float"}
         for name, (etype, _) in inputs.items():
             if etype != want[name]:
                 raise ValueError(f"{source}: input {name!r} must be {want[name]}; got {etype}")
@@ -204,21 +208,23 @@ class OnnxModel:
             d if d is not None else (meta_shape[i] if meta_shape else None) for i, d in enumerate(x_dims[1:])
         )
         self.batch = x_dims[0]  # None: dynamic
-        (self.output_name,) = outputs
+        self.output_name = next(iter(outputs))
         out_dims = next(iter(outputs.values()))[1]
         self.out_channels = out_dims[1] if len(out_dims) == 4 else None
         cfg = metadata.get("model")
         self.config = None
         if isinstance(cfg, dict):
-            from ddpm_fast.unet import UNetConfig
+            from ddpm_fast.checkpoint import architecture
 
-            self.config = UNetConfig.from_dict(cfg)
+            arch = metadata.get("arch", "ddpm-unet")  # files written before "arch" hold the DDPM U-Net
+            self.config = architecture(arch, f"{source}: metadata 'arch'")[1].from_dict(cfg)
         spec = metadata.get("schedule")
         self.schedule = Schedule.from_spec(spec) if spec else None
         sampling = metadata.get("sampling") or {}
         known = {f.name for f in dataclasses.fields(ModelDefaults)} - {"schedule", "arch"}
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items() if k in known}
-        self.defaults = ModelDefaults(schedule=self.schedule, **fields)
+        arch = metadata.get("arch", "ddpm-unet")
+        self.defaults = ModelDefaults(schedule=self.schedule, **{**fields, "arch": arch})
         step = metadata.get("step")
         # The run a step graph was exported for: its number of steps is the only one it can sample.
         self.steps = int(step["num_steps"]) if kind == "step" and isinstance(step, dict) else None
@@ -520,15 +526,20 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
 
 
 def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
-    """ORT runs the whole step; z for step i is the counter-based noise of its timestep (zeros when sigma = 0)."""
+    """ORT runs the whole step; z for step i is the counter-based noise of its timestep (zeros when sigma = 0).
+    A multistep graph also takes and returns the x0 history (zeros before the first step)."""
     ts = plan.table.timesteps.tolist()
     sigma = plan.table.coefs[:, SIGMA].tolist()
     step_dims = m.inputs["step"][1]
     step_buf = torch.zeros([1] if step_dims else [], dtype=torch.int64, device=x.device)
     zeros = torch.zeros_like(x)
+    K = m.history
+    hist = torch.zeros((K, *x.shape), dtype=torch.float32, device=x.device) if K else None
+    hist_out = "history_out"
     cuda = x.device.type == "cuda"
     if cuda:
         bufs = (x, torch.empty_like(x))
+        hbufs = (hist, torch.empty_like(hist)) if K else None
         z_buf = torch.empty_like(x)
         bindings = []
         for a, b in ((0, 1), (1, 0)):  # ping-pong: the step reads one buffer and writes the other
@@ -537,6 +548,9 @@ def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             _bind(bnd, "step", step_buf, input=True)
             _bind(bnd, "z", z_buf, input=True)
             _bind(bnd, m.output_name, bufs[b], input=False)
+            if K:
+                _bind(bnd, "history", hbufs[a], input=True)
+                _bind(bnd, hist_out, hbufs[b], input=False)
             bindings.append(bnd)
     for i in _progress(plan, len(ts)):
         step_buf.fill_(i)
@@ -550,7 +564,12 @@ def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             x = bufs[(i + 1) % 2]
         else:
             feeds = {"x": x.numpy(), "step": step_buf.numpy(), "z": z.numpy()}
-            x = torch.from_numpy(sess.run([m.output_name], feeds)[0])
+            if K:
+                feeds["history"] = hist.numpy()
+                x_np, h_np = sess.run([m.output_name, hist_out], feeds)
+                x, hist = torch.from_numpy(x_np), torch.from_numpy(h_np)
+            else:
+                x = torch.from_numpy(sess.run([m.output_name], feeds)[0])
         if plan.callback is not None:
             plan.callback(i, ts[i], x)
     return x.clone() if cuda else x

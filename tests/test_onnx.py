@@ -239,19 +239,21 @@ def test_float16_storage_rounds_every_result_and_writes_back_in_place():
     assert c.tolist() == [2.0, 3.0]
 
 
-@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_2m_sde", "unipc"])
-def test_multistep_solvers_on_the_eps_graph(tmp_path, tiny, method):
-    """backend='onnx' with an exported noise model runs every family: ORT gives eps, the fused update (with its
-    x0 history) does the rest; a step graph of a multistep solver is refused with a line saying so."""
-    path = export_onnx(tiny, tmp_path / "eps.onnx", exporter="torchscript", validate=False).path
+@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"])
+def test_multistep_solvers_on_both_graphs(tmp_path, tiny, method):
+    """backend='onnx' runs every family: from an exported noise model (ORT gives eps, the fused update with its
+    x0 history does the rest), and as a step graph that takes and returns the history (validated on export)."""
+    eps = export_onnx(tiny, tmp_path / "eps.onnx", exporter="torchscript", validate=False).path
+    plan = make_plan(tiny, None, (1, 3, 16, 16), steps=5, method=method)
+    step = export_onnx(tiny, tmp_path / "step.onnx", plan=plan, exporter="torchscript")
+    assert step.max_abs_diff and read_metadata(step.path)["step"]["history"] == plan.table.history
+    names = [i.name for i in onnx.load(str(step.path)).graph.input]
+    assert names == ["x", "step", "z", "history"]
     kw = dict(shape=(2, 3, 16, 16), steps=5, seed=3, method=method)
-    got = df.sample(str(path), backend="onnx", **kw)
     want = reference(tiny, **kw)
-    assert (got - want).abs().max().item() <= sample_tol(tiny, **kw)
-    with pytest.raises(Unavailable, match="step graph of method="):
-        export_onnx(
-            tiny, tmp_path / "step.onnx", plan=make_plan(tiny, None, (1, 3, 16, 16), steps=5, method=method)
-        )
+    for path in (eps, step.path):
+        got = df.sample(str(path), backend="onnx", **kw)
+        assert (got - want).abs().max().item() <= sample_tol(tiny, **kw), path
 
 
 def test_bench_provider_matches_reference(tiny):
