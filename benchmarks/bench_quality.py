@@ -1,6 +1,8 @@
 """Quality against NFE on the bundled digits model, every sampler side by side; speed at equal quality.
 
     python benchmarks/bench_quality.py --out benchmarks/results/DATE-cpu-quality
+    python benchmarks/bench_quality.py --metric fid --model ckpt/ --ref cifar10_train_stats.npz \
+        --num 10000 --device cuda --out fid-vs-nfe/          # any model: FID against a reference (ddpm-fast fid)
 
 Two figures per (method, spacing, NFE), from NUM samples drawn with counter-based noise (seed 0):
 - confident share: the share of samples a logistic-regression digit classifier (standardised pixels, fit on
@@ -28,6 +30,8 @@ import numpy as np
 import torch
 
 import ddpm_fast as df
+import ddpm_fast.engine  # noqa: F401  (every backend module loaded at start: one consistent version per run)
+import ddpm_fast.reference  # noqa: F401
 from ddpm_fast.shards import atomic_write_bytes
 
 NUM = 540  # the held-out real set's size, so both sides of every FD have the same count
@@ -106,7 +110,8 @@ def speed_rows(model, method, nfe, batch) -> list[dict]:
     kw = dict(shape=(batch, 1, 8, 8), steps=nfe, method=method, seed=0)
     rows = [
         ("reference", lambda: df.sample(model, backend="reference", **kw)),
-        ("fast", lambda: df.sample(model, backend="fast", triton=False, **kw)),
+        # compiled (its cost paid in the warm-up call), with the torch twin of the update on CPU
+        ("fast", lambda: df.sample(model, backend="fast", compile=True, triton=False, **kw)),
     ]
     try:
         import diffusers
@@ -183,19 +188,73 @@ def _groups(rows):
     return [(k, [r for r in rows if (r["method"], r["spacing"]) == k]) for k in keys]
 
 
+def fid_rows(args) -> list[dict]:
+    """--metric fid: FID of --num samples of --model against --ref (`ddpm_fast.metrics.fid`, the Inception
+    network the user provides) for DDPM at 1000 steps and every method at each NFE; a table and rows."""
+    import tempfile
+
+    from ddpm_fast.checkpoint import load_model
+    from ddpm_fast.runs import generate
+
+    model = load_model(args.model, device=args.device)
+    rows = []
+    points = [("ddpm", 1000)] + [(m, n) for m in METHODS for n in NFES]
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, nfe in points:
+            path = Path(tmp) / f"{method}-{nfe}.npz"
+            t0 = time.perf_counter()
+            generate(model, path, num=args.num, batch_size=args.batch_size, steps=nfe, method=method, seed=0,
+                     device=args.device)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            r = df.metrics.fid(str(path), args.ref, inception=args.inception, device=args.device, cache=False)
+            rows.append(
+                {"method": method, "spacing": "default", "nfe": nfe, "fid": r.fid, "seconds": seconds}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for quality.md, quality.json, quality.png")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--speed-batch", type=int, default=64)
+    p.add_argument("--metric", choices=("digits", "fid"), default="digits", help="digits: the bundled model's "
+                   "classifier figures; fid: FID of --model against --ref")  # fmt: skip
+    p.add_argument("--model", help="--metric fid: a checkpoint directory")
+    p.add_argument(
+        "--ref", help="--metric fid: reference images or statistics (as `ddpm-fast fid` takes them)"
+    )
+    p.add_argument("--inception", help="--metric fid: inception-2015-12-05.pt (default: its cache location)")
+    p.add_argument("--num", type=int, default=10000, help="--metric fid: samples per point")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.metric == "fid":
+        if not (args.model and args.ref):
+            p.error("--metric fid needs --model and --ref")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = fid_rows(args)
+        atomic_write_bytes(
+            out / "fid_vs_nfe.json", json.dumps({"rows": rows, "args": vars(args)}, indent=1).encode()
+        )
+        table = ["| method | NFE | FID |", "| --- | --- | --- |"] + [
+            f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows
+        ]
+        atomic_write_bytes(out / "fid_vs_nfe.md", ("\n".join(table) + "\n").encode())
+        print("\n".join(table))
+        return 0
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = df.default_model()
     clf, real, train_real, real_share = judge()
     floor = frechet(train_real, real)
-    rows = [measure(model, clf, real, "ddpm", n) for n in (100, 1000)]
+    rows = []
+    for n in (100, 1000):
+        rows.append(measure(model, clf, real, "ddpm", n))
+        print(json.dumps(rows[-1]), flush=True)
     yardstick = rows[-1]
     for method in METHODS:
         for spacing in (None,) if method == "ddim" else (None, "logsnr"):
@@ -206,6 +265,10 @@ def main(argv=None) -> int:
     for (method, spacing), group in _groups(rows):
         hit = [r for r in sorted(group, key=lambda r: r["nfe"]) if r["fd"] <= 1.05 * yardstick["fd"]]
         equal[f"{method}/{spacing}"] = hit[0]["nfe"] if hit else None
+    # the quality rows are kept even if a speed measurement fails
+    atomic_write_bytes(
+        out / "quality.json", json.dumps({"rows": rows, "equal_quality_nfe": equal}, indent=1).encode()
+    )
     speed = []
     for key, nfe in equal.items():
         method, spacing = key.split("/")
