@@ -88,6 +88,15 @@ SECTIONS = (
     Section("tests", 150, 30, "pytest -m cuda tests, -v, per-test timeout", pytest=True),
     Section("more", 150, 40, "fast fp32 compiled; fast-bf16 and fast without compile, at batch 256 and 1"),
     Section("onnx", 60, 20, "ONNX Runtime's CUDA path (skipped where onnxruntime has no CUDA provider)"),
+    Section(
+        "solvers",
+        150,
+        40,
+        "dpmpp_2m and unipc at 10 and 20 steps: fast-bf16 and reference fp32, batch 1/64/256",
+    ),
+    Section(
+        "adm", 150, 60, "ADM ImageNet-64 (class-conditional, random weights): fast-bf16 vs reference fp32"
+    ),
     Section("modes", 200, 150, "torch.compile mode default vs max-autotune-no-cudagraphs, bf16 batch 64"),
 )
 # --dry-run: the same parent, children, rows and report on CPU; fake sections raise, hang, overrun a pytest
@@ -121,6 +130,9 @@ class Conf:
     steps: int = 20  # per sampling run (a linear schedule of T = steps)
     repeats: int = 5
     headline: tuple = ((256, 1, 64), ("reference", "fast-bf16", "diffusers"))
+    solvers: tuple = ((256, 1, 64), ("reference-dpmpp_2m", "fast-bf16-dpmpp_2m", "fast-bf16-unipc"))
+    solver_steps: tuple = (10, 20)
+    adm: tuple = ("adm-imagenet64", (64, 1, 256), ("reference", "fast-bf16"))
     more: tuple = ((256, 1), ("reference", "fast", "fast-bf16-nocompile", "fast-nocompile"))
     modes: tuple = ("default", "max-autotune-no-cudagraphs")
     kernel_sizes: tuple = ("256x3x32x32", "64x3x256x256", "256x3x256x256")
@@ -150,6 +162,8 @@ def _specs(dry: bool) -> dict:
         "fast-nocompile": dict(fast, compile=False),
         "fast-bf16-nocompile": dict(fast, dtype=bf16, compile=False),
         "raises (dry run)": dict(fast, compile="yes"),  # resolve_options raises TypeError: an error row
+        **{f"reference-{m}": dict(backend="reference", method=m) for m in ("dpmpp_2m", "unipc")},
+        **{f"fast-bf16-{m}": dict(fast, dtype=bf16, method=m) for m in ("dpmpp_2m", "unipc")},
     }
 
 
@@ -169,6 +183,9 @@ DRY_CONF = Conf(
     smoke_shape=(4, 3, 8, 8),
     peer="diffusers_dry_run_not_installed",
     need={"compiled": 1.0, "eager": 0.5, "peer": 0.5},
+    solvers=((2,), ("reference-dpmpp_2m", "fast-bf16-dpmpp_2m", "fast-bf16-unipc")),
+    solver_steps=(3,),
+    adm=("adm-tiny", (2,), ("reference", "fast-bf16")),
     dry=True,
 )
 
@@ -716,8 +733,16 @@ def _plan(model, schedule, shape, device, spec=None):
 
     spec = spec or {}
     opts = {k: v for k, v in spec.items() if k in engine.OPTION_NAMES}
+    labels = "random" if model.defaults.num_classes else None  # a class-conditional model
     return make_plan(
-        model, schedule, shape, device=device, dtype=spec.get("dtype", torch.float32), options=opts
+        model,
+        schedule,
+        shape,
+        device=device,
+        dtype=spec.get("dtype", torch.float32),
+        method=spec.get("method", "ddpm"),
+        labels=labels,
+        options=opts,
     )
 
 
@@ -794,9 +819,12 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
             elif provider not in conf.specs:
                 raise ValueError(f"gpu_check has no provider {provider!r}; known: {sorted(conf.specs)}")
             else:
+                labels = "random" if model.defaults.num_classes else None  # a class-conditional model
 
                 def fn(spec=spec):
-                    return df.sample(model, schedule, shape, seed=bench.SEED, device=dev, **spec)
+                    return df.sample(
+                        model, schedule, shape, seed=bench.SEED, device=dev, labels=labels, **spec
+                    )
 
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -875,7 +903,12 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
 
         C, H, W = model.config.image_shape
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, C, H, W, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
+            cond = (
+                {"y": torch.zeros(1, dtype=torch.int64, device=dev)}
+                if model.config.__dict__.get("num_classes")
+                else {}
+            )
+            model(torch.zeros(1, C, H, W, device=dev), torch.zeros(1, dtype=torch.int64, device=dev), **cond)
         ctx.emit(
             {
                 "kind": "model",
@@ -885,13 +918,14 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
             }
         )
     for batch in batches:
-        ref = None
+        refs = {}  # method -> the reference fp32 output at this batch, what that method's rows are held to
         for provider in providers:
             if provider == "diffusers" and not have_peer:
                 continue
-            out = sampling_row(ctx, model, schedule, provider, batch, ref)
-            if provider == "reference":
-                ref = out
+            method = conf.specs.get(provider, {}).get("method", "ddpm")
+            out = sampling_row(ctx, model, schedule, provider, batch, refs.get(method))
+            if provider.split("-")[0] == "reference":
+                refs[method] = out
     return 0
 
 
@@ -916,6 +950,26 @@ def section_headline(ctx: Context) -> int:
         _dry_compile()
     batches, providers = ctx.conf.headline
     return _sampling_section(ctx, batches, providers)
+
+
+def section_solvers(ctx: Context) -> int:
+    batches, providers = ctx.conf.solvers
+    base = ctx.conf
+    for steps in base.solver_steps:  # the schedule is T = steps long: NFE = steps
+        ctx.conf = replace(base, steps=steps)
+        _sampling_section(ctx, batches, providers)
+    ctx.conf = base
+    return 0
+
+
+def section_adm(ctx: Context) -> int:
+    model, batches, providers = ctx.conf.adm
+    base = ctx.conf
+    ctx.conf = replace(base, model=model)
+    try:
+        return _sampling_section(ctx, batches, providers)
+    finally:
+        ctx.conf = base
 
 
 def section_more(ctx: Context) -> int:
@@ -1005,6 +1059,8 @@ CHILDREN = {
     "headline": section_headline,
     "kernel": section_kernel,
     "more": section_more,
+    "solvers": section_solvers,
+    "adm": section_adm,
     "onnx": section_onnx,
     "modes": section_modes,
     "raises": section_raises,

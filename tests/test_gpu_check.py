@@ -185,3 +185,26 @@ def test_a_stopped_run_keeps_its_rows_and_its_section_dies_with_it(tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["state"].startswith("stopped during section 'budget'")
     assert len(_rows(tmp_path, section="budget", kind="note")) >= 1
+
+
+def test_solver_and_adm_sections_on_cpu(tmp_path, monkeypatch):
+    """The solver rows (method in the provider name, NFE in steps) and the ADM rows (a class-conditional model:
+    labels drawn per sample) run with the dry configuration, each against its reference."""
+    monkeypatch.setattr(engine, "_logged", set())
+    engine.clear_cache()
+    gpu_check.append_row(tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [2, 1]})
+    conf = gpu_check.replace(
+        gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
+    )
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the dry run's compile: the eager function
+    for name in ("solvers", "adm"):
+        ctx = gpu_check.Context(tmp_path, name, until=1e18, conf=conf)
+        assert gpu_check.CHILDREN[name](ctx) == 0
+        ctx.close()
+    engine.clear_cache()
+    rows = {(r["model"], r["provider"]): r for r in _rows(tmp_path, kind="sampling")}
+    assert not _rows(tmp_path, kind="error"), _rows(tmp_path, kind="error")
+    for p in ("fast-bf16-dpmpp_2m", "fast-bf16-unipc"):
+        assert rows[("tiny", p)]["steps"] == 3 and rows[("tiny", p)]["images_per_s"] > 0
+    assert rows[("tiny", "fast-bf16-dpmpp_2m")]["max_abs_diff"] < 0.1  # bf16 U-Net against its fp32 reference
+    assert rows[("adm-tiny", "fast-bf16")]["max_abs_diff"] < 0.1 and rows[("adm-tiny", "reference")]

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.shards import atomic_write_bytes
 
@@ -52,8 +53,10 @@ SEED = 0
 
 def _sampler(**kwargs) -> Callable:
     def factory(model, schedule, shape, steps, device):
+        labels = "random" if defaults_of(model).num_classes else None  # a class-conditional model
+
         def call():
-            return df.sample(model, schedule, shape, seed=SEED, device=device, **kwargs)
+            return df.sample(model, schedule, shape, seed=SEED, device=device, labels=labels, **kwargs)
 
         return call
 
@@ -209,8 +212,26 @@ def _peak_rss_mb() -> float | None:
         return None
 
 
+ADM_PRESETS = {"adm-imagenet64": "guided-imagenet64-cond", "adm-cifar10": "improved-cifar10-uncond"}
+
+
 def build_model(spec: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """A preset name (random weights: speed does not depend on them) or a checkpoint path."""
+    """A preset name (random weights: speed does not depend on them) or a checkpoint path; "adm-imagenet64"
+    and "adm-cifar10" are openai's published ADM architectures (ddpm_fast.adm_io presets)."""
+    if spec == "adm-tiny":  # a small class-conditional ADM: the CPU dry run of the ADM rows
+        from ddpm_fast.adm import ADM, ADMConfig
+
+        torch.manual_seed(seed)
+        return ADM(ADMConfig.tiny().replace(num_classes=10)).to(device).eval()
+    if spec in ADM_PRESETS:
+        from ddpm_fast.adm import ADM
+        from ddpm_fast.adm_io import preset_config
+
+        torch.manual_seed(seed)
+        cfg, defaults = preset_config(ADM_PRESETS[spec])
+        model = ADM(cfg.replace(dropout=0.0))
+        model.defaults = defaults
+        return model.to(device).eval()
     if spec in PRESETS:
         torch.manual_seed(seed)
         cfg = getattr(df.UNetConfig, spec)(dropout=0.0)
