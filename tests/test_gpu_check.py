@@ -192,7 +192,9 @@ def test_solver_and_adm_sections_on_cpu(tmp_path, monkeypatch):
     labels drawn per sample) run with the dry configuration, each against its reference."""
     monkeypatch.setattr(engine, "_logged", set())
     engine.clear_cache()
-    gpu_check.append_row(tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [2, 1]})
+    gpu_check.append_row(
+        tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [2, 1]}
+    )
     conf = gpu_check.replace(
         gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
     )
