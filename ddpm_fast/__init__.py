@@ -20,6 +20,8 @@ __all__ = [
     "default_model",
     "ADM",
     "ADMConfig",
+    "ClassifierGuidance",
+    "load_classifier",
     "metrics",
     "__version__",
 ]
@@ -34,6 +36,8 @@ _LAZY = {
     "default_model": "ddpm_fast.checkpoint",
     "ADM": "ddpm_fast.adm",
     "ADMConfig": "ddpm_fast.adm",
+    "ClassifierGuidance": "ddpm_fast.guidance",
+    "load_classifier": "ddpm_fast.adm_io",
 }
 
 

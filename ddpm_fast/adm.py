@@ -40,7 +40,15 @@ from torch import nn
 
 from ddpm_fast.defaults import ModelDefaults
 
-__all__ = ["ADMConfig", "ADM", "CHANNEL_MULT", "timestep_embedding"]
+__all__ = [
+    "ADMConfig",
+    "ADM",
+    "ClassifierConfig",
+    "ADMClassifier",
+    "CHANNEL_MULT",
+    "POOLS",
+    "timestep_embedding",
+]
 
 GROUPS = 32  # every GroupNorm of the ADM U-Net (openai's `normalization`)
 
@@ -292,18 +300,24 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         x = x.reshape(B, C, H * W)
-        qkv = self.qkv(self.norm(x))
-        d = C // self.heads
-        if self.new_order:
-            q, k, v = qkv.reshape(B, 3, self.heads, d, H * W).unbind(1)
-        else:
-            q, k, v = qkv.reshape(B, self.heads, 3, d, H * W).unbind(2)
-        # [B, heads, d, HW] -> [B, heads, HW, d]. SDPA keeps the logits and softmax in float32 for fp16/bf16
-        # inputs (the fused kernels accumulate in float32, the math one upcasts), as openai's
-        # softmax(weight.float()) does; the float32 result differs from their einsums by rounding only.
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        h = self.proj_out(a.transpose(-1, -2).reshape(B, C, H * W))
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.heads, self.new_order))
         return (x + h).reshape(B, C, H, W)
+
+
+def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
+    """softmax(q^T k / sqrt(d)) v per head: qkv [B, 3C, T] -> [B, C, T]; qkv's channels ordered
+    [head][q|k|v][d] (openai's QKVAttentionLegacy) or [q|k|v][head][d] (QKVAttention, new_order)."""
+    B, C3, T = qkv.shape
+    d = C3 // (3 * heads)
+    if new_order:
+        q, k, v = qkv.reshape(B, 3, heads, d, T).unbind(1)
+    else:
+        q, k, v = qkv.reshape(B, heads, 3, d, T).unbind(2)
+    # [B, heads, d, T] -> [B, heads, T, d]. SDPA keeps the logits and softmax in float32 for fp16/bf16
+    # inputs (the fused kernels accumulate in float32, the math one upcasts), as openai's
+    # softmax(weight.float()) does; the float32 result differs from their einsums by rounding only.
+    a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return a.transpose(-1, -2).reshape(B, heads * d, T)
 
 
 class Downsample(nn.Module):
@@ -331,6 +345,26 @@ class Block(nn.Sequential):
         for layer in self:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return h
+
+
+def _encoder(c: ADMConfig, res, attn) -> tuple[nn.ModuleList, list[int]]:
+    """The input_blocks of openai's UNetModel and EncoderUNetModel, and each block's output channels."""
+    chans = c.level_channels
+    blocks = nn.ModuleList([Block(nn.Conv2d(c.in_channels, chans[0], 3, padding=1))])
+    skips = [chans[0]]
+    ch = chans[0]
+    for level, cout in enumerate(chans):
+        for _ in range(c.num_res_blocks):
+            layers = [res(ch, cout)]
+            ch = cout
+            if c.attends(level):
+                layers.append(attn(ch))
+            blocks.append(Block(*layers))
+            skips.append(ch)
+        if level < c.num_levels - 1:
+            blocks.append(Block(res(ch, ch, "down") if c.resblock_updown else Downsample(ch)))
+            skips.append(ch)
+    return blocks, skips
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -367,20 +401,8 @@ class ADM(nn.Module):
         if c.num_classes is not None:
             self.label_emb = nn.Embedding(c.num_classes, td)
 
-        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(c.in_channels, chans[0], 3, padding=1))])
-        skips = [chans[0]]
-        ch = chans[0]
-        for level, cout in enumerate(chans):
-            for _ in range(nrb):
-                layers = [res(ch, cout)]
-                ch = cout
-                if c.attends(level):
-                    layers.append(attn(ch))
-                self.input_blocks.append(Block(*layers))
-                skips.append(ch)
-            if level < c.num_levels - 1:
-                self.input_blocks.append(Block(res(ch, ch, "down") if c.resblock_updown else Downsample(ch)))
-                skips.append(ch)
+        self.input_blocks, skips = _encoder(c, res, attn)
+        ch = skips[-1]
 
         self.middle_block = Block(res(ch, ch), attn(ch), res(ch, ch))
 
@@ -443,6 +465,134 @@ class ADM(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- classifier
+
+POOLS = ("attention", "adaptive")  # the published classifiers pool with attention
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """guided-diffusion's noisy classifier (EncoderUNetModel as their create_classifier builds it), under the
+    names of its --classifier_* flags: width = model channels, depth = residual blocks per level."""
+
+    image_size: int = 64  # the attention pool's positional embedding fixes the input size
+    in_channels: int = 3
+    width: int = 128
+    depth: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)  # in pixels at image_size
+    channel_mult: tuple[float, ...] | None = None  # None: CHANNEL_MULT[image_size], as create_classifier
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    pool: str = "attention"
+    num_classes: int = 1000
+    num_head_channels: int = 64  # create_classifier's, for the blocks and the pool
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True))
+        )
+        if self.channel_mult is not None:
+            object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if self.pool not in POOLS:
+            raise ValueError(f"ClassifierConfig.pool must be one of {POOLS}; got {self.pool!r}")
+        _ = self.trunk  # validates the shared fields (errors name ADMConfig's field names)
+
+    @property
+    def trunk(self) -> ADMConfig:
+        """The encoder's ADMConfig: model_channels = width, num_res_blocks = depth, out_channels = classes."""
+        return ADMConfig(
+            image_size=self.image_size,
+            in_channels=self.in_channels,
+            model_channels=self.width,
+            out_channels=self.num_classes,
+            num_res_blocks=self.depth,
+            attention_resolutions=self.attention_resolutions,
+            channel_mult=self.channel_mult,
+            num_head_channels=self.num_head_channels,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            resblock_updown=self.resblock_updown,
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["attention_resolutions"] = list(self.attention_resolutions)
+        d["channel_mult"] = None if self.channel_mult is None else list(self.channel_mult)
+        return d
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling (guided-diffusion's): the mean token joins the HW tokens, a positional embedding
+    is added, one multi-head attention layer ([q|k|v][head][d] order), the mean token's output projected."""
+
+    def __init__(self, spatial: int, channels: int, head_channels: int, out: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(channels, spatial**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out, 1)
+        self.heads = channels // head_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C = x.shape[:2]
+        x = x.reshape(B, C, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(x.dtype)
+        return self.c_proj(qkv_attention(self.qkv_proj(x), self.heads, new_order=True))[:, :, 0]
+
+
+class ADMClassifier(nn.Module):
+    """logits [B, K] = ADMClassifier(config)(x [B, C, S, S], t [B] int64): ADM's encoder and middle block, then
+    GroupNorm, SiLU and a pool (attention: AttentionPool2d; adaptive: mean, then a 1x1 conv). The module tree
+    repeats openai's EncoderUNetModel (`input_blocks`, `middle_block`, `out.2.qkv_proj`, ...)."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        if not isinstance(config, ClassifierConfig):
+            raise TypeError(f"config must be a ClassifierConfig; got {type(config).__name__}")
+        self.config = config
+        c = config.trunk
+        td = c.temb_dim
+
+        def res(cin, cout, resample=None):
+            return ResBlock(cin, cout, td, 0.0, c.use_scale_shift_norm, resample)
+
+        def attn(ch):
+            return AttentionBlock(ch, c.heads(ch), new_order=False)  # create_classifier's default order
+
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, td), nn.SiLU(), nn.Linear(td, td))
+        self.input_blocks, skips = _encoder(c, res, attn)
+        ch = skips[-1]
+        self.middle_block = Block(res(ch, ch), attn(ch), res(ch, ch))
+        if config.pool == "attention":
+            spatial = c.image_size >> (c.num_levels - 1)
+            head = [AttentionPool2d(spatial, ch, config.num_head_channels, config.num_classes)]
+        else:
+            head = [nn.AdaptiveAvgPool2d(1), nn.Conv2d(ch, config.num_classes, 1), nn.Flatten()]
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), *head)
+        self.default_scale: float | None = None  # the README's --classifier_scale (set by the loader)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        want = (c.in_channels, c.image_size, c.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(
+                f"x must be [B, {', '.join(map(str, want))}] (the classifier's size); got {tuple(x.shape)}"
+            )
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, device=x.device)
+        t = t.reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, c.width).to(self.time_embed[0].weight.dtype))
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+        return self.out(self.middle_block(h, emb))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

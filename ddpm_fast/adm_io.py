@@ -21,6 +21,9 @@ The diffusion flags become the model's sampling defaults (`ModelDefaults`): nois
 diffusion_steps the schedule (linear betas scaled by 1000 / diffusion_steps, as both repositories do),
 learn_sigma the variance (learned_range; else sigma_small ? fixed_small : fixed_large), timestep_respacing
 the step count when it is a plain number, class_cond 1000 classes, clip_denoised the clipping.
+
+guided-diffusion's noisy classifiers (`EncoderUNetModel`, for classifier guidance) load the same way from
+their CLASSIFIER_FLAGS (`load_classifier(file, flags=...)`, `CLASSIFIER_PRESETS`) into `ADMClassifier`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddpm_fast.adm import ADM, CHANNEL_MULT, ADMConfig
+from ddpm_fast.adm import ADM, CHANNEL_MULT, POOLS, ADMClassifier, ADMConfig, ClassifierConfig
 from ddpm_fast.defaults import ModelDefaults, record
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.weights import load_state, read_weights
@@ -46,6 +49,10 @@ __all__ = [
     "preset_for_file",
     "describe_state",
     "load_openai",
+    "CLASSIFIER_PRESETS",
+    "classifier_from_flags",
+    "classifier_preset_for_file",
+    "load_classifier",
 ]
 
 log = logging.getLogger("ddpm_fast")
@@ -462,9 +469,8 @@ def _hints(seen: dict, cfg: ADMConfig, given: dict) -> list[str]:
     return out
 
 
-def _check_state(model: ADM, state: dict, file: Path, given: dict) -> None:
-    """One ValueError listing the first mismatches between the file and the model the flags describe."""
-    ours = model.state_dict()
+def _state_problems(ours: dict, state: dict) -> list[str]:
+    """Every missing, unexpected and misshapen key of `state` against the model's own state dict `ours`."""
     problems = [f"missing key {k!r}" for k in ours if k not in state]
     problems += [f"unexpected key {k!r}" for k in state if k not in ours]
     problems += [
@@ -472,6 +478,12 @@ def _check_state(model: ADM, state: dict, file: Path, given: dict) -> None:
         for k, v in ours.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
+    return problems
+
+
+def _check_state(model: ADM, state: dict, file: Path, given: dict) -> None:
+    """One ValueError listing the first mismatches between the file and the model the flags describe."""
+    problems = _state_problems(model.state_dict(), state)
     if not problems:
         return
     hints = _hints(describe_state(state), model.config, given)
@@ -555,3 +567,169 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
     load_state(model, state, file, rename=None)
     model.defaults = defaults
     return model
+
+
+# ---------------------------------------------------------------------------------------------- classifiers
+
+# guided-diffusion's classifier_defaults() (script_util.py), and classifier_sample.py's --classifier_scale.
+CLASSIFIER_DEFAULTS = {
+    "image_size": 64,
+    "classifier_use_fp16": False,
+    "classifier_width": 128,
+    "classifier_depth": 2,
+    "classifier_attention_resolutions": "32,16,8",
+    "classifier_use_scale_shift_norm": True,
+    "classifier_resblock_updown": True,
+    "classifier_pool": "attention",
+    "classifier_scale": 1.0,
+}
+CLASSIFIER_SIZES = (64, 128, 256, 512)  # the sizes create_classifier builds (its channel_mult table)
+
+
+@dataclass(frozen=True)
+class ClassifierPreset:
+    """A published classifier: its file names and the flags of guided-diffusion's README (with the scale its
+    sampling command uses; the 256x256 classifier guides the unconditional model at 10.0)."""
+
+    files: tuple[str, ...]
+    flags: str
+
+
+CLASSIFIER_PRESETS = {
+    "guided-imagenet64-classifier": ClassifierPreset(
+        ("64x64_classifier.pt",), "--image_size 64 --classifier_depth 4 --classifier_scale 1.0"
+    ),
+    "guided-imagenet128-classifier": ClassifierPreset(
+        ("128x128_classifier.pt",), "--image_size 128 --classifier_scale 0.5"
+    ),
+    "guided-imagenet256-classifier": ClassifierPreset(
+        ("256x256_classifier.pt",), "--image_size 256 --classifier_scale 1.0"
+    ),
+    "guided-imagenet512-classifier": ClassifierPreset(
+        ("512x512_classifier.pt",), "--image_size 512 --classifier_scale 4.0"
+    ),
+}
+
+# ClassifierConfig / ADMConfig field -> the flag that sets it
+_CLASSIFIER_FLAG_OF = {
+    "model_channels": "classifier_width",
+    "width": "classifier_width",
+    "num_res_blocks": "classifier_depth",
+    "depth": "classifier_depth",
+    "attention_resolutions": "classifier_attention_resolutions",
+    "pool": "classifier_pool",
+}
+
+
+def classifier_from_flags(flags: str | dict) -> tuple[ClassifierConfig, float]:
+    """guided-diffusion classifier flags (CLASSIFIER_FLAGS as their README prints them; model, diffusion and
+    sampling flags beside them are accepted and ignored) -> (ClassifierConfig, the --classifier_scale)."""
+    given = parse_flags(flags) if isinstance(flags, str) else dict(flags)
+    a = dict(CLASSIFIER_DEFAULTS)
+    ignored = set(DEFAULTS["guided"]) | set(SCRIPT_FLAGS)
+    for name, value in given.items():
+        if name in CLASSIFIER_DEFAULTS:
+            a[name] = _typed(name, value, CLASSIFIER_DEFAULTS[name], "guided")
+        elif name not in ignored:
+            raise ValueError(
+                f"classifier_flags: unknown flag --{name}; the classifier's are {sorted(CLASSIFIER_DEFAULTS)}"
+            )
+    size = a["image_size"]
+    if size not in CLASSIFIER_SIZES:
+        raise ValueError(
+            f"classifier_flags: --image_size must be one of {CLASSIFIER_SIZES} (guided-diffusion's); got {size}"
+        )
+    if a["classifier_pool"] not in POOLS:
+        raise ValueError(
+            f"classifier_flags: --classifier_pool must be one of {POOLS}; got {a['classifier_pool']!r}"
+        )
+    scale = a["classifier_scale"]
+    try:
+        cfg = ClassifierConfig(
+            image_size=size,
+            width=a["classifier_width"],
+            depth=a["classifier_depth"],
+            attention_resolutions=_ints(
+                "classifier_attention_resolutions", a["classifier_attention_resolutions"]
+            ),
+            use_scale_shift_norm=a["classifier_use_scale_shift_norm"],
+            resblock_updown=a["classifier_resblock_updown"],
+            pool=a["classifier_pool"],
+        )
+    except ValueError as e:  # name the flag, not our field
+        msg = re.sub(
+            r"(?:ADMConfig|ClassifierConfig)\.(\w+)",
+            lambda m: "--" + _CLASSIFIER_FLAG_OF.get(m.group(1), m.group(1)),
+            str(e),
+        )
+        raise ValueError(f"classifier_flags: {msg}") from e
+    return cfg, scale
+
+
+def _classifier_hints(state: dict, cfg: ClassifierConfig) -> list[str]:
+    """The flags that likely disagree with the file, as '--flag value (the flags give ...)'."""
+    out = []
+    try:
+        width = state["time_embed.0.weight"].shape[1]
+        if width != cfg.width:
+            out.append(f"--classifier_width {width} (the flags give {cfg.width})")
+        L = cfg.trunk.num_levels
+        depth = (_blocks(state, "input_blocks") - L) // L  # 1 + L * depth + (L - 1) blocks
+        if depth != cfg.depth:
+            out.append(f"--classifier_depth {depth} (the flags give {cfg.depth})")
+        updown = not any(re.match(r"input_blocks\.\d+\.0\.op\.weight$", k) for k in state)  # Downsample convs
+        if updown != cfg.resblock_updown:
+            out.append(f"--classifier_resblock_updown {updown} (the flags give {cfg.resblock_updown})")
+        emb, conv = (
+            state["input_blocks.1.0.emb_layers.1.weight"],
+            state["input_blocks.1.0.in_layers.2.weight"],
+        )
+        ss = emb.shape[0] == 2 * conv.shape[0]
+        if ss != cfg.use_scale_shift_norm:
+            out.append(f"--classifier_use_scale_shift_norm {ss} (the flags give {cfg.use_scale_shift_norm})")
+    except (KeyError, IndexError):
+        pass
+    return out
+
+
+def classifier_preset_for_file(name: str) -> str | None:
+    """The classifier preset whose published file is called `name` (e.g. "128x128_classifier.pt"), or None."""
+    stem = Path(name).stem
+    return next(
+        (k for k, p in CLASSIFIER_PRESETS.items() if any(Path(f).stem == stem for f in p.files)), None
+    )
+
+
+def load_classifier(file, flags: str | None = None, preset: str | None = None) -> ADMClassifier:
+    """A guided-diffusion classifier state dict -> ADMClassifier (eval mode) with `default_scale` set from
+    --classifier_scale. flags: CLASSIFIER_FLAGS; preset: a CLASSIFIER_PRESETS name, implied by a published
+    file name when neither is given. A key or shape that does not fit is one ValueError naming the likely flag."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"classifier file not found: {file}")
+    given = parse_flags(flags) if flags is not None else {}
+    if preset is None and not given:
+        preset = classifier_preset_for_file(file.name)
+        if preset is None:
+            raise ValueError(
+                f"{file}: pass classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset= (one of "
+                f"{sorted(CLASSIFIER_PRESETS)}) for a guided-diffusion classifier"
+            )
+    if preset is not None:
+        if preset not in CLASSIFIER_PRESETS:
+            raise ValueError(f"classifier_preset must be one of {sorted(CLASSIFIER_PRESETS)}; got {preset!r}")
+        given = {**parse_flags(CLASSIFIER_PRESETS[preset].flags), **given}
+    cfg, scale = classifier_from_flags(given)
+    state = read_weights(file)
+    model = ADMClassifier(cfg)
+    problems = _state_problems(model.state_dict(), state)
+    if problems:
+        hints = _classifier_hints(state, cfg)
+        likely = "; likely wrong: " + ", ".join(hints) if hints else ""
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            f"{file}: the state dict does not fit the flags: {'; '.join(problems[:3])}{more}{likely}"
+        )
+    load_state(model, state, file, rename=None)
+    model.default_scale = scale
+    return model.eval()

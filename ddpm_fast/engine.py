@@ -173,6 +173,11 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
             )
         on["cuda_graph"] = False
         on["channels_last"] = False
+    if on["cuda_graph"] and plan.guidance is not None:
+        # Classifier guidance runs autograd through the classifier at every step; a captured graph would have
+        # to replay the backward pass too, which we have not shown to equal the eager one.
+        _log_once("graph:guidance", "ddpm_fast fast backend: classifier guidance runs without the CUDA graph")
+        on["cuda_graph"] = False
     if on["compile"] and not hasattr(torch, "compile"):
         _log_once("compile:missing", "ddpm_fast fast backend: torch.compile is unavailable; running eagerly")
         on["compile"] = False
@@ -433,8 +438,13 @@ class StepRunner:
         K = plan.table.history
         self.history = torch.zeros((K, batch, C, H, W), dtype=torch.float32, device=dev) if K else None
         self.coefs = torch.zeros((0, plan.table.coefs.shape[1]), dtype=torch.float32, device=dev)
-        # class labels of a conditional model: a static buffer, refilled by load (no re-capture per batch)
-        self.labels = torch.zeros(batch, dtype=torch.int64, device=dev) if plan.num_classes else None
+        # class labels (of a conditional model, or of the guidance classifier): a static buffer, refilled by
+        # load (no re-capture per batch)
+        self.labels = torch.zeros(batch, dtype=torch.int64, device=dev) if plan.labels is not None else None
+        self.label_model = plan.label_model  # the model takes y (else the labels serve the guidance only)
+        self.guide = None  # classifier guidance of the loaded run (ddpm_fast.guidance.Guide); set by load
+        self.gcoefs = None
+        self.guide_checked = False
         self.timesteps = torch.zeros(0, dtype=torch.int64, device=dev)
         self.clip_range = None
         # [seed, start_index], read on the device by the update (kernel or twin): one compiled update and one
@@ -465,6 +475,11 @@ class StepRunner:
         self.timesteps[:S].copy_(timesteps)
         self.keys.copy_(torch.tensor([plan.seed, start_index], dtype=torch.int64))
         self.clip_range = plan.clip_range if plan.clip else None
+        self.guide = plan.guidance
+        if self.guide is not None:
+            self.gcoefs = self.guide.columns.to(device=self.device, dtype=torch.float32)
+            self.guide_checked = False
+            self.clip_range = None  # the guided output clips x0 itself, before its shift
         self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
         if self.labels is not None:
             self.labels.zero_()  # padded rows: any valid class (they never touch the real rows)
@@ -476,10 +491,20 @@ class StepRunner:
     def step(self) -> None:
         """One reverse step in place: x <- posterior_step(x, U-Net(x, timesteps[counter])); counter += 1."""
         t = self.timesteps.index_select(0, self.counter).expand(self.batch)
-        out = self.forward(self.x, t) if self.labels is None else self.forward(self.x, t, self.labels)
+        if self.labels is None or not self.label_model:
+            out = self.forward(self.x, t)
+        else:
+            out = self.forward(self.x, t, self.labels)
         if not self.checked:  # first call only (a host sync): shape and finiteness, errors name the step
             check_model_output(out, self.out_shape, 0, -1)
             self.checked = True
+        if self.guide is not None:  # classifier guidance: autograd through the classifier, never captured
+            amp = self.amp_dtype
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = self.guide.output(
+                    self.x, t, out, self.labels, self.coefs, self.gcoefs, self.counter, not self.guide_checked
+                )
+            self.guide_checked = True
         self.update(
             self.x,
             out,
@@ -559,7 +584,8 @@ def _runner_kind(plan: Plan, opts: EngineOptions) -> tuple:
         opts,
         t.learned,
         t.history,
-        plan.num_classes,
+        plan.labels is not None,
+        plan.label_model,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
+from ddpm_fast.guidance import ClassifierGuidance, Guide, bind
 from ddpm_fast.samplers import build_step_table, family
 from ddpm_fast.schedule import Schedule, check_timesteps, spacing_timesteps
 from ddpm_fast.steps import VARIANCES, StepTable
@@ -49,6 +50,8 @@ class Plan:
     label_spec: object = None  # what was asked: an int, "random", or a tensor of labels from label_base on
     label_base: int = 0
     num_classes: int | None = None
+    label_model: bool = True  # labels go to the model (False: unconditional; they serve the guidance only)
+    guidance: Guide | None = None  # classifier guidance bound to this run's table (ddpm_fast.guidance)
 
     @property
     def out_channels(self) -> int:
@@ -80,8 +83,11 @@ def _labels_for(
     return spec[lo:hi].to(device)
 
 
-def _check_labels(labels, num_classes, batch: int):
-    """labels as asked (None, an int, "random" or a 1-D int tensor of batch entries), validated; errors name it."""
+def _check_labels(labels, num_classes, batch: int, guided: bool = False):
+    """labels as asked (None, an int, "random" or a 1-D int tensor of batch entries), validated; errors name it.
+
+    guided: the labels also (or only, for an unconditional model) serve classifier guidance, whose class
+    count may be unknown until the classifier runs (num_classes None: only checked to be >= 0)."""
     if labels is None:
         if num_classes:
             raise ValueError(
@@ -89,17 +95,22 @@ def _check_labels(labels, num_classes, batch: int):
                 "a 1-D int tensor with one class per sample, an int, or 'random'"
             )
         return None
-    if not num_classes:
+    if not num_classes and not guided:
         raise ValueError("labels were given but the model is unconditional (its record names no classes)")
     if isinstance(labels, str):
         if labels != "random":
             raise ValueError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
+        if not num_classes:
+            raise ValueError(
+                "labels='random' needs the number of classes, which neither the model's record nor the guidance "
+                "classifier gives: pass ClassifierGuidance(..., num_classes=K) or explicit labels"
+            )
         return labels
     if isinstance(labels, bool):
         raise TypeError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
     if isinstance(labels, int):
-        if not 0 <= labels < num_classes:
-            raise ValueError(f"labels must lie in [0, {num_classes}); got {labels}")
+        if labels < 0 or (num_classes and labels >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes or 'K'}); got {labels}")
         return labels
     t = torch.as_tensor(labels)
     if t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
@@ -108,9 +119,9 @@ def _check_labels(labels, num_classes, batch: int):
         )
     if t.numel() < batch:  # more: the labels of a whole run, of which these rows are the first
         raise ValueError(f"labels must hold one class per sample ({batch}); got {t.numel()}")
-    if ((t < 0) | (t >= num_classes)).any():
-        bad = t[(t < 0) | (t >= num_classes)][0].item()
-        raise ValueError(f"labels must lie in [0, {num_classes}); got {bad}")
+    out = (t < 0) | (t >= num_classes) if num_classes else t < 0
+    if out.any():
+        raise ValueError(f"labels must lie in [0, {num_classes or 'K'}); got {t[out][0].item()}")
     return t.to(torch.int64).cpu()
 
 
@@ -131,6 +142,7 @@ def make_plan(
     start_index: int = 0,
     generator: torch.Generator | None = None,
     labels=None,
+    guidance=None,
     device=None,
     dtype=torch.float32,
     progress: bool = False,
@@ -142,6 +154,9 @@ def make_plan(
     labels (class-conditional models, whose record gives num_classes): a 1-D int tensor with one class per
     row, an int for every row, or "random" (drawn per global sample index from the seed, so sample n gets the
     same label whatever the batch or world size).
+
+    guidance: a `ddpm_fast.guidance.ClassifierGuidance` (classifier guidance, ADM-G); it needs labels, which
+    then also serve an unconditional model's run (their classes are the classifier's).
     """
     d = defaults_of(model)
     if schedule is None:
@@ -197,7 +212,25 @@ def make_plan(
         raise Unavailable(f"device {device} was asked for but CUDA is not available")
     if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
         device = torch.device("cuda", torch.cuda.current_device())
-    label_spec = _check_labels(labels, d.num_classes, shape[0])
+    guide, num_classes = None, d.num_classes
+    if guidance is not None:
+        if not isinstance(guidance, ClassifierGuidance):
+            raise TypeError(
+                f"guidance must be a ddpm_fast.ClassifierGuidance(classifier, scale); got {type(guidance).__name__}"
+            )
+        if labels is None:
+            raise ValueError(
+                "guidance needs labels: classifier guidance steers each sample toward its class; pass labels= "
+                "(a 1-D int tensor, an int or 'random')"
+            )
+        k = guidance.num_classes
+        if k is not None and num_classes is not None and k != num_classes:
+            raise ValueError(
+                f"guidance's classifier has {k} classes but the model's record names {num_classes}"
+            )
+        num_classes = num_classes or k
+        guide = bind(guidance, table, float(clip_range) if clip else None)
+    label_spec = _check_labels(labels, num_classes, shape[0], guided=guide is not None)
     return Plan(
         shape=shape,
         schedule=run_schedule,
@@ -216,10 +249,12 @@ def make_plan(
         options=dict(options or {}),
         generator=generator,
         full_schedule=schedule,
-        labels=_labels_for(label_spec, start_index, d.num_classes, seed, start_index, shape[0], device),
+        labels=_labels_for(label_spec, start_index, num_classes, seed, start_index, shape[0], device),
         label_spec=label_spec,
         label_base=start_index,
-        num_classes=d.num_classes,
+        num_classes=num_classes,
+        label_model=d.num_classes is not None,
+        guidance=guide,
     )
 
 

@@ -63,7 +63,7 @@ def run(model, plan: Plan) -> torch.Tensor:
     out_shape = (B, plan.out_channels, *plan.shape[2:])
     step = iter(range(plan.table.num_steps))
 
-    cond = {} if plan.labels is None else {"y": plan.labels}
+    cond = {"y": plan.labels} if plan.labels is not None and plan.label_model else {}
 
     def eps_v(x, t: int):
         tt = torch.full((B,), t, dtype=torch.int64, device=x.device)
@@ -73,11 +73,14 @@ def run(model, plan: Plan) -> torch.Tensor:
     r = plan.clip_range
     clip = (lambda x0: x0.clamp(-r, r)) if plan.clip else (lambda x0: x0)
     sigma = learned_sigma if plan.table.learned else fixed_sigma
+    model_fn = eps_v
+    if plan.guidance is not None:  # classifier guidance: the family reads the guided model, and its clip
+        model_fn, clip = plan.guidance.reference(eps_v, plan.labels)  # returns the guided (clipped, moved) x0
     x_T, z = noise_source(plan)
     loop = family(plan.method).loop
     with torch.no_grad():
         return loop(
-            eps_v,
+            model_fn,
             x_T.to(plan.dtype),
             plan.table,
             lambda i, t: z(i, t).to(plan.dtype),

@@ -67,6 +67,11 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
         backend = choose_backend(model, plan)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
+    if plan.guidance is not None and backend == "onnx":
+        raise ValueError(
+            "guidance needs the classifier's gradient at every step, which an ONNX step graph cannot take; "
+            "use backend='reference' or 'fast'"
+        )
     if plan.generator is not None and backend != "reference":
         raise ValueError(
             f"generator works with backend='reference' only (diffusers-order noise); got backend={backend!r}. "
@@ -92,6 +97,7 @@ def sample(
     start_index: int = 0,
     generator: torch.Generator | None = None,
     labels=None,
+    guidance=None,
     backend: str = "auto",
     device=None,
     dtype=torch.float32,
@@ -107,7 +113,8 @@ def sample(
     (`ddpm_fast.defaults`), else "fixed_small" and True. Noise is counter-based (`seed`, `start_index`: row i
     is global sample start_index + i) unless a `generator` is given (reference backend only: diffusers'
     pipeline order). `callback(i, t, x)` is called after each step with the new x. Extra keyword `options`
-    go to the backend.
+    go to the backend. `guidance=df.ClassifierGuidance(classifier, scale)`: classifier guidance (ADM-G,
+    `ddpm_fast.guidance`; needs labels, backend reference or fast).
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
@@ -136,6 +143,7 @@ def sample(
         start_index=start_index,
         generator=generator,
         labels=labels,
+        guidance=guidance,
         device=device,
         dtype=dtype,
         progress=progress,

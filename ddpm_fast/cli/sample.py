@@ -120,6 +120,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--num ints; an .npz output holds them as arr_1",
     )
     a(
+        "--classifier",
+        metavar="FILE.pt",
+        help="classifier guidance (ADM-G): a guided-diffusion noisy classifier; needs --labels",
+    )
+    a(
+        "--classifier-flags",
+        metavar='"--image_size 128 ..."',
+        help="the classifier's CLASSIFIER_FLAGS as guided-diffusion's README prints them (default: from a "
+        "published file name)",
+    )
+    a(
+        "--classifier-scale",
+        type=float,
+        metavar="S",
+        help="guidance scale (default: the flags' --classifier_scale, a published classifier's README value, else 1)",
+    )
+    a(
         "--nproc-per-node",
         type=_positive(),
         metavar="N",
@@ -174,6 +191,24 @@ def _labels(spec: str | None, num: int):
     return torch.from_numpy(arr.astype("int64"))
 
 
+def _guidance(args, device: torch.device, dtype):
+    """--classifier as a ClassifierGuidance (None without one); the classifier in `dtype` when given."""
+    if args.classifier is None:
+        return None
+    from ddpm_fast.adm_io import load_classifier
+    from ddpm_fast.guidance import ClassifierGuidance
+
+    if not os.path.isfile(args.classifier):
+        raise FileNotFoundError(f"--classifier {args.classifier}: no such file")
+    classifier = load_classifier(args.classifier, flags=args.classifier_flags).to(device)
+    if dtype is not None:
+        classifier = classifier.to(dtype)
+    scale = args.classifier_scale
+    if scale is None:
+        scale = classifier.default_scale if classifier.default_scale is not None else 1.0
+    return ClassifierGuidance(classifier, scale)
+
+
 def _check(args) -> str:
     """Everything that can be refused before a model is loaded; returns the output kind."""
     if args.method != "ddim" and args.eta != 0:
@@ -193,6 +228,12 @@ def _check(args) -> str:
     if onnx_file and args.backend not in ("auto", "onnx"):
         raise ValueError(
             f"--model {args.model} is an ONNX file: use --backend onnx (or auto); got --backend {args.backend}"
+        )
+    if args.classifier is None and (args.classifier_flags is not None or args.classifier_scale is not None):
+        raise ValueError("--classifier-flags and --classifier-scale need --classifier FILE.pt")
+    if args.classifier is not None and args.labels is None:
+        raise ValueError(
+            "--classifier (classifier guidance) needs --labels random|K|FILE.npy: the class to steer to"
         )
     if args.nproc_per_node and kind != "dir":
         raise ValueError(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
@@ -243,8 +284,10 @@ def run(args) -> int:
             # an ONNX step graph samples exactly the run it was exported for; a checkpoint records its count
             steps = getattr(model, "steps", None) or model.defaults.steps
         dtype = DTYPES[args.dtype]
-        if backend == "reference" and dtype != torch.float32 and isinstance(model, torch.nn.Module):
+        cast = backend == "reference" and dtype != torch.float32
+        if cast and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
+        guidance = _guidance(args, device, dtype if cast else None)
         batch = args.batch_size or (256 if device.type == "cuda" else 64)
         plan = make_plan(
             model,
@@ -258,6 +301,7 @@ def run(args) -> int:
             device=device,
             dtype=dtype,
             labels=_labels(args.labels, args.num),
+            guidance=guidance,
         )
         summary = generate(
             model,
