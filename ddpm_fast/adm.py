@@ -30,15 +30,14 @@ The module tree repeats openai's `UNetModel` (`input_blocks.N.M`, `middle_block.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast.defaults import ModelDefaults
+from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = [
     "ADMConfig",
@@ -64,7 +63,7 @@ CHANNEL_MULT = {
 
 
 @dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(ConfigRecord):
     """Every knob of openai's UNetModel that a published checkpoint sets, under the flags' names."""
 
     image_size: int = 64  # the training resolution; any multiple of 2**(levels-1) runs
@@ -181,26 +180,6 @@ class ADMConfig:
         if self.num_head_channels is not None:
             return channels // self.num_head_channels
         return (self.num_heads_upsample or self.num_heads) if decoder else self.num_heads
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ADMConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"ADMConfig.from_dict needs a dict; got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ADMConfig has no field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> ADMConfig:
-        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ presets
     # The published checkpoints' configs are built from their README flags: ddpm_fast.adm_io.PRESETS.
@@ -476,7 +455,7 @@ POOLS = ("attention", "adaptive")  # the published classifiers pool with attenti
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(ConfigRecord):
     """guided-diffusion's noisy classifier (EncoderUNetModel as their create_classifier builds it), under the
     names of its --classifier_* flags: width = model channels, depth = residual blocks per level."""
 
@@ -517,12 +496,6 @@ class ClassifierConfig:
             use_scale_shift_norm=self.use_scale_shift_norm,
             resblock_updown=self.resblock_updown,
         )
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        d["channel_mult"] = None if self.channel_mult is None else list(self.channel_mult)
-        return d
 
 
 class AttentionPool2d(nn.Module):

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields, replace
 
 from ddpm_fast.schedule import Schedule
 
-__all__ = ["ModelDefaults", "defaults_of", "record", "SAMPLING_KEYS", "VARIANCES", "ARCHS"]
+__all__ = ["ModelDefaults", "ConfigRecord", "defaults_of", "record", "SAMPLING_KEYS", "VARIANCES", "ARCHS"]
 
 ARCHS = ("ddpm-unet", "adm")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 SAMPLING_KEYS = ("variance", "clip", "clip_range", "image_shape", "data_range", "steps", "num_classes")
+
+
+class ConfigRecord:
+    """to_dict / from_dict / replace for a model's frozen dataclass config, as config.json stores it (tuples
+    as lists; unknown keys refused, naming the class and the known fields)."""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict; got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -20,21 +20,20 @@ which is all `ddpm_fast.checkpoint` needs to import diffusers checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_fast.defaults import ModelDefaults
+from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = ["UNetConfig", "UNet", "diffusers_key", "timestep_embedding"]
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(ConfigRecord):
     """Every knob of the DDPM U-Net. `attn_levels` index `block_out_channels` (0 = full resolution)."""
 
     in_channels: int = 3
@@ -132,26 +131,6 @@ class UNetConfig:
     @property
     def temb_dim(self) -> int:
         return self.time_embed_dim or 4 * self.block_out_channels[0]
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        d["attn_levels"] = list(self.attn_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"UNetConfig.from_dict needs a dict; got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig has no field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes) -> UNetConfig:
-        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ presets
     @classmethod

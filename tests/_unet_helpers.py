@@ -1,6 +1,7 @@
 """Shared by test_unet*.py and test_checkpoint*.py: U-Net variants, inputs, and diffusers UNet2DModel twins.
 
-Importable without diffusers: only `random_diffusers_unet` needs it, and imports it when called.
+Importable without diffusers: only `random_diffusers_unet` and `small_diffusers_unet` need it, and import it
+when called.
 """
 
 from __future__ import annotations
@@ -94,3 +95,21 @@ def random_diffusers_unet(seed: int = 0, **kwargs):
 
     torch.manual_seed(seed)
     return perturb_(UNet2DModel(**kwargs), seed=seed + 1).eval()
+
+
+def small_diffusers_unet(seed: int = 0):
+    """A random 3x8x8 UNet2DModel (two levels of 16 channels, attention in the second): the scheduler tests'
+    model. Needs diffusers."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()

@@ -18,6 +18,7 @@ import torch
 from analytic_model import MU, S2, GaussianEps
 
 import ddpm_fast as df
+from tests._unet_helpers import small_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -34,17 +35,7 @@ SCHEDULES = {"linear": ("linear", df.Schedule.linear), "cosine": ("squaredcos_ca
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()
+    return small_diffusers_unet()
 
 
 def diffusers_run(method, sched, model, shape, seed):
