@@ -13,7 +13,9 @@ Providers (one DDPM fixed_small step, t = 500 of 1000, clip on, noise on):
 - copy:      `clone()` of a buffer moving the same bytes (the device's copy bandwidth; `frac_copy` is a
              provider's fraction of it).
 
-Bytes per step: read x and eps, write x_{t-1}: 3 * numel * itemsize (the noise never touches memory).
+Bytes per step: read x and eps, write x_{t-1}: 3 * numel * itemsize (the noise never touches memory); a
+multistep solver's step (--methods dpmpp_2m,unipc) also reads and writes its K float32 x0 history entries:
++ 2 * K * numel * 4, and nothing more (its copy moves the same total; the eager chain is DDPM's only).
 Times: medians with 20/80 quantiles (CUDA: triton.testing.do_bench, which flushes L2 between runs).
 """
 
@@ -110,20 +112,25 @@ def providers_for(device: torch.device) -> list[str]:
     return [p for p in PROVIDERS if p not in CUDA_ONLY or device.type == "cuda"]
 
 
-def step_callables(shape, device, dtype=torch.float32, providers=PROVIDERS) -> tuple[dict, dict, int]:
+def step_callables(
+    shape, device, dtype=torch.float32, providers=PROVIDERS, method: str = "ddpm"
+) -> tuple[dict, dict, int]:
     """(provider -> zero-argument step on fresh buffers of `shape`, compile seconds per provider, bytes per step)."""
     device = torch.device(device)
     s = Schedule.linear(1000)
-    coefs, ts = build_step_table(s).to(device)
+    table = build_step_table(s, method=method)
+    coefs, ts = table.to(device)
+    K = table.history
     step = torch.full((1,), s.num_timesteps - 1 - STEP, dtype=torch.int64, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device).to(dtype)
     eps = torch.randn(shape, generator=g, device=device).to(dtype)
     out = torch.empty_like(x)
-    nbytes = 3 * x.numel() * x.element_size()
+    history = torch.zeros((K, *shape), dtype=torch.float32, device=device) if K else None
+    nbytes = 3 * x.numel() * x.element_size() + 2 * K * x.numel() * 4
     # [seed, start_index] as the engine passes them: a device tensor the launch reads
     keys = torch.zeros(2, dtype=torch.int64, device=device)
-    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, out=out)
+    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, out=out, history=history)
     eager = _eager_chain(s, STEP)
     fns = {
         "eager": lambda: eager(x, eps),
@@ -163,8 +170,11 @@ def device_info(device) -> dict:
     return {"device": str(device), "device_name": _device_name(device), **_versions()}
 
 
-def run(device="cpu", sizes=None, dtype=torch.float32, providers=None, samples: int = 20) -> list[dict]:
-    """Benchmark every provider at every size; one dict per (size, provider), eager first."""
+def run(
+    device="cpu", sizes=None, dtype=torch.float32, providers=None, samples: int = 20, methods=("ddpm",)
+) -> list[dict]:
+    """Benchmark every provider at every size and method; one dict per (method, size, provider), eager first
+    (DDPM only: the eager chain is its step)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for but CUDA is not available")
@@ -181,15 +191,17 @@ def run(device="cpu", sizes=None, dtype=torch.float32, providers=None, samples: 
             raise ValueError(f"provider {p!r} needs a CUDA device; got {device}")
     common = {**device_info(device), "dtype": str(dtype).replace("torch.", "")}
     rows = []
-    for shape in sizes:
-        fns, compile_s, nbytes = step_callables(shape, device, dtype, providers)
+    for method, shape in [(m, sh) for m in methods for sh in sizes]:
+        todo = [p for p in providers if p != "eager" or method == "ddpm"]
+        fns, compile_s, nbytes = step_callables(shape, device, dtype, todo, method)
         measured = {}
-        for p in providers:
+        for p in todo:
             med, p20, p80 = _time(fns[p], device, samples)
             measured[p] = med
             rows.append(
                 {
                     "provider": p,
+                    "method": method,
                     "size": "x".join(map(str, shape)),
                     "median_ms": med,
                     "p20_ms": p20,
@@ -200,7 +212,7 @@ def run(device="cpu", sizes=None, dtype=torch.float32, providers=None, samples: 
                     **common,
                 }
             )
-        for r in rows[-len(providers) :]:
+        for r in rows[-len(todo) :]:
             r["speedup_vs_eager"] = measured["eager"] / r["median_ms"] if "eager" in measured else None
             r["frac_copy"] = measured["copy"] / r["median_ms"] if "copy" in measured else None
     return rows
@@ -213,14 +225,14 @@ def markdown(rows: list[dict]) -> str:
     head = (
         f"Posterior step, {r0['dtype']}, {r0['device_name']}; torch {r0['torch']}, triton {r0['triton']}, "
         f"python {r0['python']}\n\n"
-        "| size | provider | median ms (p20-p80) | GB/s | x eager | of copy | compile s |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| method | size | provider | median ms (p20-p80) | GB/s | x eager | of copy | compile s |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         fmt = lambda v, f: "" if v is None else format(v, f)
         lines.append(
-            f"| {r['size']} | {r['provider']} | {r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) "
+            f"| {r.get('method', 'ddpm')} | {r['size']} | {r['provider']} | {r['median_ms']:.4f} ({r['p20_ms']:.4f}-{r['p80_ms']:.4f}) "
             f"| {r['gbps']:.1f} | {fmt(r['speedup_vs_eager'], '.2f')} | {fmt(r['frac_copy'], '.2f')} "
             f"| {fmt(r['compile_s'], '.1f')} |"
         )
@@ -242,6 +254,9 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default=None, help=f"comma list from {','.join(PROVIDERS)}")
     ap.add_argument("--samples", type=int, default=20, help="timing samples per provider on CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--methods", default="ddpm", help="comma list of sampler families (e.g. ddpm,dpmpp_2m,unipc)"
+    )
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -256,6 +271,7 @@ def main(argv=None) -> int:
             DTYPES[args.dtype],
             args.providers.split(",") if args.providers else None,
             args.samples,
+            tuple(args.methods.split(",")),
         )
     except (ValueError, RuntimeError) as e:
         print(f"bench_kernels: {e}", file=sys.stderr)

@@ -990,6 +990,7 @@ def section_kernel(ctx: Context) -> int:
                 sizes=size,
                 providers=list(ctx.conf.kernel_providers),
                 samples=5 if ctx.conf.dry else 20,
+                methods=("ddpm", "dpmpp_2m", "unipc"),  # the solvers' step also moves its x0 history
             )
         except Exception as e:
             ctx.emit(_exc_row(e, provider="kernel", size=size))
