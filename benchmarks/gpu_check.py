@@ -130,7 +130,16 @@ class Conf:
     steps: int = 20  # per sampling run (a linear schedule of T = steps)
     repeats: int = 5
     headline: tuple = ((256, 1, 64), ("reference", "fast-bf16", "diffusers"))
-    solvers: tuple = ((256, 1, 64), ("reference-dpmpp_2m", "fast-bf16-dpmpp_2m", "fast-bf16-unipc"))
+    solvers: tuple = (
+        (256, 1, 64),
+        (
+            "reference-dpmpp_2m",
+            "fast-bf16-dpmpp_2m",
+            "diffusers-dpmpp_2m",
+            "fast-bf16-unipc",
+            "diffusers-unipc",
+        ),
+    )
     solver_steps: tuple = (10, 20)
     adm: tuple = ("adm-imagenet64", (64, 1, 256), ("reference", "fast-bf16"))
     more: tuple = ((256, 1), ("reference", "fast", "fast-bf16-nocompile", "fast-nocompile"))
@@ -797,7 +806,7 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
     shape = (batch, C, H, W)
     base = {"provider": provider, "batch": batch}
     spec = conf.specs.get(provider, {})
-    if provider == "diffusers":
+    if provider.split("-")[0] == "diffusers":
         kind = "peer"
     else:
         kind = "compiled" if spec.get("backend") == "fast" and spec.get("compile", True) else "eager"
@@ -815,7 +824,7 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
     with _Logs() as logs:
         try:
             if kind == "peer":
-                fn = bench.PROVIDERS["diffusers"](model, schedule, shape, conf.steps, dev)
+                fn = bench.PROVIDERS[provider](model, schedule, shape, conf.steps, dev)
             elif provider not in conf.specs:
                 raise ValueError(f"gpu_check has no provider {provider!r}; known: {sorted(conf.specs)}")
             else:
@@ -890,7 +899,7 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
     from ddpm_fast import bench
 
     conf = ctx.conf
-    have_peer = "diffusers" not in providers or peer_status(ctx)
+    have_peer = not any(p.startswith("diffusers") for p in providers) or peer_status(ctx)
     dev = torch.device(conf.device)
     earlier = [r["setup_s"] for r in read_rows(ctx.out) if r.get("compiled")]
     if earlier:  # an earlier section's compiles: the best estimate of this one's
@@ -920,7 +929,7 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
     for batch in batches:
         refs = {}  # method -> the reference fp32 output at this batch, what that method's rows are held to
         for provider in providers:
-            if provider == "diffusers" and not have_peer:
+            if provider.startswith("diffusers") and not have_peer:
                 continue
             method = conf.specs.get(provider, {}).get("method", "ddpm")
             out = sampling_row(ctx, model, schedule, provider, batch, refs.get(method))

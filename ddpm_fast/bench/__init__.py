@@ -107,6 +107,42 @@ def _diffusers_factory(model, schedule, shape, steps, device):
     return call
 
 
+def _diffusers_solver(method: str, scheduler: str, **config) -> Callable:
+    """A diffusers multistep scheduler driving diffusers' UNet2DModel twin of `model` (the solvers' peer);
+    `reference` is ddpm-fast's reference backend with the same timesteps and generator noise."""
+
+    def factory(model, schedule, shape, steps, device):
+        import diffusers
+
+        unet = diffusers_unet(model)
+        # trailing: distinct timesteps also when steps == T (linspace then repeats one, which we refuse)
+        sched = getattr(diffusers, scheduler)(
+            num_train_timesteps=schedule.num_timesteps,
+            trained_betas=schedule.betas.tolist(),
+            timestep_spacing="trailing",
+            **config,
+        )
+        gen_device = "cpu" if device.type == "cpu" else device
+
+        def call():
+            sched.set_timesteps(steps, device=device)
+            g = torch.Generator(gen_device).manual_seed(SEED)
+            x = torch.randn(shape, generator=g, device=gen_device).to(device)
+            kw = {"generator": g} if "sde" in config.get("algorithm_type", "") else {}
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    x = sched.step(unet(x, t.expand(shape[0])).sample, t, x, **kw).prev_sample
+            return x
+
+        call.reference = lambda: df.sample(
+            model, schedule, shape, timesteps=sched.timesteps.tolist(), method=method, clip=False,
+            generator=torch.Generator(gen_device).manual_seed(SEED), backend="reference",
+        )  # fmt: skip
+        return call
+
+    return factory
+
+
 def _onnx_factory(model, schedule, shape, steps, device):
     try:
         from ddpm_fast.bench.onnx import onnx_provider
@@ -133,6 +169,10 @@ PROVIDERS: dict[str, Callable] = {
     "fast-bf16": _sampler(backend="fast", dtype=torch.bfloat16),
     "fast-bf16-nocompile": _sampler(backend="fast", dtype=torch.bfloat16, compile=False),
     "diffusers": _diffusers_factory,
+    "diffusers-dpmpp_2m": _diffusers_solver(
+        "dpmpp_2m", "DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2
+    ),
+    "diffusers-unipc": _diffusers_solver("unipc", "UniPCMultistepScheduler", solver_order=2),
     "onnx": _onnx_factory,
 }
 CUDA_ONLY = ("fast-nograph",)
