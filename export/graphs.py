@@ -133,15 +133,17 @@ def _weight_dtype(unet: nn.Module) -> torch.dtype:
 
 
 class EpsGraph(nn.Module):
-    """eps = unet(x, t) with float32 inputs and outputs whatever the weights' dtype."""
+    """eps = unet(x, t [, y]) with float32 inputs and outputs whatever the weights' dtype; y: class labels of a
+    class-conditional model (int64 [B]), a graph input."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
         self.compute_dtype = _weight_dtype(unet)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.unet(x.to(self.compute_dtype), t).float()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        cond = {} if y is None else {"y": y}
+        return self.unet(x.to(self.compute_dtype), t, **cond).float()
 
 
 def update_with_noise(

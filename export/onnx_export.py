@@ -34,6 +34,7 @@ from torch import nn
 
 from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
+from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
 from ddpm_fast.plan import Plan
 from ddpm_fast.schedule import Schedule
@@ -62,10 +63,13 @@ OUTPUTS = {"eps": "eps", "step": "x_prev"}
 HISTORY_IN, HISTORY_OUT = "history", "history_out"  # a multistep step graph's extra input and output
 
 
-def io_names(kind: str, history: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(input names, output names) of a graph kind; a multistep step graph also carries its x0 history."""
+def io_names(kind: str, history: int = 0, cond: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(input names, output names) of a graph kind; a multistep step graph also carries its x0 history, the
+    noise model of a class-conditional model takes the labels y."""
     if kind == "step" and history:
         return (*INPUTS["step"], HISTORY_IN), (OUTPUTS["step"], HISTORY_OUT)
+    if kind == "eps" and cond:
+        return (*INPUTS["eps"], "y"), (OUTPUTS["eps"],)
     return INPUTS[kind], (OUTPUTS[kind],)
 
 
@@ -133,21 +137,22 @@ def _import_onnx():
     return onnx
 
 
-def _trace_inputs(kind: str, image_shape, num_steps: int, history: int = 0):
+def _trace_inputs(kind: str, image_shape, num_steps: int, history: int = 0, cond: bool = False):
     C, H, W = image_shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(TRACE_BATCH, C, H, W, generator=g)
     if kind == "eps":
-        return (x, torch.tensor([1, 2], dtype=torch.int64)[:TRACE_BATCH])
+        t = torch.tensor([1, 2], dtype=torch.int64)[:TRACE_BATCH]
+        return (x, t, torch.zeros(TRACE_BATCH, dtype=torch.int64)) if cond else (x, t)
     step = (x, torch.tensor(min(1, num_steps - 1), dtype=torch.int64), torch.randn(x.shape, generator=g))
     return (*step, torch.randn(history, *x.shape, generator=g)) if history else step
 
 
-def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, history: int = 0):
+def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, history: int = 0, cond=False):
     """Run torch's exporter; returns an onnx.ModelProto with named inputs/outputs and a dynamic batch axis
     (axis 1 of the history tensors)."""
     onnx = _import_onnx()
-    names, out_names = io_names(kind, history)
+    names, out_names = io_names(kind, history, cond)
     batch_args = [n for n in names if n != "step"]
 
     def batch_axis(name):
@@ -264,6 +269,12 @@ def export_onnx(
     if step and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
     history = plan.table.history if step else 0
+    cond = defaults_of(model).num_classes is not None  # a class-conditional model: labels y are an input
+    if step and cond:
+        raise Unavailable(
+            "a step graph of a class-conditional model is not exported: export its noise model (no plan), whose "
+            "graph takes the labels y, and sample it with backend='onnx'"
+        )
     exporter = default_exporter() if exporter is None else exporter
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
@@ -296,7 +307,7 @@ def export_onnx(
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "step" if step else "eps",
-        "inputs": list(io_names("step" if step else "eps", history)[0]),
+        "inputs": list(io_names("step" if step else "eps", history, cond)[0]),
         "output": OUTPUTS["step" if step else "eps"],
         "image_shape": list(image_shape),
         "weights_dtype": "float16" if fp16 else "float32",
@@ -333,12 +344,12 @@ def export_onnx(
             graph = EpsGraph(net).eval()
             table = None
         example = _trace_inputs(
-            "step" if step else "eps", image_shape, table.num_steps if table else 1, history
+            "step" if step else "eps", image_shape, table.num_steps if table else 1, history, cond
         )
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            proto = _to_proto(graph, meta["kind"], example, opset, exporter, history)
+            proto = _to_proto(graph, meta["kind"], example, opset, exporter, history, cond)
         _set_metadata(proto, meta)
         onnx = _import_onnx()
         onnx.checker.check_model(proto, full_check=True)  # full: also runs ONNX shape inference
@@ -409,12 +420,14 @@ def validate_onnx(
         x = torch.randn(B, C, H, W, generator=g)
         if m.kind == "eps":
             feeds = (x, torch.randint(0, T, (B,), generator=g))
+            if m.cond:
+                feeds = (*feeds, torch.randint(0, m.defaults.num_classes, (B,), generator=g))
         else:
             S = m.metadata["step"]["num_steps"]
             feeds = (x, torch.tensor(S // 2, dtype=torch.int64), torch.randn(B, C, H, W, generator=g))
             if m.history:
                 feeds = (*feeds, torch.randn(m.history, B, C, H, W, generator=g))
-        names = io_names(m.kind, m.history)[0]
+        names = io_names(m.kind, m.history, m.cond)[0]
         got = _flat(sess.run(None, {n: v.numpy() for n, v in zip(names, feeds)}))
         with torch.no_grad(), Float16Storage() if oracle is not None else contextlib.nullcontext():
             want = _flat(graph(*feeds)).float()

@@ -51,7 +51,12 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 META_PREFIX = "ddpm_fast."
-KINDS = {("x", "t"): "eps", ("x", "step", "z"): "step", ("x", "step", "z", "history"): "step"}
+KINDS = {
+    ("x", "t"): "eps",
+    ("x", "t", "y"): "eps",  # a class-conditional model's noise model: labels y
+    ("x", "step", "z"): "step",
+    ("x", "step", "z", "history"): "step",
+}
 OPTIONS = ("threads",)
 _SESSIONS: dict = {}  # (file key, device, threads, stream, tf32) -> InferenceSession
 _MODELS: dict = {}  # (realpath, mtime_ns, size) -> OnnxModel
@@ -195,7 +200,8 @@ class OnnxModel:
             raise ValueError(
                 f"{source}: the ONNX model must have one output (two with a history); got {list(outputs)}"
             )
-        want = {"x": "float", "t": "int64", "step": "int64", "z": "float", "history": "float"}
+        want = {"x": "float", "t": "int64", "step": "int64", "z": "float", "history": "float", "y": "int64"}
+        self.cond = "y" in inputs
         for name, (etype, _) in inputs.items():
             if etype != want[name]:
                 raise ValueError(f"{source}: input {name!r} must be {want[name]}; got {etype}")
@@ -326,8 +332,8 @@ class OnnxModel:
         return f"OnnxModel({self.source!r}, kind={self.kind!r}, image_shape={self.image_shape})"
 
     # ------------------------------------------------------------------ model(x, t)
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """eps = model(x, t) through ONNX Runtime on x's device (host round trip on CPU only)."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """eps = model(x, t [, y]) through ONNX Runtime on x's device (host round trip on CPU only)."""
         if self.kind != "eps":
             raise TypeError(
                 f"{self.source} is a step graph (x, step, z) -> x_prev; it cannot be called as model(x, t)"
@@ -336,15 +342,21 @@ class OnnxModel:
             raise TypeError(f"x must be a 4-D torch.Tensor; got {type(x).__name__}")
         self.check_shape(tuple(x.shape))
         t = torch.as_tensor(t, device=x.device).to(torch.int64).reshape(-1).expand(x.shape[0]).contiguous()
+        if self.cond != (y is not None):
+            raise TypeError(
+                f"{self.source} {'needs' if self.cond else 'takes no'} labels y (its graph's inputs)"
+            )
+        feeds = {"x": x.detach().float().contiguous(), "t": t}
+        if y is not None:
+            feeds["y"] = torch.as_tensor(y, device=x.device).to(torch.int64).reshape(-1).contiguous()
         sess = self.session(x.device)
-        xf = x.detach().float().contiguous()
         if x.device.type == "cpu":
-            (eps,) = sess.run([self.output_name], {"x": xf.numpy(), "t": t.numpy()})
+            (eps,) = sess.run([self.output_name], {k: v.numpy() for k, v in feeds.items()})
             return torch.from_numpy(eps)
         out = torch.empty((x.shape[0], self.out_channels or x.shape[1], *x.shape[2:]), device=x.device)
         binding = sess.io_binding()
-        _bind(binding, "x", xf, input=True)
-        _bind(binding, "t", t, input=True)
+        for name, v in feeds.items():
+            _bind(binding, name, v, input=True)
         _bind(binding, self.output_name, out, input=False)
         run_bound(sess, binding, x.device)
         return out
@@ -495,10 +507,13 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
     t_buf = torch.empty(B, dtype=torch.int64, device=x.device)
     K = plan.table.history  # a multistep solver's earlier x0 predictions, shifted by each update
     history = torch.zeros((K, *x.shape), dtype=torch.float32, device=x.device) if K else None
+    y = None if not m.cond else plan.labels.to(device=x.device, dtype=torch.int64).contiguous()
     if x.device.type == "cuda":
         binding = sess.io_binding()
         _bind(binding, "x", x, input=True)
         _bind(binding, "t", t_buf, input=True)
+        if y is not None:
+            _bind(binding, "y", y, input=True)
         _bind(binding, m.output_name, eps, input=False)
     for i in _progress(plan, len(ts)):
         t_buf.fill_(ts[i])
@@ -506,7 +521,8 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             run_bound(sess, binding, x.device)
             out = eps
         else:
-            out = torch.from_numpy(sess.run([m.output_name], {"x": x.numpy(), "t": t_buf.numpy()})[0])
+            feeds = {"x": x.numpy(), "t": t_buf.numpy(), **({"y": y.numpy()} if y is not None else {})}
+            out = torch.from_numpy(sess.run([m.output_name], feeds)[0])
         update(
             x,
             out,

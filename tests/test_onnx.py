@@ -424,3 +424,23 @@ def test_cuda_execution_provider_sampling_matches_reference():
     assert res["status"] == "ok", res
     assert all(c["providers"][0] == "CUDAExecutionProvider" for c in res["checks"])
     assert np.isfinite([c["onnx_vs_reference_max_abs"] for c in res["checks"]]).all()
+
+
+def test_class_conditional_noise_model_takes_labels_as_an_input(tmp_path):
+    """A class-conditional model (ADM with classes) exports its noise model with labels y as a graph input;
+    the onnx backend feeds each batch's labels (random per global sample index) and equals the reference."""
+    from ddpm_fast.adm import ADM, ADMConfig
+
+    torch.manual_seed(0)
+    model = ADM(ADMConfig.tiny().replace(image_size=8, num_classes=7)).eval()
+    model.schedule = df.Schedule.linear(1000)
+    rep = export_onnx(model, tmp_path / "cond.onnx", exporter="torchscript")  # validated with random labels
+    assert [i.name for i in onnx.load(str(rep.path)).graph.input] == ["x", "t", "y"]
+    kw = dict(shape=(3, 3, 8, 8), steps=4, seed=2, labels="random")
+    got = df.sample(str(rep.path), backend="onnx", **kw)
+    want = df.sample(model, backend="reference", **kw)
+    assert (got - want).abs().max().item() <= sample_tol(model, **kw)
+    with pytest.raises(ValueError, match="labels must be given"):
+        df.sample(str(rep.path), backend="onnx", shape=(3, 3, 8, 8), steps=4)
+    with pytest.raises(Unavailable, match="step graph of a class-conditional model"):
+        export_onnx(model, tmp_path / "s.onnx", plan=make_plan(model, None, (1, 3, 8, 8), steps=3, labels=0))
