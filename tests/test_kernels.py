@@ -647,11 +647,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ddpm_fast.kernels._triton_step import MAX_BLOCK, NUM_WARPS, _step_kernel
 
-for dtype, learned, advance in [("fp32", False, True), ("bf16", True, False)]:
+# (storage dtype, learned variance, advancing counter, x0 history entries of a multistep solver)
+for dtype, learned, advance, hist in [("fp32", False, True, 2), ("bf16", True, False, 0)]:
     sig = {"x_ptr": "*" + dtype, "m_ptr": "*bf16", "out_ptr": "*" + dtype, "coefs_ptr": "*fp32", "ts_ptr": "*i64",
            "step_ptr": "*i64", "seed_ptr": "*i64", "start_ptr": "*i64", "N": "i32", "Q": "i32", "blocks_per_row": "i32",
-           "m_row": "i32", "clip_r": "fp32"}
-    consts = {"LEARNED": learned, "CLIP": True, "OUT_BF16": dtype == "bf16", "ADVANCE": advance, "BLOCK": MAX_BLOCK}
+           "m_row": "i32", "clip_r": "fp32", "hist_ptr": "*fp32", "hstride": "i32"}
+    consts = {"LEARNED": learned, "CLIP": True, "OUT_BF16": dtype == "bf16", "ADVANCE": advance, "HIST": hist,
+              "BLOCK": MAX_BLOCK}
     sig.update({k: "constexpr" for k in consts})
     src = ASTSource(fn=_step_kernel, signature=sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
