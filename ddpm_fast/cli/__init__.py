@@ -66,6 +66,21 @@ COMMANDS = {
 USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
 
 
+def int_at_least(minimum: int = 1):
+    """An argparse `type=` for ints >= minimum: a bad value is argparse's one-line error naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from e
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {v}")
+        return v
+
+    return parse
+
+
 class _ArgumentError(Exception):
     """A bad option: argparse's message, reported by `main` as one line (exit 2)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddpm_fast.cli import int_at_least
 from ddpm_fast.errors import UserError
 from ddpm_fast.metrics import evaluate
 from ddpm_fast.metrics.inception import INCEPTION_FILE, default_inception_path
@@ -23,16 +24,6 @@ NAMES = {
     "precision": "Precision",
     "recall": "Recall",
 }
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from e
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--batch-size",
-        type=_positive,
+        type=int_at_least(),
         metavar="N",
         help="images per network call (default 256 on CUDA, 32 on CPU)",
     )

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ddpm_fast.cli import int_at_least
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import Unavailable, UserError
@@ -38,19 +39,6 @@ DTYPES = {
 }
 
 
-def _positive(minimum: int = 1):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"must be an int; got {text!r}") from e
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {v}")
-        return v
-
-    return parse
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a(
@@ -58,16 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR|FILE.onnx",
         help="checkpoint directory or .onnx file (default: the bundled model)",
     )
-    a("--num", type=_positive(), default=64, metavar="N", help="number of samples (default 64)")
+    a("--num", type=int_at_least(), default=64, metavar="N", help="number of samples (default 64)")
     a(
         "--batch-size",
-        type=_positive(),
+        type=int_at_least(),
         metavar="B",
         help="samples per model call (default 256 on CUDA, 64 on CPU)",
     )
     a(
         "--steps",
-        type=_positive(),
+        type=int_at_least(),
         metavar="S",
         help="sampling steps, evenly respaced (default: the checkpoint's recorded count, else the whole schedule; "
         "the bundled model: 100)",
@@ -81,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
     a(
         "--seed",
-        type=_positive(0),
+        type=int_at_least(0),
         default=0,
         metavar="K",
         help="noise seed; sample n depends only on (seed, n)",
@@ -101,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--shard-size",
-        type=_positive(),
+        type=int_at_least(),
         metavar="N",
         help=f"samples per shard of a DIR run (default {DEFAULT_SHARD_SIZE})",
     )
@@ -138,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--nproc-per-node",
-        type=_positive(),
+        type=int_at_least(),
         metavar="N",
         help="start N processes (torchrun) that share a DIR run; one per GPU",
     )
