@@ -481,12 +481,13 @@ def _state_problems(ours: dict, state: dict) -> list[str]:
     return problems
 
 
-def _check_state(model: ADM, state: dict, file: Path, given: dict) -> None:
-    """One ValueError listing the first mismatches between the file and the model the flags describe."""
+def _check_state(model, state: dict, file: Path, hints) -> None:
+    """One ValueError listing the first mismatches between the file and the model the flags describe;
+    `hints()` names the flags that are likely wrong (asked only when something does not fit)."""
     problems = _state_problems(model.state_dict(), state)
     if not problems:
         return
-    hints = _hints(describe_state(state), model.config, given)
+    hints = hints()
     likely = "; likely wrong: " + ", ".join(hints) if hints else ""
     first = "; ".join(problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -563,7 +564,7 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
         source = _infer_source(merged, file)
     cfg, defaults = from_flags(merged, source)
     model = ADM(cfg)
-    _check_state(model, state, file, merged)
+    _check_state(model, state, file, lambda: _hints(describe_state(state), cfg, merged))
     load_state(model, state, file, rename=None)
     model.defaults = defaults
     return model
@@ -722,14 +723,7 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     cfg, scale = classifier_from_flags(given)
     state = read_weights(file)
     model = ADMClassifier(cfg)
-    problems = _state_problems(model.state_dict(), state)
-    if problems:
-        hints = _classifier_hints(state, cfg)
-        likely = "; likely wrong: " + ", ".join(hints) if hints else ""
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(
-            f"{file}: the state dict does not fit the flags: {'; '.join(problems[:3])}{more}{likely}"
-        )
+    _check_state(model, state, file, lambda: _classifier_hints(state, cfg))
     load_state(model, state, file, rename=None)
     model.default_scale = scale
     return model.eval()
