@@ -5,7 +5,8 @@ A family file holds a short reference loop in k-diffusion's style,
     loop(model, x, table, noise, *, sigma, clip, callback=None) -> x_0
 
 over `model(x, t) -> (eps, v)` (v the variance half or None), the run's `StepTable`, `noise(i, t) -> z`
-(zeros where the table's `draws` says no draw), `sigma(row, v)` and `clip(x0)` (both chosen before the loop),
+(zeros where the table's `draws` says no draw: which steps draw noise is recorded there, per step, by each
+table builder), `sigma(row, v)` and `clip(x0)` (both chosen before the loop),
 and its table builder `table(schedule, *, variance, eta) -> StepTable`. The fused kernel, its torch twin and
 the ONNX step graph read only the table, so they serve every family whose `history` they support.
 Adding a sampler is one file in this package plus one line in `FAMILIES`.
@@ -16,12 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ddpm_fast.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
-from ddpm_fast.samplers.dpmpp_2m import dpmpp_2m_table, sample_dpmpp_2m
-from ddpm_fast.samplers.dpmpp_2m_sde import dpmpp_2m_sde_table, sample_dpmpp_2m_sde
-from ddpm_fast.samplers.dpmpp_3m import dpmpp_3m_table, sample_dpmpp_3m
-from ddpm_fast.samplers.unipc import sample_unipc, unipc_table
 from ddpm_fast.schedule import SPACINGS, Schedule
 from ddpm_fast.steps import VARIANCES, StepTable
 
@@ -36,7 +34,6 @@ class Family:
     loop: Callable
     table: Callable
     history: int  # x0 predictions of earlier steps a step reads (0: one-step)
-    noise: str  # "always" (a draw every step), "eta" (only when eta > 0), "never"
     params: tuple[str, ...] = ()  # keyword arguments besides variance that the method takes, e.g. ("eta",)
     spacing: str = "uniform"  # the default rule for steps=N (ddpm_fast.schedule.spacing_timesteps)
     spacings: tuple[str, ...] = ("uniform",)
@@ -47,14 +44,33 @@ class Family:
 # so steps=N walks the timesteps diffusers' scheduler.set_timesteps(N) gives.
 _SOLVER = dict(spacing="linspace", spacings=SPACINGS)
 FAMILIES: dict[str, Family] = {
-    "ddpm": Family("ddpm", sample_ddpm, ddpm_table, history=0, noise="always"),
-    "ddim": Family("ddim", sample_ddim, ddim_table, history=0, noise="eta", params=("eta",)),
-    "dpmpp_2m": Family("dpmpp_2m", sample_dpmpp_2m, dpmpp_2m_table, 1, "never", min_steps=2, **_SOLVER),
-    "dpmpp_3m": Family("dpmpp_3m", sample_dpmpp_3m, dpmpp_3m_table, 2, "never", min_steps=3, **_SOLVER),
-    "dpmpp_2m_sde": Family(
-        "dpmpp_2m_sde", sample_dpmpp_2m_sde, dpmpp_2m_sde_table, 1, "always", min_steps=2, **_SOLVER
+    "ddpm": Family("ddpm", sample_ddpm, ddpm_table, history=0),
+    "ddim": Family("ddim", sample_ddim, ddim_table, history=0, params=("eta",)),
+    "dpmpp_2m": Family(
+        "dpmpp_2m",
+        dpmpp_2m.sample_dpmpp_2m,
+        dpmpp_2m.dpmpp_2m_table,
+        dpmpp_2m.HISTORY,
+        min_steps=2,
+        **_SOLVER,
     ),
-    "unipc": Family("unipc", sample_unipc, unipc_table, 2, "never", min_steps=2, **_SOLVER),
+    "dpmpp_3m": Family(
+        "dpmpp_3m",
+        dpmpp_3m.sample_dpmpp_3m,
+        dpmpp_3m.dpmpp_3m_table,
+        dpmpp_3m.HISTORY,
+        min_steps=3,
+        **_SOLVER,
+    ),
+    "dpmpp_2m_sde": Family(
+        "dpmpp_2m_sde",
+        dpmpp_2m_sde.sample_dpmpp_2m_sde,
+        dpmpp_2m_sde.dpmpp_2m_sde_table,
+        dpmpp_2m_sde.HISTORY,
+        min_steps=2,
+        **_SOLVER,
+    ),
+    "unipc": Family("unipc", unipc.sample_unipc, unipc.unipc_table, unipc.HISTORY, min_steps=2, **_SOLVER),
 }
 METHODS = tuple(FAMILIES)
 
