@@ -83,22 +83,27 @@ def test_dry_run_report_survives_raise_pytest_timeout_kill_budget_and_missing_pe
     assert "## tests (timeout)" in md and "**ERROR**" in md and "missing peer" in md
 
 
-def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
-    """smoke, headline and kernel with the dry configuration, in this process (no new torch import)."""
-    monkeypatch.setattr(torch, "compile", torch.compile)  # headline's dry run replaces it; restored after
-    monkeypatch.setattr(engine, "_logged", set())
+def _run_sections(out, names, target_batches):
+    """Run the named CPU sections in this process (no new torch import) with the dry configuration."""
     engine.clear_cache()
     gpu_check.append_row(
-        tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [4, 1]}
+        out, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": target_batches}
     )
     conf = gpu_check.replace(
         gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
     )
-    for name in ("smoke", "headline", "kernel"):
-        ctx = gpu_check.Context(tmp_path, name, until=1e18, conf=conf)
+    for name in names:
+        ctx = gpu_check.Context(out, name, until=1e18, conf=conf)
         assert gpu_check.CHILDREN[name](ctx) == 0
         ctx.close()
     engine.clear_cache()
+
+
+def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
+    """smoke, headline and kernel with the dry configuration, in this process (no new torch import)."""
+    monkeypatch.setattr(torch, "compile", torch.compile)  # headline's dry run replaces it; restored after
+    monkeypatch.setattr(engine, "_logged", set())
+    _run_sections(tmp_path, ("smoke", "headline", "kernel"), target_batches=[4, 1])
 
     assert all(r["ok"] for r in _rows(tmp_path, kind="smoke"))
     assert {r["what"] for r in _rows(tmp_path, kind="ceiling")} == {"bf16 matmul", "device copy"}
@@ -191,19 +196,8 @@ def test_solver_and_adm_sections_on_cpu(tmp_path, monkeypatch):
     """The solver rows (method in the provider name, NFE in steps) and the ADM rows (a class-conditional model:
     labels drawn per sample) run with the dry configuration, each against its reference."""
     monkeypatch.setattr(engine, "_logged", set())
-    engine.clear_cache()
-    gpu_check.append_row(
-        tmp_path, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": [2, 1]}
-    )
-    conf = gpu_check.replace(
-        gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
-    )
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the dry run's compile: the eager function
-    for name in ("solvers", "adm"):
-        ctx = gpu_check.Context(tmp_path, name, until=1e18, conf=conf)
-        assert gpu_check.CHILDREN[name](ctx) == 0
-        ctx.close()
-    engine.clear_cache()
+    _run_sections(tmp_path, ("solvers", "adm"), target_batches=[2, 1])
     rows = {(r["model"], r["provider"]): r for r in _rows(tmp_path, kind="sampling")}
     assert not _rows(tmp_path, kind="error"), _rows(tmp_path, kind="error")
     for p in ("fast-bf16-dpmpp_2m", "fast-bf16-unipc"):
