@@ -14,11 +14,13 @@ noise, independent of everything, keeps its own SIGMA column.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from ddpm_fast.steps import SRA, SRM1, StepTable
+from ddpm_fast.samplers.ddim import ddim_table
+from ddpm_fast.steps import C_EPS, C_X0, C_XT, SIGMA, SRA, SRM1, StepTable
 
 __all__ = ["walk", "linear_columns", "dpm_order", "dpmpp_update", "DPMSolverPP", "UniPC", "multistep_family"]
 
@@ -204,10 +206,6 @@ class UniPC:
 
 def multistep_table(table: StepTable, solver, history: int) -> StepTable:
     """`table` (base columns filled) with C_XT, C_X0, the history weights and SIGMA from the solver's updates."""
-    from dataclasses import replace
-
-    from ddpm_fast.steps import C_EPS, C_X0, C_XT, SIGMA
-
     S = table.num_steps
     cols = linear_columns(S, history, solver)
     c = torch.zeros(S, table.coefs.shape[1] + history, dtype=torch.float64)
@@ -241,9 +239,6 @@ def multistep_family(name: str, make_solver, history: int, *, noise: bool = Fals
 
     noise=True: the solver draws z at every step (diffusers' SDE order: a draw at each step, the last one
     multiplied by 0)."""
-    from dataclasses import replace
-
-    from ddpm_fast.samplers.ddim import ddim_table
 
     def loop(model, x, table: StepTable, noise_fn, *, sigma, clip, callback=None) -> torch.Tensor:
         return sample_multistep(make_solver, model, x, table, noise_fn, clip=clip, callback=callback)
