@@ -42,6 +42,7 @@ __all__ = [
     "output_kind",
     "Progress",
     "DEFAULT_SHARD_SIZE",
+    "default_batch_size",
 ]
 
 log = logging.getLogger("ddpm_fast")
@@ -325,12 +326,17 @@ def generate(
     return _run_sharded(sampler, out, num, settings, dist, progress, merge)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Samples per model call when the caller names none: 256 on CUDA, 64 elsewhere."""
+    return 256 if device.type == "cuda" else 64
+
+
 def _make_plan(model, batch_size, image_shape, kwargs: dict) -> Plan:
     """The run's plan from generate's keyword arguments (make_plan's own, passed through)."""
     device = kwargs.get("device")
     if batch_size is None:
         dev = torch.device(device) if device is not None else model_device(model)
-        batch_size = 256 if dev.type == "cuda" else 64
+        batch_size = default_batch_size(dev)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     if image_shape is None:

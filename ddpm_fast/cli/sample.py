@@ -18,7 +18,7 @@ from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import Unavailable, UserError
 from ddpm_fast.plan import make_plan
-from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, generate
+from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, default_batch_size, generate
 from ddpm_fast.samplers import METHODS
 from ddpm_fast.sampling import BACKENDS
 from ddpm_fast.schedule import SPACINGS
@@ -276,7 +276,7 @@ def run(args) -> int:
         if cast and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
         guidance = _guidance(args, device, dtype if cast else None)
-        batch = args.batch_size or (256 if device.type == "cuda" else 64)
+        batch = args.batch_size or default_batch_size(device)
         plan = make_plan(
             model,
             schedule,
