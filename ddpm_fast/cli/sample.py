@@ -19,7 +19,7 @@ from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import Unavailable, UserError
 from ddpm_fast.plan import make_plan
 from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, default_batch_size, generate
-from ddpm_fast.samplers import METHODS
+from ddpm_fast.samplers import METHODS, taking
 from ddpm_fast.sampling import BACKENDS
 from ddpm_fast.schedule import SPACINGS
 from ddpm_fast.shards import SHARD_FORMATS
@@ -199,9 +199,9 @@ def _guidance(args, device: torch.device, dtype):
 
 def _check(args) -> str:
     """Everything that can be refused before a model is loaded; returns the output kind."""
-    if args.method != "ddim" and args.eta != 0:
+    if args.eta != 0 and args.method not in taking("eta"):  # the registry's rule, in option terms
         raise ValueError(
-            f"--eta applies to --method ddim only; got --eta {args.eta} with --method {args.method}"
+            f"--eta applies to --method {' or '.join(taking('eta'))} only; got --eta {args.eta} with --method {args.method}"
         )
     kind = check_out(args.out, "--out")
     onnx_file = args.model is not None and args.model.lower().endswith(".onnx")

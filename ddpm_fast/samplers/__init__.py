@@ -23,7 +23,7 @@ from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
 from ddpm_fast.schedule import SPACINGS, Schedule
 from ddpm_fast.steps import VARIANCES, StepTable
 
-__all__ = ["Family", "FAMILIES", "METHODS", "family", "build_step_table", "check_params"]
+__all__ = ["Family", "FAMILIES", "METHODS", "family", "taking", "build_step_table", "check_params"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,14 @@ def check_params(method: str, *, eta: float) -> None:
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
     if eta != 0 and "eta" not in family(method).params:
-        takes = [m for m, f in FAMILIES.items() if "eta" in f.params]
         raise ValueError(
-            f"eta applies to method={' or '.join(map(repr, takes))} only; got eta={eta} with method={method!r}"
+            f"eta applies to method={' or '.join(map(repr, taking('eta')))} only; got eta={eta} with method={method!r}"
         )
+
+
+def taking(param: str) -> list[str]:
+    """The methods whose families take `param` (e.g. "eta")."""
+    return [m for m, f in FAMILIES.items() if param in f.params]
 
 
 def build_step_table(
