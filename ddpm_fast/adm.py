@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast.attention import attention
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = [
@@ -295,7 +296,7 @@ def qkv_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tenso
     # [B, heads, d, T] -> [B, heads, T, d]. SDPA keeps the logits and softmax in float32 for fp16/bf16
     # inputs (the fused kernels accumulate in float32, the math one upcasts), as openai's
     # softmax(weight.float()) does; the float32 result differs from their einsums by rounding only.
-    a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    a = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
     return a.transpose(-1, -2).reshape(B, heads * d, T)
 
 

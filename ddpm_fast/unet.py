@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_fast.attention import attention
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = ["UNetConfig", "UNet", "diffusers_key", "timestep_embedding"]
@@ -252,7 +253,7 @@ class Attention(nn.Module):
         def heads(y):
             return y.reshape(B, H * W, self.heads, C // self.heads).transpose(1, 2)
 
-        a = F.scaled_dot_product_attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)))
+        a = attention(heads(self.q(h)), heads(self.k(h)), heads(self.v(h)))
         a = self.proj(a.transpose(1, 2).reshape(B, H * W, C))
         out = x + a.transpose(1, 2).reshape(B, C, H, W)
         return out if self.out_scale == 1.0 else out / self.out_scale
