@@ -444,6 +444,7 @@ class StepRunner:
         self.label_model = plan.label_model  # the model takes y (else the labels serve the guidance only)
         self.guide = None  # classifier guidance of the loaded run (ddpm_fast.guidance.Guide); set by load
         self.gcoefs = None
+        self.guide_coefs = None
         self.guide_checked = False
         self.timesteps = torch.zeros(0, dtype=torch.int64, device=dev)
         self.clip_range = None
@@ -471,15 +472,19 @@ class StepRunner:
             self.coefs = torch.zeros((S, coefs.shape[1]), dtype=torch.float32, device=self.device)
             self.timesteps = torch.zeros(S, dtype=torch.int64, device=self.device)
             self.graph = None
-        self.coefs[:S].copy_(coefs)
         self.timesteps[:S].copy_(timesteps)
         self.keys.copy_(torch.tensor([plan.seed, start_index], dtype=torch.int64))
         self.clip_range = plan.clip_range if plan.clip else None
         self.guide = plan.guidance
         if self.guide is not None:
+            self.guide_coefs = coefs.to(
+                device=self.device, dtype=torch.float32
+            )  # the run's table, for output
+            coefs = self.guide.update_coefs(coefs)  # the update reads x0' itself where the table reads no eps
             self.gcoefs = self.guide.columns.to(device=self.device, dtype=torch.float32)
             self.guide_checked = False
             self.clip_range = None  # the guided output clips x0 itself, before its shift
+        self.coefs[:S].copy_(coefs)
         self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
         if self.labels is not None:
             self.labels.zero_()  # padded rows: any valid class (they never touch the real rows)
@@ -502,7 +507,14 @@ class StepRunner:
             amp = self.amp_dtype
             with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 out = self.guide.output(
-                    self.x, t, out, self.labels, self.coefs, self.gcoefs, self.counter, not self.guide_checked
+                    self.x,
+                    t,
+                    out,
+                    self.labels,
+                    self.guide_coefs,
+                    self.gcoefs,
+                    self.counter,
+                    not self.guide_checked,
                 )
             self.guide_checked = True
         self.update(

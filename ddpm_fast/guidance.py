@@ -33,9 +33,13 @@ ddim reads the model's eps, diffusers' order).
 
 No sampler family knows of guidance. The reference backend hands the family `reference(model, clip)`: the
 guided model returns eps' and the clip the family calls on x0(eps') returns x0' as computed above. The fast
-backend's fused update reads one model output and clips inside, so `output` returns eps' and the update runs
-with its clip off: its x0 is SRA x - SRM1 eps', x0' up to float32 rounding (exact where eps' = eps; where the
-clip binds, to ulp(SRA x_t), the rounding the update has on every unclipped element anyway).
+backend's fused update reads one model output and clips inside, so it runs with its clip off and `output`
+hands it the guided prediction. A table that reads no eps (C_EPS = 0: ddpm and every solver) gets x0' itself,
+and the update runs the table of `update_coefs` (SRA = 0, SRM1 = -1), whose x0 = 0 x - (-1) x0' is x0' exactly,
+the value the reference uses. Recovering x0' from eps' instead (SRA x - SRM1 eps') would round eps' at
+|eps'| and multiply that by SRM1 (about 157 at the first steps of a 1000-step linear schedule) and round again
+at |SRA x|: a few float32 ulps of |SRA x| per step, which the reference does not have. ddim reads eps (C_EPS != 0)
+and gets eps', with that rounding (exact where eps' = eps).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_fast.steps import C_X0, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
+from ddpm_fast.steps import C_EPS, C_X0, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
 
 __all__ = [
     "ClassifierGuidance",
@@ -153,6 +157,7 @@ class Guide:
     learned: bool  # K_t from the model's variance half (ddpm with learned_range)
     clip_range: float | None  # the run's clip, which the guidance applies (before its shift)
     timesteps: tuple[int, ...]  # each step's model timestep: the reference finds a step's row by it
+    x0_out: bool  # the table reads no eps (C_EPS = 0 at every step): `output` hands the update x0' itself
 
     def grad(self, x, t, y, check=True) -> torch.Tensor:
         return classifier_grad(self.classifier, x, t, y, self.scale, check)
@@ -203,8 +208,19 @@ class Guide:
 
         eps, rest = out[:, :C].float(), out[:, C:].float()  # rest: a learned_range model's v (or nothing)
         g = self.grad(x, t, y, check).float()
-        eps, _ = self.guided(x, eps, rest if self.learned else None, g, col, gcol)
-        return torch.cat([eps, rest], dim=1) if rest.shape[1] else eps
+        eps, x0g = self.guided(x, eps, rest if self.learned else None, g, col, gcol)
+        first = x0g if self.x0_out else eps
+        return torch.cat([first, rest], dim=1) if rest.shape[1] else first
+
+    def update_coefs(self, coefs: torch.Tensor) -> torch.Tensor:
+        """The table the fused update runs beside `output`: with x0_out, SRA = 0 and SRM1 = -1, so that the
+        update's x0 = SRA x - SRM1 out is x0' exactly; else the run's table."""
+        if not self.x0_out:
+            return coefs
+        coefs = coefs.clone()
+        coefs[:, SRA] = 0.0
+        coefs[:, SRM1] = -1.0
+        return coefs
 
 
 def bind(guidance: ClassifierGuidance, table: StepTable, clip_range: float | None) -> Guide:
@@ -219,4 +235,5 @@ def bind(guidance: ClassifierGuidance, table: StepTable, clip_range: float | Non
         learned=table.learned,
         clip_range=clip_range,
         timesteps=tuple(table.timesteps.tolist()),
+        x0_out=bool((table.coefs[:, C_EPS] == 0).all()),
     )

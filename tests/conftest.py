@@ -30,7 +30,24 @@ def pytest_report_header(config):
             found.append(f"{name} {version(name)}")
         except PackageNotFoundError:
             pass
-    return "ddpm-fast numerics: " + ", ".join(found)
+    return ["ddpm-fast numerics: " + ", ".join(found), "ddpm-fast machine: " + _machine()]
+
+
+def _machine() -> str:
+    """The processor and the ATen vector kernels in use: a numeric failure names the CPU it happened on."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability()
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"{model}, {os.cpu_count()} cores, ATen CPU capability {cap}" + (
+        f" (ATEN_CPU_CAPABILITY={forced})" if forced else ""
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,9 @@ import torch
 import ddpm_fast as df
 from ddpm_fast import noise
 from ddpm_fast.defaults import ModelDefaults
+from ddpm_fast.plan import make_plan
+from ddpm_fast.steps import SRA, SRM1
+from tests._rounding import chain_budget
 from tests.analytic_model import MU, S2, GaussianEps
 
 S = df.Schedule.linear(1000)
@@ -271,6 +274,29 @@ def test_conditional_model_gets_its_labels_and_the_classifier_too():
 # ---------------------------------------------------------------------------------------------- fast backend
 
 
+def _guided_budget(model, method):
+    """chain_budget of the guided float32 chain, its magnitudes read off the float64 run: the largest |x| of
+    every state and the largest |x0| and |x0'| the guided steps form from them."""
+    guidance = df.ClassifierGuidance(GaussianClassifier(), 3.0)
+    kw = dict(timesteps=KEPT, method=method, labels=Y, guidance=guidance, dtype=torch.float64)
+    plan = make_plan(model, S, SHAPE, **kw)
+    states = [noise.sample_noise(0, 0, SHAPE, noise.XT_SLOT).double()]
+    run(model, 3.0, method=method, dtype=torch.float64, callback=lambda i, t, x: states.append(x.clone()))
+    guide, coefs, C = plan.guidance, plan.table.coefs, SHAPE[1]
+    x0_max = 0.0
+    for j, x in enumerate(states[:-1]):
+        tt = torch.full((x.shape[0],), int(plan.table.timesteps[j]), dtype=torch.int64)
+        out = model(x, tt)
+        eps, v = out[:, :C], (out[:, C:] if guide.learned else None)
+        g = guide.grad(x, tt, Y).double()
+        row, grow = coefs[j], guide.columns[j]
+        _, x0g = guide.guided(x, eps, v, g, row.__getitem__, grow.__getitem__)
+        x0 = coefs[j, SRA] * x - coefs[j, SRM1] * eps
+        x0_max = max(x0_max, x0g.abs().max().item(), x0.abs().max().item())
+    x_max = max(s.abs().max().item() for s in states)
+    return chain_budget(coefs, x_max, x0_max)
+
+
 @pytest.mark.parametrize("triton", [False, True])
 @pytest.mark.parametrize(
     "method, variance",
@@ -284,10 +310,13 @@ def test_fast_backend_equals_the_reference(method, variance, triton):
     ref = run(model, 3.0, method=method)
     ref64 = run(model, 3.0, method=method, dtype=torch.float64)
     fast = run(model, 3.0, method=method, backend="fast", compile=False, triton=triton, buckets=(2, 4))
-    # No further from float64 than the float32 reference, give or take two float32 ulps at the chain's O(1)
-    # values (the mean form's eps round trip through SRA x, SRA up to 157 here, costs a few of them).
+    # The two float32 runs differ by their rounding order only: at most the table's rounding budget
+    # (tests/_rounding.py; x0's terms reach |SRA x| ~ 470 at t = 999), so by the triangle inequality the fast
+    # run is no further from float64 than the reference plus that budget, whatever the reference's luck.
+    budget = _guided_budget(model, method)
     err, ref_err = (fast - ref64).abs().max().item(), (ref - ref64).abs().max().item()
-    assert err <= 2 * ref_err + 2.4e-7, (err, ref_err)
+    assert (fast - ref).abs().max().item() <= budget, ((fast - ref).abs().max().item(), budget)
+    assert err <= ref_err + budget, (err, ref_err, budget)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     assert (ref - run(model, guided=False, method=method)).abs().max() > 1e-2
 
