@@ -14,6 +14,7 @@ import torch
 
 from ddpm_fast import noise
 from ddpm_fast.defaults import defaults_of
+from ddpm_fast.distributed import env_world
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.guidance import ClassifierGuidance, Guide, bind
 from ddpm_fast.samplers import build_step_table, family
@@ -211,7 +212,10 @@ def make_plan(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Unavailable(f"device {device} was asked for but CUDA is not available")
     if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
-        device = torch.device("cuda", torch.cuda.current_device())
+        # Under torchrun a bare "cuda" is this process's GPU, cuda:LOCAL_RANK, as the CLI's --device reads
+        # it: current_device() is 0 on every rank until something sets it, so each rank would use GPU 0.
+        _, world, local_rank = env_world()
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     guide, num_classes = None, d.num_classes
     if guidance is not None:
         if not isinstance(guidance, ClassifierGuidance):

@@ -324,3 +324,21 @@ def test_the_private_copy_keeps_the_cache_weak_on_the_model():
     del model
     gc.collect()
     assert len(engine._ENGINES) == 0
+
+
+@pytest.mark.parametrize("world, local_rank, current, want", [(2, 1, 0, 1), (1, 0, 3, 3)])
+def test_bare_cuda_under_torchrun_is_cuda_local_rank(monkeypatch, world, local_rank, current, want):
+    """generate()/make_plan from Python under torchrun: device="cuda" is cuda:LOCAL_RANK, as the CLI reads it.
+
+    CUDA is faked (is_available, current_device); the plan is built, never run, so nothing touches a GPU.
+    Outside torchrun (WORLD_SIZE 1) a bare "cuda" stays the current device.
+    """
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    s = df.Schedule.linear(100)
+    model = GaussianEps(s, 0.3, 0.04)
+    plan = make_plan(model, s, (1, 1, 2, 2), steps=4, seed=3, device="cuda")
+    assert plan.device == torch.device("cuda", want)
