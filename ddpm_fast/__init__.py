@@ -23,6 +23,8 @@ __all__ = [
     "ClassifierGuidance",
     "load_classifier",
     "metrics",
+    "tune",
+    "load_tuned",
     "__version__",
 ]
 
@@ -38,6 +40,8 @@ _LAZY = {
     "ADMConfig": "ddpm_fast.adm",
     "ClassifierGuidance": "ddpm_fast.guidance",
     "load_classifier": "ddpm_fast.adm_io",
+    "tune": "ddpm_fast.tuning",
+    "load_tuned": "ddpm_fast.tuning",
 }
 
 

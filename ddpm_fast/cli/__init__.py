@@ -23,6 +23,11 @@ COMMANDS = {
         "ddpm-fast sample\n  ddpm-fast sample --num 16 --steps 250 --out grid.png\n"
         "  ddpm-fast sample --model ckpt/ --num 50000 --batch-size 256 --out run/",
     ),
+    "tune": (
+        "ddpm_fast.cli.tune",
+        "learn a step table (timesteps' coefficients) for one model and NFE from teacher trajectories",
+        "ddpm-fast tune --base unipc --nfe 5 --out tuned.safetensors",
+    ),
     "merge": (
         "ddpm_fast.cli.merge",
         "merge the shards of a sharded run into one .npz in index order",

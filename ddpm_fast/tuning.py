@@ -1,0 +1,272 @@
+"""Tuned step tables: a base method's per-step coefficients learned for one model, schedule and NFE.
+
+A step table (`ddpm_fast.steps`) is linear in the run's state: x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k
+m_{i-1-k}, m_i = SRA_i x_i - SRM1_i eps(x_i, t_i). This module owns learning those columns (C_XT, C_X0 and
+the history weights; the timesteps and so SRA/SRM1 stay the base method's) by minimising the mean squared
+distance of the run's x_0 to a high-NFE teacher's x_0 from the same x_T (torch autograd through the few
+model calls), over training noise, with validation on held-out noise and early stopping; and the file a
+tuned table lives in (safetensors: `coefs`, `timesteps`; metadata: the model's digest, the schedule's
+digest, the NFE, the base method), refused in one line on any other model, schedule or NFE.
+
+No data set is used: the teacher is the same model walked with the base method at `teacher_steps` steps,
+clip off (the probability-flow ODE the table approximates).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ddpm_fast.defaults import defaults_of
+from ddpm_fast.runs import model_digest
+from ddpm_fast.samplers import build_step_table, family
+from ddpm_fast.schedule import Schedule, spacing_timesteps
+from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.steps import C_X0, C_XT, COLUMNS, SRA, SRM1, StepTable
+
+__all__ = ["tune", "TunedTable", "save_tuned", "load_tuned", "schedule_digest", "run_table", "FORMAT"]
+
+FORMAT = "ddpm-fast-tuned-1"
+
+
+def schedule_digest(schedule: Schedule) -> str:
+    """sha256 of the schedule's float64 betas (the whole schedule is a function of them)."""
+    b = schedule.betas.detach().to("cpu", torch.float64).contiguous()
+    return hashlib.sha256(b.numpy().tobytes()).hexdigest()
+
+
+class TunedTable:
+    """A learned table with what it was learned for; `.table` is the StepTable every backend runs."""
+
+    def __init__(self, table: StepTable, *, model: str, schedule: str, base: str, nfe: int, info: dict):
+        self.table, self.model, self.schedule, self.base, self.nfe = table, model, schedule, base, nfe
+        self.info = dict(info)
+
+    def digest(self) -> str:
+        """sha256 naming the table (what a run manifest records): its float64 coefficients, int64 timesteps
+        and what it was learned for; not the file bytes, whose header order safetensors does not fix."""
+        h = hashlib.sha256()
+        h.update(
+            f"{FORMAT};{self.model};{self.schedule};{self.base};{self.nfe};{self.table.history};".encode()
+        )
+        h.update(self.table.coefs.to(torch.float64).contiguous().numpy().tobytes())
+        h.update(self.table.timesteps.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "format": FORMAT,
+            "model": self.model,
+            "schedule": self.schedule,
+            "base": self.base,
+            "nfe": str(self.nfe),
+            "history": str(self.table.history),
+            "variance": self.table.variance,
+            "info": json.dumps(self.info, sort_keys=True),
+        }
+        tensors = {"coefs": self.table.coefs.contiguous(), "timesteps": self.table.timesteps.contiguous()}
+        return st_save(tensors, metadata=meta)
+
+
+def save_tuned(tuned: TunedTable, path) -> None:
+    """Write the table atomically (a reader never sees a half-written file)."""
+    atomic_write_bytes(str(path), tuned.to_bytes())
+
+
+def load_tuned(path, *, model=None, schedule: Schedule | None = None, nfe: int | None = None) -> TunedTable:
+    """Read a tuned table; a corrupt or truncated file, or one learned for another model, schedule or NFE
+    (when those are given), is a ValueError of one line naming `tuned`."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise ValueError(f"tuned: cannot read {path}: {e.strerror}") from e
+    try:
+        tensors = st_load(blob)
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"tuned: {path} is not a tuned table (corrupt or truncated safetensors)") from e
+    if meta.get("format") != FORMAT or set(tensors) != {"coefs", "timesteps"}:
+        raise ValueError(
+            f"tuned: {path} is not a tuned table (format {meta.get('format')!r}, want {FORMAT!r})"
+        )
+    coefs, ts = tensors["coefs"].to(torch.float64), tensors["timesteps"].to(torch.int64)
+    try:
+        k, S, history = int(meta["nfe"]), ts.numel(), int(meta["history"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"tuned: {path} has a damaged header (nfe/history)") from e
+    if coefs.shape != (S, len(COLUMNS) + history) or k != S or not torch.isfinite(coefs).all():
+        raise ValueError(f"tuned: {path} has inconsistent tables (coefs {tuple(coefs.shape)}, {S} timesteps)")
+    if model is not None and meta.get("model") != model_digest(model):
+        raise ValueError(
+            f"tuned: {path} was learned for another model (weights digest {meta.get('model', '')[:12]})"
+        )
+    if schedule is not None and meta.get("schedule") != schedule_digest(schedule):
+        raise ValueError(f"tuned: {path} was learned for another schedule")
+    if nfe is not None and k != nfe:
+        raise ValueError(f"tuned: {path} is a table for {k} NFE; got steps={nfe}")
+    table = StepTable(
+        coefs=coefs,
+        timesteps=ts,
+        method="tuned",
+        variance=meta.get("variance", "fixed_small"),
+        eta=0.0,
+        history=history,
+        draws=(False,) * S,
+    )
+    info = json.loads(meta.get("info", "{}"))
+    return TunedTable(
+        table, model=meta["model"], schedule=meta["schedule"], base=meta["base"], nfe=k, info=info
+    )
+
+
+def run_table(
+    model, x: torch.Tensor, coefs: torch.Tensor, timesteps: torch.Tensor, history: int
+) -> torch.Tensor:
+    """x_0 of a deterministic table walked from x (clip off), differentiable in `coefs`: the steps.py formula
+    with C_EPS = SIGMA = 0, which every multistep table and every tuned table satisfies."""
+    ms = []
+    B = x.shape[0]
+    for i, t in enumerate(timesteps.tolist()):
+        eps = model(x, torch.full((B,), t, dtype=torch.int64, device=x.device))
+        eps = eps[:, : x.shape[1]]
+        c = coefs[i]
+        ms.insert(0, c[SRA] * x - c[SRM1] * eps)
+        nxt = c[C_XT] * x + c[C_X0] * ms[0]
+        for k in range(min(history, len(ms) - 1)):
+            nxt = nxt + c[len(COLUMNS) + k] * ms[1 + k]
+        del ms[history + 1 :]
+        x = nxt
+    return x
+
+
+def _base_table(schedule: Schedule, base: str, nfe: int, variance: str) -> StepTable:
+    fam = family(base)
+    kept = torch.tensor(spacing_timesteps(schedule, nfe, fam.spacing))
+    return build_step_table(schedule.respace(kept), method=base, variance=variance)
+
+
+def tune(
+    model,
+    *,
+    base: str = "unipc",
+    nfe: int = 5,
+    schedule: Schedule | None = None,
+    train: int = 256,
+    val: int = 128,
+    teacher_steps: int = 200,
+    iters: int = 300,
+    lr: float = 2e-3,
+    patience: int = 30,
+    seed: int = 1_000_003,
+    out=None,
+    log=print,
+) -> TunedTable:
+    """Learn the columns of `base`'s table at `nfe` steps for `model` (see the module docstring); noise comes
+    from torch.Generator(seed) (training) and (seed + 1) (validation), seeds the benchmarks do not use."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
+    fam = family(base)
+    if fam.params or fam.name in ("ddpm", "dpmpp_2m_sde"):
+        raise ValueError(
+            f"base must be a deterministic solver (ddim or a multistep ODE solver); got {base!r}"
+        )
+    if nfe < fam.min_steps:
+        raise ValueError(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
+    for name, v in (("train", train), ("val", val), ("iters", iters), ("teacher_steps", teacher_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+    d = defaults_of(model)
+    schedule = schedule or d.schedule
+    if schedule is None:
+        raise ValueError("schedule must be given (the model carries none)")
+    shape = d.image_shape
+    if shape is None:
+        raise ValueError("model must carry its image shape (a checkpoint's sampling.image_shape)")
+    variance = d.variance
+    t0 = time.perf_counter()
+    gen_t, gen_v = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64)
+    xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64)
+    digest = model_digest(model)  # of the model as given, before the float64 copy
+    if isinstance(model, torch.nn.Module):
+        model = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
+    teacher = _base_table(schedule, base, teacher_steps, variance)
+    with torch.no_grad():
+        y_train = run_table(model, xt_train, teacher.coefs, teacher.timesteps, teacher.history)
+        y_val = run_table(model, xt_val, teacher.coefs, teacher.timesteps, teacher.history)
+    start = _base_table(schedule, base, nfe, variance)
+    H = start.history
+    learn = [C_XT, C_X0] + [len(COLUMNS) + k for k in range(H)]
+    c0 = start.coefs.clone()
+    delta = torch.zeros(nfe, len(learn), dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros_like(delta)
+    for i in range(nfe):  # a step may only read x0s that exist: history k needs i > k
+        mask[i, :2] = 1.0
+        mask[i, 2 : 2 + min(H, i)] = 1.0
+
+    def coefs_of(dlt):
+        c = c0.clone()
+        c[:, learn] = c0[:, learn] + dlt * mask
+        return c
+
+    def rmse(c, x, y):
+        return math.sqrt(float(((run_table(model, x, c, start.timesteps, H) - y) ** 2).mean()))
+
+    with torch.no_grad():
+        before = rmse(c0, xt_val, y_val)
+    opt = torch.optim.Adam([delta], lr=lr)
+    best, best_delta, bad = before, delta.detach().clone(), 0
+    batch = min(train, 64)
+    for it in range(iters):
+        idx = torch.randint(0, train, (batch,), generator=gen_t)
+        loss = (
+            (run_table(model, xt_train[idx], coefs_of(delta), start.timesteps, H) - y_train[idx]) ** 2
+        ).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if it % 5 == 4 or it == iters - 1:
+            with torch.no_grad():
+                v = rmse(coefs_of(delta), xt_val, y_val)
+            if v < best:
+                best, best_delta, bad = v, delta.detach().clone(), 0
+            else:
+                bad += 5
+                if bad >= patience:
+                    break
+    coefs = coefs_of(best_delta).detach()
+    took = time.perf_counter() - t0
+    info = {
+        "rmse_before": before,
+        "rmse_after": best,
+        "seconds": took,
+        "iters": it + 1,
+        "teacher": teacher_steps,
+    }
+    log(
+        f"tuned {base} at {nfe} NFE: held-out RMSE to the {teacher_steps}-step teacher {before:.4f} -> "
+        f"{best:.4f} ({best / before:.2f}x) in {took:.1f} s"
+    )
+    table = StepTable(
+        coefs=coefs,
+        timesteps=start.timesteps.clone(),
+        method="tuned",
+        variance=variance,
+        eta=0.0,
+        history=H,
+        draws=(False,) * nfe,
+    )
+    tuned = TunedTable(table, model=digest, schedule=schedule_digest(schedule), base=base, nfe=nfe, info=info)
+    if out is not None:
+        save_tuned(tuned, out)
+    return tuned
