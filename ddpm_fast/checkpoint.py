@@ -52,6 +52,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "digits"
+BUNDLED_NAME = "digits"  # what the commands take for DEFAULT_MODEL_DIR (`--model digits`, `export digits`)
 # "arch" in config.json -> "module:ModelClass"; the class has .config (to_dict/from_dict via CONFIG_CLASS).
 ARCHITECTURES = {
     "ddpm-unet": ("ddpm_fast.unet:UNet", "ddpm_fast.unet:UNetConfig"),

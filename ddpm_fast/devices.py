@@ -9,16 +9,21 @@ import torch
 from ddpm_fast.errors import Unavailable
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Torch CPU threads for one process: the cores it may use, divided among torchrun's local processes.
 
     Two processes with two threads each on two cores thrash (one forward measured 3.8 s instead of 0.10 s),
     so under torchrun each process gets cores // LOCAL_WORLD_SIZE (at least 1).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as e:
@@ -35,6 +40,9 @@ def set_threads(threads: int | None, name: str = "--threads") -> int:
         threads = default_threads()
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"{name} must be a positive int; got {threads!r}")
+    elif threads > (cores := usable_cores()):
+        # more threads than cores only slows torch down, and far more fail inside OpenMP (or crash it)
+        raise ValueError(f"{name} must be at most {cores}, the CPU cores this process may use; got {threads}")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -53,6 +61,8 @@ def resolve_device(
         dev = torch.device(arg)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{name} must name a torch device such as cpu or cuda:0; got {arg!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be a cpu or cuda device; got {arg!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise Unavailable(f"{name} {arg} was asked for but CUDA is not available")

@@ -69,3 +69,37 @@ def test_bench_plot_title_fits(tmp_path, monkeypatch):
     finally:
         close(fig)
     assert Path(tmp_path / "bench.png").stat().st_size > 0
+
+
+def _sample(tmp_path, *args):
+    out = tmp_path / "s.png"
+    return cli.main(["sample", "--num", "1", "--steps", "2", "--quiet", "--out", str(out), *args]), out
+
+
+def test_sample_float64_on_the_default_backend_runs_the_reference(tmp_path):
+    """float64 is the reference's alone: the default (auto) backend takes it instead of crashing in the U-Net."""
+    code, out = _sample(tmp_path, "--dtype", "float64")
+    assert code == 0 and out.is_file()
+
+
+def test_sample_takes_the_bundled_model_by_name(tmp_path):
+    code, out = _sample(tmp_path, "--model", "digits")
+    assert code == 0 and out.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (("--device", "meta"), "--device"),  # a device without data: crashed in the first .item()
+        (("--threads", "100000"), "--threads"),  # segfaulted inside OpenMP
+        (("--threads", "20000"), "--threads"),  # libgomp: thread creation failed
+        (("--method", "ddim", "--eta", "2"), "eta"),  # was clamped to no noise, silently
+        (("--method", "ddim", "--eta", "inf"), "eta"),  # was blamed on the model after a step
+    ],
+)
+def test_sample_bad_argument_is_one_line_before_any_work(tmp_path, capsys, args, names):
+    code, out = _sample(tmp_path, *args)
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert names in line, line
+    assert not out.exists()

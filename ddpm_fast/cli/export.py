@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
 from ddpm_fast.samplers import METHODS
 from ddpm_fast.steps import VARIANCES
 
 __all__ = ["add_arguments", "run"]
-
-BUNDLED = "digits"  # checkpoint.DEFAULT_MODEL_DIR; `bench --model digits` is its preset
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

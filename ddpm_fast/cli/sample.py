@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
 from ddpm_fast.cli import int_at_least
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
@@ -57,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int_at_least(),
         metavar="S",
-        help="sampling steps, evenly respaced (default: the checkpoint's recorded count, else the whole schedule; "
+        help="sampling steps, the timesteps --spacing keeps (default: the checkpoint's recorded count, else the whole schedule; "
         "the bundled model: 100)",
     )
     a("--method", default="ddpm", choices=METHODS, help="sampler (default ddpm)")
@@ -66,7 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=SPACINGS,
         help="which --steps timesteps to keep (default: uniform for ddpm/ddim, linspace for the solvers)",
     )
-    a("--eta", type=float, default=0.0, metavar="E", help="DDIM noise scale (default 0)")
+    a(
+        "--eta",
+        type=float,
+        default=0.0,
+        metavar="E",
+        help="DDIM noise scale in [0, 1]: 0 deterministic, 1 DDPM's posterior variance (default 0)",
+    )
     a(
         "--seed",
         type=int_at_least(0),
@@ -135,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_model(spec: str | None, device: torch.device):
     """(model, backend it requires or None)."""
-    if spec is None:
+    if spec is None or spec == BUNDLED:
         from ddpm_fast.checkpoint import default_model
 
         try:
@@ -272,6 +279,8 @@ def run(args) -> int:
             # an ONNX step graph samples exactly the run it was exported for; a checkpoint records its count
             steps = getattr(model, "steps", None) or model.defaults.steps
         dtype = DTYPES[args.dtype]
+        if backend == "auto" and dtype == torch.float64:
+            backend = "reference"  # float64 is the reference's alone (the fast and ONNX paths are float32/16)
         cast = backend == "reference" and dtype != torch.float32
         if cast and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end

@@ -86,8 +86,10 @@ def check_params(method: str, *, eta: float) -> None:
     """Reject a parameter the method does not take (errors name it)."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise TypeError(f"eta must be a float; got {eta!r}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0; got {eta}")
+    if (
+        not 0 <= eta <= 1
+    ):  # DDIM's eta: 0 deterministic, 1 DDPM's posterior variance; above 1 no variance is left
+        raise ValueError(f"eta must lie in [0, 1]; got {eta}")
     if eta != 0 and "eta" not in family(method).params:
         raise ValueError(
             f"eta applies to method={' or '.join(map(repr, taking('eta')))} only; got eta={eta} with method={method!r}"
