@@ -451,9 +451,22 @@ def _prepare(run_dir: str, num: int, settings: dict, info: dict) -> tuple[dict, 
                 f"{run_dir} holds a run with other settings ({why}); rerun with the original settings "
                 "or use a new --out directory"
             )
+        if isinstance(old.get("num"), int) and num < old["num"]:
+            raise UserError(
+                f"{run_dir} holds a run of {old['num']} images; --num {num} would delete finished shards: "
+                f"rerun with --num {old['num']} (or more), or use a new --out directory"
+            )
         if old.get("library_version") != __version__:
             log.warning(
                 "%s was started by ddpm-fast %s; this is %s", run_dir, old.get("library_version"), __version__
+            )
+    else:
+        # (hidden names are temporaries, removed below)
+        found = [n for n in os.listdir(os.path.join(run_dir, shards.SHARDS)) if not n.startswith(".")]
+        if found:  # their settings are unknown: counting them as done could mix two runs' images
+            raise UserError(
+                f"{run_dir} holds {len(found)} shard(s) but no {shards.MANIFEST}, so their settings are "
+                "unknown; move them away or use a new --out directory"
             )
     removed = shards.remove_stale_temps(run_dir)
     if removed:

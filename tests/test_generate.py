@@ -193,6 +193,24 @@ def test_changed_settings_are_refused_and_the_run_left_alone(model, model_dir, t
     assert (s["new"], s["skipped"]) == (2, 4)
 
 
+def test_a_smaller_num_or_a_missing_manifest_is_refused_and_no_shard_lost(model, tmp_path):
+    """A finished run of 4 is never cut to 3 (its last shard deleted, the merge overwritten), and shards without
+    a manifest are never counted as done under whatever settings the rerun has."""
+    run = str(tmp_path / "run")
+    generate(model, run, num=4, batch_size=2, shard_size=2, steps=STEPS, seed=1)
+    files = sorted((tmp_path / "run" / "shards").iterdir())
+    data = {f: f.read_bytes() for f in files}
+    merged_before = merged(run)
+    with pytest.raises(UserError, match="holds a run of 4 images; --num 3 would delete finished shards"):
+        generate(model, run, num=3, batch_size=2, shard_size=2, steps=STEPS, seed=1)
+    (tmp_path / "run" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="holds 2 shard\\(s\\) but no manifest.json"):
+        generate(model, run, num=4, batch_size=2, shard_size=2, steps=STEPS + 1, seed=2)
+    assert sorted((tmp_path / "run" / "shards").iterdir()) == files
+    assert all(f.read_bytes() == b for f, b in data.items())
+    np.testing.assert_array_equal(merged(run), merged_before)
+
+
 def test_full_disk_gives_a_clear_error_and_an_honest_manifest(model_dir, tmp_path, monkeypatch, capsys):
     real = shards.atomic_write_bytes
 
