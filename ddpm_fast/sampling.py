@@ -78,7 +78,12 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
             "Use seed= for counter-based noise on other backends."
         )
     module, name = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module), name)(model, plan)
+    out = getattr(importlib.import_module(module), name)(model, plan)
+    if not torch.isfinite(
+        out
+    ).all():  # every backend (the onnx one checks nothing itself): never garbage, exit 0
+        raise ValueError(f"backend={backend!r} returned NaN or Inf samples: the model's output is not finite")
+    return out
 
 
 def sample(

@@ -273,6 +273,16 @@ def test_bench_provider_matches_reference(tiny):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def test_nan_weights_are_refused_not_sampled(tmp_path, tiny):
+    """An exported model with NaN weights (exported unvalidated): sampling is an error, never NaN images."""
+    bad = copy.deepcopy(tiny)
+    with torch.no_grad():
+        next(bad.parameters()).fill_(float("nan"))
+    path = export_onnx(bad, tmp_path / "nan.onnx", exporter="torchscript", validate=False).path
+    with pytest.raises(ValueError, match="backend='onnx' returned NaN or Inf"):
+        df.sample(str(path), shape=(2, *tiny.config.image_shape), steps=3, backend="onnx")
+
+
 def test_not_an_onnx_file(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)
