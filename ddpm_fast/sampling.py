@@ -79,9 +79,8 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
         )
     module, name = BACKENDS[backend].split(":")
     out = getattr(importlib.import_module(module), name)(model, plan)
-    if not torch.isfinite(
-        out
-    ).all():  # every backend (the onnx one checks nothing itself): never garbage, exit 0
+    # every backend's samples, in this one place (the onnx backend checks nothing itself): never garbage, exit 0
+    if not torch.isfinite(out).all():
         raise ValueError(f"backend={backend!r} returned NaN or Inf samples: the model's output is not finite")
     return out
 

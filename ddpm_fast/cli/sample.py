@@ -280,7 +280,7 @@ def run(args) -> int:
             steps = getattr(model, "steps", None) or model.defaults.steps
         dtype = DTYPES[args.dtype]
         if backend == "auto" and dtype == torch.float64:
-            backend = "reference"  # float64 is the reference's alone (the fast and ONNX paths are float32/16)
+            backend = "reference"  # sampling.choose_backend's rule, needed here already to cast the model
         cast = backend == "reference" and dtype != torch.float32
         if cast and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
