@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import ddpm_fast.kernels
 from ddpm_fast import engine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +104,10 @@ def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
     """smoke, headline and kernel with the dry configuration, in this process (no new torch import)."""
     monkeypatch.setattr(torch, "compile", torch.compile)  # headline's dry run replaces it; restored after
     monkeypatch.setattr(engine, "_logged", set())
+    # smoke checks that ddpm_fast comes from the script's checkout, which its own child process puts first on
+    # sys.path; in this process the test run's import decides (a wheel in site-packages under a plain
+    # `pytest`, this tree under `python -m pytest`), so the checkout is wherever that import came from
+    monkeypatch.setattr(gpu_check, "ROOT", Path(ddpm_fast.kernels.__file__).resolve().parents[2])
     _run_sections(tmp_path, ("smoke", "headline", "kernel"), target_batches=[4, 1])
 
     assert all(r["ok"] for r in _rows(tmp_path, kind="smoke"))
