@@ -317,13 +317,8 @@ def generate(
     settings = run_settings(
         plan, model_id=model_id, shard_size=shard_size, fmt=shard_format, data_range=data_range
     )
-    settings["labels_sha256"] = None if labels is None else hashlib.sha256(labels.tobytes()).hexdigest()
-    if labels is not None and dist.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, labels, allow_pickle=False)
-        shards.atomic_write_bytes(os.path.join(out, shards.LABELS), buf.getvalue())
-    return _run_sharded(sampler, out, num, settings, dist, progress, merge)
+    settings["labels_sha256"] = None if labels is None else shards.labels_digest(labels)
+    return _run_sharded(sampler, out, num, settings, dist, progress, merge, labels)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -435,14 +430,16 @@ def _manifest(num: int, settings: dict, info: dict, done: dict) -> dict:
     }
 
 
-def _prepare(run_dir: str, num: int, settings: dict, info: dict) -> tuple[dict, list[int]]:
-    """Rank 0: check the manifest's settings, keep valid shards, drop damaged ones and stale temporaries.
+def _prepare(
+    run_dir: str, num: int, settings: dict, info: dict, labels: np.ndarray | None
+) -> tuple[dict, list[int]]:
+    """Rank 0, holding the run's lock: check the manifest's settings, and only then write anything (the
+    labels, the shards folder, the manifest); keep valid shards, drop damaged ones and stale temporaries.
 
     Returns (done records {k: {count, sha256}}, shard ids still to draw).
     """
     from ddpm_fast import __version__
 
-    os.makedirs(os.path.join(run_dir, shards.SHARDS), exist_ok=True)
     old = shards.read_manifest(run_dir)
     if old is not None:
         why = _settings_difference(settings, old["settings"])
@@ -462,12 +459,20 @@ def _prepare(run_dir: str, num: int, settings: dict, info: dict) -> tuple[dict, 
             )
     else:
         # (hidden names are temporaries, removed below)
-        found = [n for n in os.listdir(os.path.join(run_dir, shards.SHARDS)) if not n.startswith(".")]
+        shard_dir = os.path.join(run_dir, shards.SHARDS)
+        found = (
+            [n for n in os.listdir(shard_dir) if not n.startswith(".")] if os.path.isdir(shard_dir) else []
+        )
         if found:  # their settings are unknown: counting them as done could mix two runs' images
             raise UserError(
                 f"{run_dir} holds {len(found)} shard(s) but no {shards.MANIFEST}, so their settings are "
                 "unknown; move them away or use a new --out directory"
             )
+    os.makedirs(os.path.join(run_dir, shards.SHARDS), exist_ok=True)
+    if labels is not None:  # the settings agree, so these are the labels the manifest records
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        shards.atomic_write_bytes(os.path.join(run_dir, shards.LABELS), buf.getvalue())
     removed = shards.remove_stale_temps(run_dir)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
@@ -507,7 +512,14 @@ def _write_error(e: BaseException, k: int, path: str) -> BaseException:
 
 
 def _run_sharded(
-    sampler: Sampler, run_dir: str, num: int, settings: dict, dist: Dist, progress: bool, merge: bool
+    sampler: Sampler,
+    run_dir: str,
+    num: int,
+    settings: dict,
+    dist: Dist,
+    progress: bool,
+    merge: bool,
+    labels: np.ndarray | None = None,
 ):
     info = {
         "world_size": dist.world,
@@ -529,7 +541,7 @@ def _run_sharded(
             os.makedirs(run_dir, exist_ok=True)
             lock = _run_lock(run_dir)
             lock.__enter__()
-            done, todo = _prepare(run_dir, num, settings, info)
+            done, todo = _prepare(run_dir, num, settings, info, labels)
             verdict = ("ok", todo)
         except (UserError, ValueError, OSError) as e:
             verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))

@@ -38,6 +38,7 @@ __all__ = [
     "check_shard",
     "read_manifest",
     "remove_stale_temps",
+    "labels_digest",
     "merge",
 ]
 
@@ -396,12 +397,71 @@ def read_manifest(run_dir: str) -> dict | None:
     return m
 
 
+def labels_digest(labels: np.ndarray) -> str:
+    """sha256 of a run's labels (int64, index order), as the manifest's settings record it."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_merge_out(run_dir: str, out: str) -> None:
+    """Refuse an output that would overwrite the run itself: a shard, anything in the shards folder, or the
+    manifest or labels file."""
+    real = os.path.realpath(out)
+    inside = os.path.realpath(os.path.join(run_dir, SHARDS))
+    if real == inside or real.startswith(inside + os.sep):
+        raise ValueError(
+            f"OUT {out!r} is inside the run's {SHARDS} folder and would overwrite its shards; "
+            f"write the merged file elsewhere (e.g. {os.path.join(run_dir, 'samples.npz')})"
+        )
+    for name in (MANIFEST, LABELS):
+        if real == os.path.realpath(os.path.join(run_dir, name)):
+            raise ValueError(f"OUT {out!r} is the run's {name}; write the merged file elsewhere")
+
+
+_UNRECORDED = object()
+
+
+def _run_labels(run_dir: str, m: dict) -> np.ndarray | None:
+    """DIR/labels.npy checked against the labels sha256 the manifest records (None: an unconditional run)."""
+    path = os.path.join(run_dir, LABELS)
+    recorded = m["settings"].get("labels_sha256", _UNRECORDED)
+    if recorded is _UNRECORDED:  # a manifest from before labels were recorded: the file as it is
+        return np.load(path, allow_pickle=False) if os.path.exists(path) else None
+    if recorded is None:
+        if os.path.exists(path):
+            raise ValueError(
+                f"{path} does not belong to this run (its manifest records no labels); move it away"
+            )
+        return None
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{path} is missing (the manifest records a conditional run's labels); "
+            "run the same `ddpm-fast sample` command again to write it"
+        )
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); run the same `ddpm-fast sample` command again") from e
+    if (
+        labels.dtype != np.int64
+        or labels.ndim != 1
+        or labels.shape[0] != int(m["num"])
+        or (labels_digest(labels) != recorded)
+    ):
+        raise ValueError(
+            f"{path} differs from the labels the manifest records (sha256); "
+            "run the same `ddpm-fast sample` command again to write them"
+        )
+    return labels
+
+
 def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
     """Write every shard of a finished run into one .npz (`arr_0` uint8 NHWC, index order; `arr_1` the class
-    labels of a conditional run, from DIR/labels.npy); memory: one shard.
+    labels of a conditional run, from DIR/labels.npy, checked against the manifest); memory: one shard.
 
-    Returns the array's shape. Raises ValueError naming the first shard that is missing or damaged.
+    Returns the array's shape. Raises ValueError naming the first shard that is missing or damaged, a labels
+    file that is not the run's, or an output inside the run's shards.
     """
+    _check_merge_out(run_dir, out)
     m = read_manifest(run_dir)
     if m is None:
         raise FileNotFoundError(f"no {MANIFEST} in {run_dir}: not a sharded run directory")
@@ -419,13 +479,13 @@ def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
             f"{run_dir}: {len(bad)} of {len(ranges)} shards not done (first: {bad[0]}); "
             "run the same `ddpm-fast sample` command again to finish them"
         )
+    labels = _run_labels(run_dir, m)
+    extra = {} if labels is None else {"arr_1": labels}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num, unit="img", desc="merging")
-    labels_file = os.path.join(run_dir, LABELS)
-    extra = {"arr_1": np.load(labels_file, allow_pickle=False)} if os.path.exists(labels_file) else {}
     with NpzWriter(out, (num, *hwc), extra=extra) as w:
         for k, (start, count) in enumerate(ranges):
             path = shard_path(run_dir, k, fmt)

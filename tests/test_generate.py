@@ -369,6 +369,19 @@ def test_merge_command(model, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "bad.npz")
 
 
+def test_merge_into_the_runs_own_shards_is_refused(model, tmp_path, capsys):
+    """OUT a shard of the run (it was overwritten by the merge of itself) or anything in its shards folder."""
+    run = tmp_path / "run"
+    generate(model, str(run), num=4, batch_size=2, shard_size=2, steps=STEPS, merge=False)
+    before = {p: p.read_bytes() for p in (run / "shards").iterdir()}
+    for out in (run / "shards" / "shard_000000.npz", run / "shards" / "all.npz", run / "." / "shards/x.npz"):
+        assert main(["merge", str(run), str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "inside the run's shards folder" in err, err
+    assert {p: p.read_bytes() for p in (run / "shards").iterdir()} == before
+    assert main(["merge", str(run), str(run / "samples.npz"), "--quiet"]) == 0  # beside the shards: fine
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 RUN_ARGS = [
