@@ -547,6 +547,9 @@ class ADMClassifier(nn.Module):
             head = [nn.AdaptiveAvgPool2d(1), nn.Conv2d(ch, config.num_classes, 1), nn.Flatten()]
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), *head)
         self.default_scale: float | None = None  # the README's --classifier_scale (set by the loader)
+        # {"sha256": the file's, "flags": the CLASSIFIER_FLAGS it was read with} (set by the loader); a
+        # sharded run records it in its settings
+        self.source: dict | None = None
 
     @property
     def num_classes(self) -> int:

@@ -28,6 +28,7 @@ their CLASSIFIER_FLAGS (`load_classifier(file, flags=...)`, `CLASSIFIER_PRESETS`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shlex
@@ -726,4 +727,16 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     _check_state(model, state, file, lambda: _classifier_hints(state, cfg))
     load_state(model, state, file, rename=None)
     model.default_scale = scale
+    model.source = {
+        "sha256": file_sha256(file),
+        "flags": " ".join(f"--{k} {v}" for k, v in sorted(given.items())),
+    }
     return model.eval()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

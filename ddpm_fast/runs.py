@@ -176,6 +176,29 @@ def run_settings(plan: Plan, *, model_id: str, shard_size: int, fmt: str, data_r
     }
 
 
+def guidance_settings(plan: Plan, classifier_id: str | None = None) -> dict:
+    """The classifier guidance a run's samples depend on: the classifier (its file's sha256 and the flags it was
+    read with, as `load_classifier` records them, else `classifier_id` or a digest of the Module) and the scale.
+    All None for an unguided run, as a manifest written before these keys were recorded reads them."""
+    guide = plan.guidance
+    if guide is None:
+        return {"classifier_sha256": None, "classifier_flags": None, "classifier_scale": None}
+    source = getattr(guide.classifier, "source", None) or {}
+    sha = classifier_id or source.get("sha256")
+    if sha is None:
+        if not isinstance(guide.classifier, torch.nn.Module):
+            raise TypeError(
+                "classifier_id must be given for a sharded run guided by a classifier that is not a torch "
+                f"Module; got {type(guide.classifier).__name__}"
+            )
+        sha = model_digest(guide.classifier)
+    return {
+        "classifier_sha256": sha,
+        "classifier_flags": source.get("flags"),
+        "classifier_scale": guide.scale,
+    }
+
+
 def _settings_difference(ours: dict, theirs: dict) -> str | None:
     for k in sorted(set(ours) | set(theirs)):
         if ours.get(k) != theirs.get(k):
@@ -232,6 +255,7 @@ def generate(
     backend: str = "auto",
     image_shape=None,
     model_id: str | None = None,
+    classifier_id: str | None = None,
     shard_size: int | None = None,
     shard_format: str = "npz",
     merge: bool = True,
@@ -246,7 +270,9 @@ def generate(
     on CUDA, 64 elsewhere) build it. `out` ending in .png: one PNG grid; in .npz: one .npz (`arr_0` uint8
     NHWC), streamed batch by batch; anything else: a sharded, resumable run directory (merged into
     out/samples.npz at the end unless merge=False). Under torchrun (WORLD_SIZE > 1) with `dist` None, a
-    directory run joins the process group (or uses the one already initialised).
+    directory run joins the process group (or uses the one already initialised). A directory run records
+    what its samples depend on and refuses a rerun that differs: `model_id` and `classifier_id` name a model
+    or guidance classifier that is neither a torch Module nor a file (default: their sha256 digests).
     """
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be a positive int; got {num!r}")
@@ -271,8 +297,8 @@ def generate(
         if dist.owns_group:
             try:
                 return generate(
-                    model, out, plan, num=num, backend=backend, model_id=model_id, shard_size=shard_size,
-                    shard_format=shard_format, merge=merge, progress=progress, dist=dist,
+                    model, out, plan, num=num, backend=backend, model_id=model_id, classifier_id=classifier_id,
+                    shard_size=shard_size, shard_format=shard_format, merge=merge, progress=progress, dist=dist,
                 )  # fmt: skip
             finally:
                 dist.close()
@@ -317,13 +343,9 @@ def generate(
     settings = run_settings(
         plan, model_id=model_id, shard_size=shard_size, fmt=shard_format, data_range=data_range
     )
-    settings["labels_sha256"] = None if labels is None else hashlib.sha256(labels.tobytes()).hexdigest()
-    if labels is not None and dist.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, labels, allow_pickle=False)
-        shards.atomic_write_bytes(os.path.join(out, shards.LABELS), buf.getvalue())
-    return _run_sharded(sampler, out, num, settings, dist, progress, merge)
+    settings.update(guidance_settings(plan, classifier_id))
+    settings["labels_sha256"] = None if labels is None else shards.labels_digest(labels)
+    return _run_sharded(sampler, out, num, settings, dist, progress, merge, labels)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -435,14 +457,16 @@ def _manifest(num: int, settings: dict, info: dict, done: dict) -> dict:
     }
 
 
-def _prepare(run_dir: str, num: int, settings: dict, info: dict) -> tuple[dict, list[int]]:
-    """Rank 0: check the manifest's settings, keep valid shards, drop damaged ones and stale temporaries.
+def _prepare(
+    run_dir: str, num: int, settings: dict, info: dict, labels: np.ndarray | None
+) -> tuple[dict, list[int]]:
+    """Rank 0, holding the run's lock: check the manifest's settings, and only then write anything (the
+    labels, the shards folder, the manifest); keep valid shards, drop damaged ones and stale temporaries.
 
     Returns (done records {k: {count, sha256}}, shard ids still to draw).
     """
     from ddpm_fast import __version__
 
-    os.makedirs(os.path.join(run_dir, shards.SHARDS), exist_ok=True)
     old = shards.read_manifest(run_dir)
     if old is not None:
         why = _settings_difference(settings, old["settings"])
@@ -462,12 +486,20 @@ def _prepare(run_dir: str, num: int, settings: dict, info: dict) -> tuple[dict, 
             )
     else:
         # (hidden names are temporaries, removed below)
-        found = [n for n in os.listdir(os.path.join(run_dir, shards.SHARDS)) if not n.startswith(".")]
+        shard_dir = os.path.join(run_dir, shards.SHARDS)
+        found = (
+            [n for n in os.listdir(shard_dir) if not n.startswith(".")] if os.path.isdir(shard_dir) else []
+        )
         if found:  # their settings are unknown: counting them as done could mix two runs' images
             raise UserError(
                 f"{run_dir} holds {len(found)} shard(s) but no {shards.MANIFEST}, so their settings are "
                 "unknown; move them away or use a new --out directory"
             )
+    os.makedirs(os.path.join(run_dir, shards.SHARDS), exist_ok=True)
+    if labels is not None:  # the settings agree, so these are the labels the manifest records
+        buf = io.BytesIO()
+        np.save(buf, labels, allow_pickle=False)
+        shards.atomic_write_bytes(os.path.join(run_dir, shards.LABELS), buf.getvalue())
     removed = shards.remove_stale_temps(run_dir)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
@@ -507,7 +539,14 @@ def _write_error(e: BaseException, k: int, path: str) -> BaseException:
 
 
 def _run_sharded(
-    sampler: Sampler, run_dir: str, num: int, settings: dict, dist: Dist, progress: bool, merge: bool
+    sampler: Sampler,
+    run_dir: str,
+    num: int,
+    settings: dict,
+    dist: Dist,
+    progress: bool,
+    merge: bool,
+    labels: np.ndarray | None = None,
 ):
     info = {
         "world_size": dist.world,
@@ -529,7 +568,7 @@ def _run_sharded(
             os.makedirs(run_dir, exist_ok=True)
             lock = _run_lock(run_dir)
             lock.__enter__()
-            done, todo = _prepare(run_dir, num, settings, info)
+            done, todo = _prepare(run_dir, num, settings, info, labels)
             verdict = ("ok", todo)
         except (UserError, ValueError, OSError) as e:
             verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))

@@ -19,6 +19,7 @@ import os
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "check_shard",
     "read_manifest",
     "remove_stale_temps",
+    "labels_digest",
     "merge",
 ]
 
@@ -67,27 +69,42 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _named(e: OSError, path) -> OSError:
+    """The same OSError (errno, strerror) naming `path`, the file the caller asked for, not its temporary."""
+    return OSError(e.errno, e.strerror or str(e), os.fspath(path))
+
+
 @contextlib.contextmanager
-def atomic_file(path: str):
-    """Yield a binary file at a temporary name; on success fsync it, rename it to `path`, fsync the directory."""
+def atomic_file(path: str, check: Callable[[str], None] | None = None):
+    """Yield a binary file at a temporary name; on success fsync it, call `check(temporary path)` (which
+    raises to refuse the file), rename it to `path`, fsync the directory. On any failure the temporary is
+    removed, `path` is left as it was, and an OSError names `path`."""
     tmp = _tmp_name(path)
-    f = open(tmp, "wb")
+    try:
+        f = open(tmp, "wb")
+    except OSError as e:
+        raise _named(e, path) from e
     try:
         yield f
         f.flush()
         os.fsync(f.fileno())
         f.close()
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         f.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _named(e, path) from e
         raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def atomic_write_bytes(path: str, data) -> None:
-    with atomic_file(path) as f:
+def atomic_write_bytes(path: str, data, check: Callable[[str], None] | None = None) -> None:
+    """Write `data` to `path` atomically (`atomic_file`; `check` validates the written temporary)."""
+    with atomic_file(path, check) as f:
         f.write(data)
 
 
@@ -126,7 +143,10 @@ class NpzWriter:
             self._member = self._zip.open("arr_0.npy", "w", force_zip64=nbytes >= zipfile.ZIP64_LIMIT)
             self._member.write(header.getvalue())
         except BaseException as e:
-            self._ctx.__exit__(type(e), e, e.__traceback__)
+            with contextlib.suppress(BaseException):
+                self._ctx.__exit__(type(e), e, e.__traceback__)
+            if isinstance(e, OSError):
+                raise _named(e, path) from e
             raise
 
     def write(self, rows: np.ndarray) -> None:
@@ -139,7 +159,11 @@ class NpzWriter:
         if self.rows + rows.shape[0] > self.shape[0]:
             raise ValueError(f"too many rows: {self.rows} + {rows.shape[0]} > {self.shape[0]}")
         if rows.size:  # memoryview cannot cast an empty view
-            self._member.write(rows.data.cast("B"))
+            try:
+                self._member.write(rows.data.cast("B"))
+            except OSError as e:
+                self.abort(e)
+                raise _named(e, self.path) from e
         self.rows += rows.shape[0]
 
     def close(self) -> None:
@@ -154,6 +178,8 @@ class NpzWriter:
             self._zip.close()
         except BaseException as e:
             self.abort(e)
+            if isinstance(e, OSError):
+                raise _named(e, self.path) from e
             raise
         self._ctx.__exit__(None, None, None)
 
@@ -214,7 +240,10 @@ def write_shard(run_dir: str, k: int, start: int, images: np.ndarray, fmt: str) 
     # A folder of PNGs: filled under a temporary name, then renamed as a whole. One fsync per file costs
     # ~5 ms on ext4; 16 threads let the journal commit them together: 0.3 ms per 32x32 image (16x faster).
     tmp = _tmp_name(path)
-    os.mkdir(tmp)
+    try:
+        os.mkdir(tmp)
+    except OSError as e:
+        raise _named(e, path) from e
 
     def put(i_img):
         i, img = i_img
@@ -236,8 +265,10 @@ def write_shard(run_dir: str, k: int, start: int, images: np.ndarray, fmt: str) 
         if os.path.isdir(path):  # an invalid earlier copy, being redone
             shutil.rmtree(path)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _named(e, path) from e
         raise
     fsync_dir(os.path.dirname(path))
     return h.hexdigest()
@@ -366,12 +397,71 @@ def read_manifest(run_dir: str) -> dict | None:
     return m
 
 
+def labels_digest(labels: np.ndarray) -> str:
+    """sha256 of a run's labels (int64, index order), as the manifest's settings record it."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_merge_out(run_dir: str, out: str) -> None:
+    """Refuse an output that would overwrite the run itself: a shard, anything in the shards folder, or the
+    manifest or labels file."""
+    real = os.path.realpath(out)
+    inside = os.path.realpath(os.path.join(run_dir, SHARDS))
+    if real == inside or real.startswith(inside + os.sep):
+        raise ValueError(
+            f"OUT {out!r} is inside the run's {SHARDS} folder and would overwrite its shards; "
+            f"write the merged file elsewhere (e.g. {os.path.join(run_dir, 'samples.npz')})"
+        )
+    for name in (MANIFEST, LABELS):
+        if real == os.path.realpath(os.path.join(run_dir, name)):
+            raise ValueError(f"OUT {out!r} is the run's {name}; write the merged file elsewhere")
+
+
+_UNRECORDED = object()
+
+
+def _run_labels(run_dir: str, m: dict) -> np.ndarray | None:
+    """DIR/labels.npy checked against the labels sha256 the manifest records (None: an unconditional run)."""
+    path = os.path.join(run_dir, LABELS)
+    recorded = m["settings"].get("labels_sha256", _UNRECORDED)
+    if recorded is _UNRECORDED:  # a manifest from before labels were recorded: the file as it is
+        return np.load(path, allow_pickle=False) if os.path.exists(path) else None
+    if recorded is None:
+        if os.path.exists(path):
+            raise ValueError(
+                f"{path} does not belong to this run (its manifest records no labels); move it away"
+            )
+        return None
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{path} is missing (the manifest records a conditional run's labels); "
+            "run the same `ddpm-fast sample` command again to write it"
+        )
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); run the same `ddpm-fast sample` command again") from e
+    if (
+        labels.dtype != np.int64
+        or labels.ndim != 1
+        or labels.shape[0] != int(m["num"])
+        or (labels_digest(labels) != recorded)
+    ):
+        raise ValueError(
+            f"{path} differs from the labels the manifest records (sha256); "
+            "run the same `ddpm-fast sample` command again to write them"
+        )
+    return labels
+
+
 def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
     """Write every shard of a finished run into one .npz (`arr_0` uint8 NHWC, index order; `arr_1` the class
-    labels of a conditional run, from DIR/labels.npy); memory: one shard.
+    labels of a conditional run, from DIR/labels.npy, checked against the manifest); memory: one shard.
 
-    Returns the array's shape. Raises ValueError naming the first shard that is missing or damaged.
+    Returns the array's shape. Raises ValueError naming the first shard that is missing or damaged, a labels
+    file that is not the run's, or an output inside the run's shards.
     """
+    _check_merge_out(run_dir, out)
     m = read_manifest(run_dir)
     if m is None:
         raise FileNotFoundError(f"no {MANIFEST} in {run_dir}: not a sharded run directory")
@@ -389,13 +479,13 @@ def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
             f"{run_dir}: {len(bad)} of {len(ranges)} shards not done (first: {bad[0]}); "
             "run the same `ddpm-fast sample` command again to finish them"
         )
+    labels = _run_labels(run_dir, m)
+    extra = {} if labels is None else {"arr_1": labels}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num, unit="img", desc="merging")
-    labels_file = os.path.join(run_dir, LABELS)
-    extra = {"arr_1": np.load(labels_file, allow_pickle=False)} if os.path.exists(labels_file) else {}
     with NpzWriter(out, (num, *hwc), extra=extra) as w:
         for k, (start, count) in enumerate(ranges):
             path = shard_path(run_dir, k, fmt)

@@ -12,8 +12,9 @@ Exporter: torch's torch.export-based exporter (`dynamo=True`, default since torc
 torch >= 2.6, where it handles a dynamic batch axis reliably; the TorchScript exporter on older torch or
 without onnxscript (it is deprecated upstream and warns). `exporter=` forces one.
 
-After writing, the file is checked with `onnx.checker` and, unless `validate=False`, run by ONNX Runtime at
-batch 1 and batch 3 against the PyTorch module on random inputs (`validate_onnx`).
+The graph is checked with `onnx.checker`, written to a temporary file beside the output and, unless
+`validate=False`, that file is run by ONNX Runtime at batch 1 and batch 3 against the PyTorch module on random
+inputs (`validate_onnx`); only then is it renamed onto the output, so a file that fails never replaces it.
 """
 
 from __future__ import annotations
@@ -354,24 +355,28 @@ def export_onnx(
         onnx = _import_onnx()
         onnx.checker.check_model(proto, full_check=True)  # full: also runs ONNX shape inference
         data = proto.SerializeToString()
-        atomic_write_bytes(path, data)
-        seconds = time.perf_counter() - t0
         report = ExportReport(
             path=path,
             kind=meta["kind"],
             opset=opset,
             exporter=exporter,
             fp16=fp16,
-            export_seconds=seconds,
+            export_seconds=0.0,
             file_bytes=len(data),
         )
-        log.info("exported %s in %.1f s (%s exporter)", path, seconds, exporter)
-        if validate:
-            oracle = None
-            if fp16:
-                m64 = copy.deepcopy(model).double().eval()
-                oracle = StepGraph(m64, table, graph.clip_range) if step else EpsGraph(m64)
-            validate_onnx(path, graph, oracle=oracle, report=report)
+
+        def check(tmp: str) -> None:
+            # The written temporary is what gets validated: a file that fails never replaces `path`.
+            report.export_seconds = time.perf_counter() - t0
+            log.info("exported %s in %.1f s (%s exporter)", path, report.export_seconds, exporter)
+            if validate:
+                oracle = None
+                if fp16:
+                    m64 = copy.deepcopy(model).double().eval()
+                    oracle = StepGraph(m64, table, graph.clip_range) if step else EpsGraph(m64)
+                validate_onnx(tmp, graph, oracle=oracle, report=report, name=path)
+
+        atomic_write_bytes(path, data, check=check)
         return report
     finally:
         model.train(was_training)
@@ -399,15 +404,32 @@ def _flat(outputs) -> torch.Tensor:
 
 
 def validate_onnx(
-    path, graph: nn.Module, *, oracle: nn.Module | None = None, report: ExportReport | None = None
+    path,
+    graph: nn.Module,
+    *,
+    oracle: nn.Module | None = None,
+    report: ExportReport | None = None,
+    name=None,
 ):
     """Run the exported file with ORT's CPU provider at batches 1 and 3 against `graph` (PyTorch) on random inputs.
 
     float32 weights: max |ORT - PyTorch| <= `_tolerance`. float16 weights (STYLE 6): `oracle` is the same
     graph in float64, and ORT may err at most twice as much as the float16 graph run under `Float16Storage`
     (float16 storage, float32 arithmetic, the same on every CPU), both measured against it (plus the float32
-    tolerance). Raises ValueError naming the batch, the difference and the bound.
+    tolerance). Raises ValueError naming the batch, the difference and the bound. name: the file the messages
+    name when `path` is a temporary (whose cached model and sessions are dropped afterwards).
     """
+    from ddpm_fast.export.runtime import forget
+
+    if name is None:
+        return _validate(path, graph, oracle, report, path)
+    try:
+        return _validate(path, graph, oracle, report, name)
+    finally:
+        forget(path)
+
+
+def _validate(path, graph, oracle, report, name):
     from ddpm_fast.export.runtime import OnnxModel
 
     m = OnnxModel.load(path)
@@ -449,7 +471,7 @@ def validate_onnx(
             report.tolerance[B] = tol
         if not err <= tol:
             raise ValueError(
-                f"ONNX export of {path} does not reproduce PyTorch at batch {B}: {what} {err:.3e} > {tol:.1e} "
+                f"ONNX export of {name} does not reproduce PyTorch at batch {B}: {what} {err:.3e} > {tol:.1e} "
                 f"({m.kind} graph)"
             )
     if report is not None:

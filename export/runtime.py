@@ -78,6 +78,15 @@ def clear_session_cache() -> None:
     _MODELS.clear()
 
 
+def forget(path) -> None:
+    """Drop the cached model and sessions of one file (a temporary validated before its rename)."""
+    real = str(Path(path).resolve())
+    for k in [k for k in _MODELS if k[0] == real]:
+        del _MODELS[k]
+    for k in [k for k in _SESSIONS if k[0][0] == real]:
+        del _SESSIONS[k]
+
+
 def _file_key(path: Path) -> tuple:
     st = path.stat()
     return (str(path.resolve()), st.st_mtime_ns, st.st_size)

@@ -3,6 +3,7 @@ the bench plot's title fits its figure."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,79 @@ def test_sample_bad_argument_is_one_line_before_any_work(tmp_path, capsys, args,
     line = _one_line(capsys.readouterr().err)
     assert names in line, line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["s.png", "s.npz"])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (("--shard-size", "2"), "--shard-size"),
+        (("--no-merge",), "--no-merge"),
+        (("--format", "png"), "--format"),
+    ],
+)
+def test_sharded_run_options_with_a_file_output_are_refused(tmp_path, capsys, out, args, flag):
+    """They describe a run directory; with a .png or .npz output they were ignored without a word."""
+    target = tmp_path / out
+    code = cli.main(["sample", "--num", "1", "--steps", "2", "--quiet", "--out", str(target), *args])
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{flag} applies to --out DIR (a sharded run) only" in line, line
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--steps", "1"], ["bench", "--device", "cpu"]])
+def test_out_that_is_a_file_is_one_line_before_any_work(tmp_path, capsys, command):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for out in (blocker, blocker / "below"):
+        assert cli.main([*command, "--out", str(out)]) == 2  # was "[Errno 17] File exists" after the work
+        line = _one_line(capsys.readouterr().err)
+        assert "--out" in line and "is a file" in line and "Errno" not in line, line
+    assert blocker.read_text() == "not a directory"
+
+
+def test_onnx_file_without_ddpm_fast_metadata_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return x * t.float().reshape(-1, 1, 1, 1)
+
+    path = tmp_path / "plain.onnx"  # a noise model's signature, exported by torch alone
+    example = (torch.randn(1, 3, 8, 8), torch.zeros(1, dtype=torch.int64))
+    axes = {"x": {0: "b"}, "t": {0: "b"}, "eps": {0: "b"}}
+    with warnings.catch_warnings():  # the TorchScript exporter (no onnxscript needed) warns it is deprecated
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Eps(), example, path, input_names=["x", "t"], output_names=["eps"], dynamic_axes=axes,
+                          dynamo=False)  # fmt: skip
+    code, out = _sample(tmp_path, "--model", str(path))
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"--model {path} has no ddpm-fast metadata; export it with `ddpm-fast export`" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [(), ("--classifier-flags", "--image_size 64 --classifier_width 32")])
+def test_classifier_that_is_not_a_classifier_file_names_the_option(tmp_path, capsys, flags):
+    text = tmp_path / "classifier.pt"
+    text.write_text("a text file, not weights\n")
+    code, out = _sample(tmp_path, "--labels", "1", "--classifier", str(text), *flags)
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"--classifier {text}: " in line and "classifier_flags=" not in line, line
+    assert not out.exists()
+
+
+def test_an_openai_pt_file_as_model_points_to_convert(tmp_path, capsys):
+    pt = tmp_path / "my_adm.pt"
+    torch.save({"w": torch.zeros(1)}, pt)
+    code, out = _sample(tmp_path, "--model", str(pt))
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"ddpm-fast convert {pt} DIR --adm-flags" in line and "adm_flags=" not in line, line
+    assert cli.main(["convert", str(pt), str(tmp_path / "native")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--adm-flags" in line and "--adm-preset" in line and "adm_flags=" not in line, line
+    assert not (tmp_path / "native").exists()

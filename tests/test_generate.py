@@ -239,6 +239,40 @@ def test_full_disk_gives_a_clear_error_and_an_honest_manifest(model_dir, tmp_pat
     assert manifest(run)["complete"]
 
 
+@pytest.mark.parametrize("fails", ["fsync", "replace", "open"])
+def test_a_failed_atomic_write_leaves_no_temporary_and_names_the_real_path(tmp_path, monkeypatch, fails):
+    """A full disk (or any OSError) at any point of an atomic write: the earlier file stays, no .tmp- file is
+    left, and the message names the file asked for, never its hidden temporary."""
+    target = tmp_path / "grid.npz"
+    target.write_bytes(b"the good copy")
+
+    def full(first, *args, **kwargs):  # as the OS says it: naming the path it was given (the temporary)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([first] if isinstance(first, str) else []))
+
+    if fails == "open":  # the temporary cannot even be created: builtins.open names it in its error
+        real_open = open
+        monkeypatch.setattr(
+            "builtins.open", lambda f, *a, **k: full(f) if ".tmp-" in str(f) else real_open(f, *a, **k)
+        )
+    else:
+        monkeypatch.setattr(shards.os, fails, full)
+    for write in (
+        lambda: shards.atomic_write_bytes(str(target), b"new bytes"),
+        lambda: generate_npz(target),
+    ):
+        with pytest.raises(OSError) as e:
+            write()
+        assert str(target) in str(e.value) and ".tmp-" not in str(e.value), str(e.value)
+        assert "No space left on device" in str(e.value)
+        assert sorted(os.listdir(tmp_path)) == ["grid.npz"]
+        assert target.read_bytes() == b"the good copy"
+
+
+def generate_npz(target):
+    with shards.NpzWriter(str(target), (2, 2, 2, 1)) as w:
+        w.write(np.zeros((2, 2, 2, 1), np.uint8))
+
+
 def test_full_disk_on_the_manifest_stops_the_run_with_a_clear_error(model, tmp_path, monkeypatch):
     real, calls = shards.atomic_write_json, []
 
@@ -333,6 +367,19 @@ def test_merge_command(model, tmp_path, capsys):
     assert main(["merge", run, str(tmp_path / "bad.npz"), "--quiet"]) == 2
     assert "shard 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "bad.npz")
+
+
+def test_merge_into_the_runs_own_shards_is_refused(model, tmp_path, capsys):
+    """OUT a shard of the run (it was overwritten by the merge of itself) or anything in its shards folder."""
+    run = tmp_path / "run"
+    generate(model, str(run), num=4, batch_size=2, shard_size=2, steps=STEPS, merge=False)
+    before = {p: p.read_bytes() for p in (run / "shards").iterdir()}
+    for out in (run / "shards" / "shard_000000.npz", run / "shards" / "all.npz", run / "." / "shards/x.npz"):
+        assert main(["merge", str(run), str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "inside the run's shards folder" in err, err
+    assert {p: p.read_bytes() for p in (run / "shards").iterdir()} == before
+    assert main(["merge", str(run), str(run / "samples.npz"), "--quiet"]) == 0  # beside the shards: fine
 
 
 # ---------------------------------------------------------------------------------------------- processes

@@ -516,6 +516,73 @@ def test_cli_sample_with_a_classifier(tmp_path, capsys):
     assert err.count("\n") == 1 and "--classifier (classifier guidance) needs --labels" in err, err
 
 
+def test_a_sharded_run_records_its_guidance(tmp_path, capsys):
+    """The classifier (its file's sha256 and flags) and the scale are run settings: a rerun with another scale,
+    another classifier file or none is refused naming the setting (it counted the shards as done, mixing
+    scales), and the run is left alone."""
+    import json
+
+    from ddpm_fast import cli
+    from ddpm_fast.adm import ADM, ADMClassifier, ADMConfig
+    from ddpm_fast.adm_io import classifier_from_flags
+    from ddpm_fast.checkpoint import save_model
+
+    model = _randomized(ADM(ADMConfig(image_size=64, model_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                                      attention_resolutions=(32,))))  # fmt: skip
+    model.defaults = model.defaults.replace(schedule=S)
+    save_model(model, tmp_path / "m")
+    clf = ADMClassifier(classifier_from_flags(TINY_FLAGS)[0])
+    torch.save(_randomized(clf).state_dict(), tmp_path / "c.pt")
+    torch.save(_randomized(clf, 1).state_dict(), tmp_path / "other.pt")
+    run = tmp_path / "run"
+    base = ["sample", "--model", str(tmp_path / "m"), "--num", "2", "--steps", "1", "--backend", "reference",
+            "--out", str(run), "--no-merge", "--quiet"]  # fmt: skip
+    guided = ["--labels", "7", "--classifier", str(tmp_path / "c.pt"), "--classifier-flags", TINY_FLAGS]
+    assert cli.main([*base, *guided, "--classifier-scale", "2"]) == 0
+    capsys.readouterr()
+    settings = json.loads((run / "manifest.json").read_text())["settings"]
+    assert settings["classifier_scale"] == 2.0 and len(settings["classifier_sha256"]) == 64
+    assert "--classifier_width 32" in settings["classifier_flags"]
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    for change, key in (
+        ([*guided, "--classifier-scale", "3"], "classifier_scale is 3.0 here but 2.0"),
+        ([*guided], "classifier_scale is 1.0 here but 2.0"),  # the flags' default scale
+        ([*guided[:2], "--classifier", str(tmp_path / "other.pt"), *guided[4:], "--classifier-scale", "2"],
+         "classifier_sha256 is "),
+        ([], "classifier_flags is None here but "),  # unguided (the model is unconditional: no labels either)
+    ):  # fmt: skip
+        assert cli.main([*base, *change]) == 2, change
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "other settings (" + key in err, (change, err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    assert cli.main([*base, *guided, "--classifier-scale", "2"]) == 0  # the same command: nothing to do
+    assert "0 images in" in capsys.readouterr().err
+
+
+def test_a_library_run_records_a_modules_guidance():
+    """generate() with a ClassifierGuidance of any Module: its digest and the scale are run settings."""
+    import tempfile
+
+    from ddpm_fast.errors import UserError
+    from ddpm_fast.runs import generate
+
+    kw = dict(num=5, batch_size=5, image_shape=SHAPE[1:], timesteps=KEPT, labels=Y, backend="reference")
+    with tempfile.TemporaryDirectory() as run:
+        generate(Model(), run, guidance=df.ClassifierGuidance(GaussianClassifier(), 2.0), **kw)
+        with pytest.raises(UserError, match=r"other settings \(classifier_scale is 3.0 here but 2.0"):
+            generate(Model(), run, guidance=df.ClassifierGuidance(GaussianClassifier(), 3.0), **kw)
+        other = GaussianClassifier()
+        other.mus.mul_(2)
+        with pytest.raises(UserError, match=r"other settings \(classifier_sha256 is "):
+            generate(Model(), run, guidance=df.ClassifierGuidance(other, 2.0), **kw)
+        with pytest.raises(TypeError, match="classifier_id must be given"):
+            generate(
+                Model(), run, guidance=df.ClassifierGuidance(lambda x, t: x.flatten(1)[:, :3], 2.0), **kw
+            )
+        s = generate(Model(), run, guidance=df.ClassifierGuidance(GaussianClassifier(), 2.0), **kw)
+        assert s["new"] == 0 and s["skipped"] == 5
+
+
 @pytest.mark.cuda
 def test_cuda_guided_runs_uncaptured_and_equal_the_reference():
     """On CUDA a guided fast run skips the CUDA graph (autograd every step) and equals the guided reference."""

@@ -100,3 +100,60 @@ def test_runs_write_the_labels_as_arr_1(tmp_path):
             assert z["arr_0"].shape == (7, 4, 4, 1) and np.array_equal(z["arr_1"], want), path
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "run" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_refused_rerun_writes_nothing_and_merge_checks_the_labels(tmp_path, capsys):
+    """A rerun with other labels is refused before it writes anything (it overwrote the run's labels.npy); merge
+    takes labels.npy only if it is the one the manifest records, and says which file is wrong in one line."""
+    import numpy as np
+
+    from ddpm_fast.cli import main
+    from ddpm_fast.errors import UserError
+    from ddpm_fast.runs import generate
+
+    model, run = ClassGaussian(), tmp_path / "run"
+    kw = dict(num=4, batch_size=2, shard_size=2, steps=3, seed=5, backend="reference", merge=False)
+    generate(model, run, labels="random", **kw)
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match=r"other settings \(labels_sha256 is "):
+        generate(model, run, labels=3, **kw)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"} == files
+    want = noise.random_labels(5, 0, 4, K).numpy()
+    assert main(["merge", str(run), str(tmp_path / "ok.npz"), "--quiet"]) == 0
+    with np.load(tmp_path / "ok.npz") as z:
+        assert np.array_equal(z["arr_1"], want)
+    capsys.readouterr()
+
+    labels = run / "labels.npy"
+    good = labels.read_bytes()
+    for damage, words in (
+        (lambda: labels.unlink(), "labels.npy is missing (the manifest records a conditional run's labels)"),
+        (lambda: np.save(labels, (want + 1) % K), "labels.npy differs from the labels the manifest records"),
+        (lambda: labels.write_text("not an array"), "labels.npy is unreadable"),
+    ):
+        damage()
+        assert main(["merge", str(run), str(tmp_path / "bad.npz"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "bad.npz").exists()
+        labels.write_bytes(good)
+    # The same command again writes the labels back, and the run merges.
+    labels.unlink()
+    generate(model, run, labels="random", **{**kw, "merge": True})
+    with np.load(run / "samples.npz") as z:
+        assert np.array_equal(z["arr_1"], want)
+
+
+def test_labels_that_are_not_the_runs_are_refused_at_merge(tmp_path, capsys):
+    import numpy as np
+
+    from ddpm_fast.cli import main
+    from ddpm_fast.runs import generate
+
+    run = tmp_path / "run"
+    generate(lambda x, t: x * 0, run, num=2, batch_size=2, steps=3, schedule=S, image_shape=(1, 4, 4),
+             model_id="zero", backend="reference", merge=False)  # fmt: skip
+    np.save(run / "labels.npy", np.zeros(2, np.int64))  # e.g. left by another command
+    assert main(["merge", str(run), str(tmp_path / "m.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "labels.npy does not belong to this run" in err, err

@@ -291,6 +291,30 @@ def test_nan_weights_are_refused_not_sampled(tmp_path, tiny):
         df.sample(str(path), shape=(2, *tiny.config.image_shape), steps=3, backend="onnx")
 
 
+def test_a_file_that_fails_validation_never_replaces_the_output(tmp_path, tiny, capsys):
+    """NaN weights fail the export's own ORT check: the earlier good file stays, byte for byte, and no temporary
+    is left; the message names the output, not the temporary it was checked under."""
+    from ddpm_fast.checkpoint import save_model
+    from ddpm_fast.cli import main
+
+    out = tmp_path / "m.onnx"
+    export_onnx(tiny, out, exporter="torchscript")
+    good = out.read_bytes()
+    bad = copy.deepcopy(tiny)
+    with torch.no_grad():
+        next(bad.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="does not reproduce PyTorch") as e:
+        export_onnx(bad, out, exporter="torchscript")
+    assert str(out) in str(e.value) and ".tmp-" not in str(e.value)
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    ckpt = save_model(bad, tmp_path / "nan")
+    assert main(["export", str(ckpt), str(out), "--exporter", "torchscript"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"ONNX export of {out} does not reproduce PyTorch" in err, err
+    assert out.read_bytes() == good and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not runtime._MODELS or all(".tmp-" not in k[0] for k in runtime._MODELS)
+
+
 def test_not_an_onnx_file(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)

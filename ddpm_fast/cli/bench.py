@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ddpm_fast.bench import PRESETS, PROVIDERS, benchmark, build_model, markdown, write_report
+from ddpm_fast.cli import check_out_dir
 from ddpm_fast.devices import resolve_device
 
 
@@ -29,6 +30,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    check_out_dir(args.out)  # before the benchmark, which takes minutes
     # Before build_model: moving a model to a CUDA device this machine lacks raises an AssertionError.
     # (--threads is ddpm_fast.cli's, applied before run(); device_info reports torch.get_num_threads().)
     device = resolve_device(args.device, name="--device")

@@ -50,6 +50,15 @@ def run(args) -> int:
         raise ValueError(f"dst must differ from src; got {dst} for both")
     if (dst / CONFIG_FILE).exists() and not args.force:
         raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
+    openai = args.adm_flags is not None or args.adm_source is not None or args.adm_preset is not None
+    if src.is_file() and not openai:
+        from ddpm_fast.adm_io import preset_for_file
+
+        if preset_for_file(src.name) is None:
+            raise ValueError(
+                f'{src} is a file: convert an openai ADM .pt file with --adm-flags "..." (its README\'s '
+                "MODEL_FLAGS and DIFFUSION_FLAGS) or --adm-preset NAME"
+            )
     model = load_model(src, adm_flags=args.adm_flags, adm_source=args.adm_source, adm_preset=args.adm_preset)
     changes = {}
     if args.variance:

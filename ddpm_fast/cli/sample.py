@@ -102,7 +102,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a(
         "--format",
-        default="npz",
         dest="shard_format",
         choices=SHARD_FORMATS,
         help="shards of a DIR run (default npz)",
@@ -156,9 +155,24 @@ def _load_model(spec: str | None, device: torch.device):
             from ddpm_fast.export.runtime import load_onnx
         except ImportError as e:
             raise Unavailable(f"--model {spec}: ONNX models need ddpm_fast.export.runtime ({e})") from e
-        return load_onnx(spec), "onnx"
+        model = load_onnx(spec)
+        if model.defaults.image_shape is None:  # the command has no option for the shape the graph takes
+            if not model.metadata:
+                raise ValueError(
+                    f"--model {spec} has no ddpm-fast metadata; export it with `ddpm-fast export`"
+                )
+            raise ValueError(
+                f"--model {spec}: its metadata names no image shape; export it with `ddpm-fast export`"
+            )
+        return model, "onnx"
+    from ddpm_fast import adm_io
     from ddpm_fast.checkpoint import load_model
 
+    if os.path.isfile(spec) and adm_io.preset_for_file(os.path.basename(spec)) is None:
+        raise ValueError(
+            f"--model {spec} is a file: sample takes a checkpoint directory or an .onnx file; convert an openai "
+            f'ADM .pt file first: ddpm-fast convert {spec} DIR --adm-flags "..." (its README\'s MODEL_FLAGS)'
+        )
     try:
         return load_model(spec, device=device), None
     except FileNotFoundError as e:
@@ -186,16 +200,33 @@ def _labels(spec: str | None, num: int):
     return torch.from_numpy(arr.astype("int64"))
 
 
-def _guidance(args, device: torch.device, dtype):
-    """--classifier as a ClassifierGuidance (None without one); the classifier in `dtype` when given."""
+def _classifier(args, device: torch.device):
+    """The --classifier file as an ADMClassifier on `device` (None without one); errors name --classifier."""
     if args.classifier is None:
         return None
-    from ddpm_fast.adm_io import load_classifier
+    from ddpm_fast.adm_io import classifier_preset_for_file, load_classifier
+
+    file = args.classifier
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--classifier {file}: no such file")
+    if args.classifier_flags is None and classifier_preset_for_file(os.path.basename(file)) is None:
+        raise ValueError(
+            f"--classifier {file}: pass --classifier-flags (the README's CLASSIFIER_FLAGS); the file name is "
+            "not a published classifier's"
+        )
+    try:
+        return load_classifier(file, flags=args.classifier_flags).to(device)
+    except ValueError as e:
+        why = str(e).removeprefix(f"{file}: ")
+        raise ValueError(f"--classifier {file}: {why}") from e
+
+
+def _guidance(args, classifier, dtype):
+    """--classifier as a ClassifierGuidance (None without one); the classifier in `dtype` when given."""
+    if classifier is None:
+        return None
     from ddpm_fast.guidance import ClassifierGuidance
 
-    if not os.path.isfile(args.classifier):
-        raise FileNotFoundError(f"--classifier {args.classifier}: no such file")
-    classifier = load_classifier(args.classifier, flags=args.classifier_flags).to(device)
     if dtype is not None:
         classifier = classifier.to(dtype)
     scale = args.classifier_scale
@@ -230,6 +261,12 @@ def _check(args) -> str:
         raise ValueError(
             "--classifier (classifier guidance) needs --labels random|K|FILE.npy: the class to steer to"
         )
+    if kind != "dir":  # these describe a sharded run; with a file output they were ignored
+        given = [("--shard-size", args.shard_size is not None), ("--format", args.shard_format is not None),
+                 ("--no-merge", args.no_merge)]  # fmt: skip
+        for flag, used in given:
+            if used:
+                raise ValueError(f"{flag} applies to --out DIR (a sharded run) only; got --out {args.out}")
     if args.nproc_per_node and kind != "dir":
         raise ValueError(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
     if env_world()[1] > 1 and kind != "dir":
@@ -265,6 +302,7 @@ def run(args) -> int:
     device = resolve_device(args.device, local, world)
     dist = join(device) if kind == "dir" else Dist()
     try:
+        classifier = _classifier(args, device)  # a bad file is refused before the model loads
         model, required = _load_model(args.model, device)
         backend = required or args.backend
         schedule = None
@@ -284,7 +322,7 @@ def run(args) -> int:
         cast = backend == "reference" and dtype != torch.float32
         if cast and isinstance(model, torch.nn.Module):
             model = model.to(dtype)  # the reference runs in the caller's dtype end to end
-        guidance = _guidance(args, device, dtype if cast else None)
+        guidance = _guidance(args, classifier, dtype if cast else None)
         batch = args.batch_size or default_batch_size(device)
         plan = make_plan(
             model,
@@ -307,7 +345,7 @@ def run(args) -> int:
             num=args.num,
             backend=backend,
             shard_size=args.shard_size,
-            shard_format=args.shard_format,
+            shard_format=args.shard_format or "npz",
             merge=not args.no_merge,
             progress=not args.quiet,
             dist=dist,

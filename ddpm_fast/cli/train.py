@@ -6,6 +6,7 @@ import argparse
 import time
 from dataclasses import fields
 
+from ddpm_fast.cli import check_out_dir
 from ddpm_fast.distributed import env_world
 from ddpm_fast.train import PRESETS, TrainConfig, train
 
@@ -76,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_out_dir(args.out)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     t0 = time.perf_counter()
     train(
