@@ -43,6 +43,7 @@ import torch
 from ddpm_fast.defaults import defaults_of, record
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.tuned import find_carried
 from ddpm_fast.weights import load_state, read_json, safetensors_from_bytes
 
 __all__ = ["save_model", "load_model", "default_model", "ARCHITECTURES", "DEFAULT_MODEL_DIR"]
@@ -240,6 +241,7 @@ def _load_native(path: Path, raw: dict):
     model = model_cls(cfg)
     load_state(model, state, wfile, rename=None)
     model.defaults = rec
+    model.tuned_tables = find_carried(path)  # tuned/nfe-<N>.safetensors: method="tuned", steps=N
     return model
 
 

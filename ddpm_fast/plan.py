@@ -17,9 +17,10 @@ from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import env_world
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.guidance import ClassifierGuidance, Guide, bind
-from ddpm_fast.samplers import build_step_table, family
+from ddpm_fast.samplers import build_step_table, check_params, family
 from ddpm_fast.schedule import Schedule, check_timesteps, spacing_timesteps
 from ddpm_fast.steps import VARIANCES, StepTable
+from ddpm_fast.tuned import tuned_table_for
 
 __all__ = ["Plan", "make_plan", "check_model_output", "model_device", "FLOAT_DTYPES"]
 
@@ -144,6 +145,7 @@ def make_plan(
     generator: torch.Generator | None = None,
     labels=None,
     guidance=None,
+    tuned=None,
     device=None,
     dtype=torch.float32,
     progress: bool = False,
@@ -155,6 +157,9 @@ def make_plan(
     labels (class-conditional models, whose record gives num_classes): a 1-D int tensor with one class per
     row, an int for every row, or "random" (drawn per global sample index from the seed, so sample n gets the
     same label whatever the batch or world size).
+
+    method="tuned": the table learned for this model (`ddpm_fast.tuned`): `tuned` a path or TunedTable, or
+    without it the one the model's checkpoint carries for `steps` NFE; refused for another model, schedule or NFE.
 
     guidance: a `ddpm_fast.guidance.ClassifierGuidance` (classifier guidance, ADM-G); it needs labels, which
     then also serve an unconditional model's run (their classes are the classifier's).
@@ -173,6 +178,12 @@ def make_plan(
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
     fam = family(method)  # an unknown method lists the known ones
+    if method == "tuned" and (timesteps is not None or spacing is not None):
+        raise ValueError(
+            "method='tuned' walks its table's own timesteps: timesteps= and spacing= do not apply"
+        )
+    if tuned is not None and method != "tuned":
+        raise ValueError(f"tuned= applies to method='tuned'; got method={method!r}")
     spacing = fam.spacing if spacing is None else spacing
     if spacing not in fam.spacings:
         raise ValueError(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
@@ -195,14 +206,23 @@ def make_plan(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
     T = schedule.num_timesteps
-    if timesteps is not None:
+    if method == "tuned":  # the table is learned for this model, schedule and NFE (ddpm_fast.tuned)
+        check_params(method, eta=eta)
+        table = tuned_table_for(model, schedule, steps, tuned).table
+        if table.variance != variance:
+            raise ValueError(
+                f"variance must be the tuned table's {table.variance!r} (what it was learned with); got {variance!r}"
+            )
+        kept = torch.sort(table.timesteps).values
+    elif timesteps is not None:
         kept = check_timesteps(timesteps, T)
     elif steps is not None:
         kept = torch.tensor(spacing_timesteps(schedule, steps, spacing))
     else:
         kept = None
     run_schedule = schedule if kept is None or kept.numel() == T else schedule.respace(kept)
-    table = build_step_table(run_schedule, method=method, variance=variance, eta=eta)
+    if method != "tuned":
+        table = build_step_table(run_schedule, method=method, variance=variance, eta=eta)
     if device is None:
         device = model_device(model)
     try:

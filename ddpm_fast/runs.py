@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import inspect
 import io
-import json
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import UserError
 from ddpm_fast.images import save_grid, to_uint8
 from ddpm_fast.plan import Plan, make_plan, model_device
+from ddpm_fast.weights import model_digest
 
 __all__ = [
     "Sampler",
@@ -66,29 +66,6 @@ _NOT_A_DIR = {
 
 
 # ---------------------------------------------------------------------------------------------- model
-
-
-def model_digest(model) -> str:
-    """sha256 naming the model's function: an ONNX file's bytes, or a Module's config and state_dict tensors."""
-    h = hashlib.sha256()
-    path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
-    if path is not None and not isinstance(model, torch.nn.Module):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"model_id must be given for a model that is neither a torch Module nor a file; got {type(model).__name__}"
-        )
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_dict"):
-        h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _tensor_sha(t: torch.Tensor) -> str:
@@ -173,6 +150,11 @@ def run_settings(plan: Plan, *, model_id: str, shard_size: int, fmt: str, data_r
         "seed": plan.seed,
         "shard_size": shard_size,
         "format": fmt,
+        # a tuned table's columns are learned, so its bytes are a setting (None for every built-in method,
+        # as a manifest written before this key reads it)
+        "tuned_table_sha256": _tensor_sha(plan.table.coefs.to(torch.float64))
+        if plan.method == "tuned"
+        else None,
     }
 
 

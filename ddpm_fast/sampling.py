@@ -102,6 +102,7 @@ def sample(
     generator: torch.Generator | None = None,
     labels=None,
     guidance=None,
+    tuned=None,
     backend: str = "auto",
     device=None,
     dtype=torch.float32,
@@ -118,7 +119,8 @@ def sample(
     is global sample start_index + i) unless a `generator` is given (reference backend only: diffusers'
     pipeline order). `callback(i, t, x)` is called after each step with the new x. Extra keyword `options`
     go to the backend. `guidance=df.ClassifierGuidance(classifier, scale)`: classifier guidance (ADM-G,
-    `ddpm_fast.guidance`; needs labels, backend reference or fast).
+    `ddpm_fast.guidance`; needs labels, backend reference or fast). `method="tuned"`: a table learned for
+    the model (`ddpm-fast tune`), from `tuned=PATH` or the checkpoint's own for `steps` NFE.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
@@ -148,6 +150,7 @@ def sample(
         generator=generator,
         labels=labels,
         guidance=guidance,
+        tuned=tuned,
         device=device,
         dtype=dtype,
         progress=progress,

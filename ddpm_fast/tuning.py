@@ -4,9 +4,8 @@ A step table (`ddpm_fast.steps`) is linear in the run's state: x_{i+1} = C_XT x_
 m_{i-1-k}, m_i = SRA_i x_i - SRM1_i eps(x_i, t_i). This module owns learning those columns (C_XT, C_X0 and
 the history weights; the timesteps and so SRA/SRM1 stay the base method's) by minimising the mean squared
 distance of the run's x_0 to a high-NFE teacher's x_0 from the same x_T (torch autograd through the few
-model calls), over training noise, with validation on held-out noise and early stopping; and the file a
-tuned table lives in (safetensors: `coefs`, `timesteps`; metadata: the model's digest, the schedule's
-digest, the NFE, the base method), refused in one line on any other model, schedule or NFE.
+model calls), over training noise, with validation on held-out noise and early stopping. The file a tuned
+table lives in, and how a run finds it, is `ddpm_fast.tuned`.
 
 No data set is used: the teacher is the same model walked with the base method at `teacher_steps` steps,
 clip off (the probability-flow ODE the table approximates).
@@ -15,118 +14,18 @@ clip off (the probability-flow ODE the table approximates).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import time
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ddpm_fast.defaults import defaults_of
-from ddpm_fast.runs import model_digest
 from ddpm_fast.samplers import build_step_table, family
 from ddpm_fast.schedule import Schedule, spacing_timesteps
-from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.steps import C_X0, C_XT, COLUMNS, SRA, SRM1, StepTable
+from ddpm_fast.tuned import FORMAT, TunedTable, load_tuned, save_tuned, schedule_digest, tuned_digest_of
 
 __all__ = ["tune", "TunedTable", "save_tuned", "load_tuned", "schedule_digest", "run_table", "FORMAT"]
-
-FORMAT = "ddpm-fast-tuned-1"
-
-
-def schedule_digest(schedule: Schedule) -> str:
-    """sha256 of the schedule's float64 betas (the whole schedule is a function of them)."""
-    b = schedule.betas.detach().to("cpu", torch.float64).contiguous()
-    return hashlib.sha256(b.numpy().tobytes()).hexdigest()
-
-
-class TunedTable:
-    """A learned table with what it was learned for; `.table` is the StepTable every backend runs."""
-
-    def __init__(self, table: StepTable, *, model: str, schedule: str, base: str, nfe: int, info: dict):
-        self.table, self.model, self.schedule, self.base, self.nfe = table, model, schedule, base, nfe
-        self.info = dict(info)
-
-    def digest(self) -> str:
-        """sha256 naming the table (what a run manifest records): its float64 coefficients, int64 timesteps
-        and what it was learned for; not the file bytes, whose header order safetensors does not fix."""
-        h = hashlib.sha256()
-        h.update(
-            f"{FORMAT};{self.model};{self.schedule};{self.base};{self.nfe};{self.table.history};".encode()
-        )
-        h.update(self.table.coefs.to(torch.float64).contiguous().numpy().tobytes())
-        h.update(self.table.timesteps.to(torch.int64).contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def to_bytes(self) -> bytes:
-        meta = {
-            "format": FORMAT,
-            "model": self.model,
-            "schedule": self.schedule,
-            "base": self.base,
-            "nfe": str(self.nfe),
-            "history": str(self.table.history),
-            "variance": self.table.variance,
-            "info": json.dumps(self.info, sort_keys=True),
-        }
-        tensors = {"coefs": self.table.coefs.contiguous(), "timesteps": self.table.timesteps.contiguous()}
-        return st_save(tensors, metadata=meta)
-
-
-def save_tuned(tuned: TunedTable, path) -> None:
-    """Write the table atomically (a reader never sees a half-written file)."""
-    atomic_write_bytes(str(path), tuned.to_bytes())
-
-
-def load_tuned(path, *, model=None, schedule: Schedule | None = None, nfe: int | None = None) -> TunedTable:
-    """Read a tuned table; a corrupt or truncated file, or one learned for another model, schedule or NFE
-    (when those are given), is a ValueError of one line naming `tuned`."""
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        raise ValueError(f"tuned: cannot read {path}: {e.strerror}") from e
-    try:
-        tensors = st_load(blob)
-        n = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"tuned: {path} is not a tuned table (corrupt or truncated safetensors)") from e
-    if meta.get("format") != FORMAT or set(tensors) != {"coefs", "timesteps"}:
-        raise ValueError(
-            f"tuned: {path} is not a tuned table (format {meta.get('format')!r}, want {FORMAT!r})"
-        )
-    coefs, ts = tensors["coefs"].to(torch.float64), tensors["timesteps"].to(torch.int64)
-    try:
-        k, S, history = int(meta["nfe"]), ts.numel(), int(meta["history"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"tuned: {path} has a damaged header (nfe/history)") from e
-    if coefs.shape != (S, len(COLUMNS) + history) or k != S or not torch.isfinite(coefs).all():
-        raise ValueError(f"tuned: {path} has inconsistent tables (coefs {tuple(coefs.shape)}, {S} timesteps)")
-    if model is not None and meta.get("model") != model_digest(model):
-        raise ValueError(
-            f"tuned: {path} was learned for another model (weights digest {meta.get('model', '')[:12]})"
-        )
-    if schedule is not None and meta.get("schedule") != schedule_digest(schedule):
-        raise ValueError(f"tuned: {path} was learned for another schedule")
-    if nfe is not None and k != nfe:
-        raise ValueError(f"tuned: {path} is a table for {k} NFE; got steps={nfe}")
-    table = StepTable(
-        coefs=coefs,
-        timesteps=ts,
-        method="tuned",
-        variance=meta.get("variance", "fixed_small"),
-        eta=0.0,
-        history=history,
-        draws=(False,) * S,
-    )
-    info = json.loads(meta.get("info", "{}"))
-    return TunedTable(
-        table, model=meta["model"], schedule=meta["schedule"], base=meta["base"], nfe=k, info=info
-    )
 
 
 def run_table(
@@ -197,7 +96,7 @@ def tune(
     gen_t, gen_v = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64)
     xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64)
-    digest = model_digest(model)  # of the model as given, before the float64 copy
+    digest = tuned_digest_of(model)  # of the model as given, before the float64 copy
     if isinstance(model, torch.nn.Module):
         model = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
     teacher = _base_table(schedule, base, teacher_steps, variance)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["read_json", "safetensors_from_bytes", "read_weights", "load_state"]
+__all__ = ["read_json", "safetensors_from_bytes", "read_weights", "load_state", "model_digest"]
 
 
 def read_json(file: Path) -> dict:
@@ -64,3 +66,26 @@ def load_state(model: torch.nn.Module, state: dict, file: Path, rename) -> None:
         if not t.is_floating_point():
             raise ValueError(f"{file}: key {fk!r} has dtype {t.dtype}; expected a floating tensor")
     model.load_state_dict({k: state[fk] for k, fk in wanted.items()}, strict=True)
+
+
+def model_digest(model) -> str:
+    """sha256 naming the model's function: an ONNX file's bytes, or a Module's config and state_dict tensors."""
+    h = hashlib.sha256()
+    path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
+    if path is not None and not isinstance(model, torch.nn.Module):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model_id must be given for a model that is neither a torch Module nor a file; got {type(model).__name__}"
+        )
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -40,6 +40,7 @@ from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_un
 from ddpm_fast.plan import Plan
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.weights import model_digest
 
 __all__ = [
     "OPSET",
@@ -317,6 +318,8 @@ def export_onnx(
         "torch": torch.__version__,
         "arch": defaults_of(model).arch,
         "model": config.to_dict() if hasattr(config, "to_dict") else None,
+        # the exported Module's weights digest: a tuned table learned for it runs on this file too
+        "source_digest": model_digest(model) if isinstance(model, torch.nn.Module) else None,
         "schedule": schedule.spec if schedule is not None else None,
         "sampling": defaults,
         "noise": NOISE_DOC,

@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--method", default="ddpm", choices=METHODS, help="sampler (default ddpm)")
     a(
+        "--tuned",
+        metavar="FILE",
+        help="with --method tuned: a table from `ddpm-fast tune` (default: the checkpoint's own for --steps)",
+    )
+    a(
         "--spacing",
         choices=SPACINGS,
         help="which --steps timesteps to keep (default: uniform for ddpm/ddim, linspace for the solvers)",
@@ -241,6 +246,10 @@ def _check(args) -> str:
         raise ValueError(
             f"--eta applies to --method {' or '.join(taking('eta'))} only; got --eta {args.eta} with --method {args.method}"
         )
+    if args.tuned is not None and args.method != "tuned":
+        raise ValueError(f"--tuned applies to --method tuned; got --method {args.method}")
+    if args.method == "tuned" and args.spacing is not None:
+        raise ValueError("--spacing does not apply to --method tuned (the table has its own timesteps)")
     kind = check_out(args.out, "--out")
     onnx_file = args.model is not None and args.model.lower().endswith(".onnx")
     if args.backend == "onnx" and not onnx_file:
@@ -313,7 +322,7 @@ def run(args) -> int:
             if dist.rank == 0:
                 log.warning("the model names no noise schedule: using DDPM's linear betas over 1000 steps")
         steps = args.steps
-        if steps is None:
+        if steps is None and args.method != "tuned":  # a tuned table knows its NFE
             # an ONNX step graph samples exactly the run it was exported for; a checkpoint records its count
             steps = getattr(model, "steps", None) or model.defaults.steps
         dtype = DTYPES[args.dtype]
@@ -337,6 +346,7 @@ def run(args) -> int:
             dtype=dtype,
             labels=_labels(args.labels, args.num),
             guidance=guidance,
+            tuned=args.tuned,
         )
         summary = generate(
             model,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ddpm_fast.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
+from ddpm_fast.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, tuned, unipc
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
 from ddpm_fast.schedule import SPACINGS, Schedule
@@ -71,6 +71,7 @@ FAMILIES: dict[str, Family] = {
         **_SOLVER,
     ),
     "unipc": Family("unipc", unipc.sample_unipc, unipc.unipc_table, unipc.HISTORY, min_steps=2, **_SOLVER),
+    "tuned": Family("tuned", tuned.sample_tuned, tuned.tuned_table, history=0),  # the table's own history
 }
 METHODS = tuple(FAMILIES)
 
