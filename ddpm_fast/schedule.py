@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["Schedule", "spaced_timesteps", "spacing_timesteps", "SPACINGS"]
@@ -173,7 +174,8 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [round(i * stride) for i in range(steps)]
 
 
-SPACINGS = ("uniform", "linspace", "trailing", "logsnr")
+SPACINGS = ("uniform", "linspace", "trailing", "logsnr", "karras")
+KARRAS_RHO = 7.0  # EDM (Karras et al. 2022, eq. 5): the paper's rho, diffusers' use_karras_sigmas too
 
 
 def spacing_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") -> list[int]:
@@ -184,6 +186,11 @@ def spacing_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") 
     trailing  round(arange(T, 0, -T/steps)) - 1 (diffusers' "trailing", from T-1 down)
     logsnr    uniform in lambda = log(alpha/sigma) between t = T-1 and t = 0, each at its nearest timestep
               (the DPM-Solver authors' choice for pixel-space models)
+    karras    EDM's sigmas (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, rho = 7,
+              between the schedule's sigma = sqrt((1 - abar)/abar) at t = T-1 and t = 0, each at the timestep
+              it falls on by linear interpolation in log sigma, rounded (diffusers' use_karras_sigmas; on
+              squaredcos_cap_v2 diffusers truncates instead)
+    Rules that put two of the N on one timestep are refused (a ValueError naming steps and spacing).
     """
     T = schedule.num_timesteps
     ids = spaced_timesteps(T, steps)  # validates steps
@@ -201,6 +208,13 @@ def spacing_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") 
         ts = (lam[None, :] - want[:, None]).abs().argmin(dim=1).sort().values
         for k in range(1, steps):  # near t = 0 lambda moves faster than one timestep: keep them distinct
             ts[k] = max(int(ts[k]), int(ts[k - 1]) + 1)
+    elif spacing == "karras":
+        abar = schedule.alphas_cumprod
+        log_sigma = 0.5 * (torch.log1p(-abar) - torch.log(abar))  # rising in t
+        lo, hi = math.exp(float(log_sigma[0]) / KARRAS_RHO), math.exp(float(log_sigma[-1]) / KARRAS_RHO)
+        sigmas = (hi + torch.linspace(0, 1, steps, dtype=_F64) * (lo - hi)) ** KARRAS_RHO
+        t = np.interp(torch.log(sigmas).numpy(), log_sigma.numpy(), np.arange(T, dtype=np.float64))
+        ts = torch.from_numpy(np.round(t)).long()
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
     ts = torch.unique(ts.clamp(0, T - 1))

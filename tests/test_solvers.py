@@ -119,11 +119,14 @@ def test_deterministic_solvers_beat_ddim_on_the_exact_ode():
 def test_steps_and_spacings():
     from ddpm_fast.schedule import spacing_timesteps
 
-    for spacing in ("uniform", "linspace", "trailing", "logsnr"):
+    for spacing in ("uniform", "linspace", "trailing", "logsnr", "karras"):
         for n in (2, 5, 20, 50):
             ts = spacing_timesteps(S, n, spacing)
             assert len(ts) == n and ts == sorted(set(ts)) and 0 <= ts[0] and ts[-1] <= 999
     assert spacing_timesteps(S, 5, "linspace") == [200, 400, 599, 799, 999]
+    # EDM's rho = 7 crowds the small sigmas: at 100 steps two fall on one timestep of the linear schedule
+    with pytest.raises(ValueError, match="steps=100 with spacing='karras' gives 99 distinct timesteps"):
+        spacing_timesteps(S, 100, "karras")
     plan = make_plan(GaussianEps(S, MU, S2), S, (1, 1, 2, 2), steps=10, method="dpmpp_2m", spacing="logsnr")
     assert plan.table.timesteps.tolist() == list(reversed(spacing_timesteps(S, 10, "logsnr")))
 
@@ -134,7 +137,7 @@ def test_steps_and_spacings():
         (dict(method="dpm_solver"), ValueError, "method must be one of ('ddpm', 'ddim', 'dpmpp_2m'"),
         (dict(method="dpmpp_2m", eta=0.5), ValueError, "eta applies to method='ddim' only"),
         (dict(method="ddpm", spacing="logsnr", steps=10), ValueError, "spacing must be one of ('uniform',)"),
-        (dict(method="unipc", spacing="karras", steps=10), ValueError, "spacing must be one of"),
+        (dict(method="unipc", spacing="leading", steps=10), ValueError, "spacing must be one of"),
         (dict(method="dpmpp_2m", spacing="logsnr"), ValueError, "spacing='logsnr' needs steps=N"),
         (dict(method="dpmpp_3m", steps=2), ValueError, "steps must be >= 3 for method='dpmpp_3m'"),
         (dict(method="unipc", timesteps=[999, 500, 500]), ValueError, "timesteps must not repeat"),
@@ -149,11 +152,12 @@ def test_bad_requests_name_the_argument(kw, err, words):
 def test_cli_methods_and_bad_options(tmp_path, capsys):
     argv = ["sample", "--num", "2", "--quiet", "--threads", "1", "--out", str(tmp_path / "x.png")]
     assert main([*argv, "--method", "unipc", "--steps", "5", "--spacing", "logsnr"]) == 0
+    assert main([*argv, "--method", "dpmpp_2m", "--steps", "5", "--spacing", "karras"]) == 0
     for bad, words in (
         (["--method", "dpmpp_2m", "--eta", "0.3"], "--eta applies to --method ddim only"),
         (["--method", "dpmpp_3m", "--steps", "2"], "steps must be >= 3"),
         (["--method", "euler"], "argument --method: invalid choice: 'euler'"),
-        (["--spacing", "karras"], "argument --spacing: invalid choice"),
+        (["--spacing", "leading"], "argument --spacing: invalid choice"),
     ):
         capsys.readouterr()
         assert main([*argv, *bad]) == 2, bad

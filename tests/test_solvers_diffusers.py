@@ -103,3 +103,15 @@ def test_steps_n_walks_diffusers_timesteps(method):
         sched.set_timesteps(steps)
         plan = make_plan(lambda x, t: x, df.Schedule.linear(1000), (1, 1, 2, 2), steps=steps, method=method)
         assert plan.table.timesteps.tolist() == sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("steps", [2, 5, 10, 20, 50])
+def test_karras_spacing_walks_diffusers_karras_timesteps(steps):
+    """spacing="karras" keeps the timesteps of diffusers' use_karras_sigmas=True (linear schedule, where
+    diffusers rounds its interpolated t as we do)."""
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True)
+    sched.set_timesteps(steps)
+    ours = df.Schedule.linear(1000)
+    from ddpm_fast.schedule import spacing_timesteps
+
+    assert spacing_timesteps(ours, steps, "karras") == sorted(sched.timesteps.tolist())
