@@ -255,6 +255,11 @@ def _private_weights(model, amp_dtype: torch.dtype | None, channels_last: bool):
     return private
 
 
+def _layout(model) -> list:
+    """What a private copy was made from: each state tensor's name, shape and device."""
+    return [(n, t.shape, t.device) for n, t in _state_tensors(model)]
+
+
 class _UNetCall(torch.nn.Module):
     """model(x, t) as the step calls it: channels_last input, autocast, a contiguous NCHW output.
 
@@ -275,7 +280,7 @@ class _UNetCall(torch.nn.Module):
         self.model = self.source if private is None else private
         # what refresh() copies into, and the caller's layout it was made from (None: no private copy)
         self.private_tensors = None if private is None else [t for _, t in _state_tensors(private)]
-        self.layout = None if private is None else [(n, t.shape) for n, t in _state_tensors(self.source)]
+        self.layout = None if private is None else _layout(self.source)
         self.module_pairs = [] if private is None else list(zip(self.source.modules(), private.modules()))
 
     def refresh(self) -> None:
@@ -286,7 +291,7 @@ class _UNetCall(torch.nn.Module):
         if self.layout is None:
             return
         src = _state_tensors(self.source)
-        if [(n, t.shape) for n, t in src] != self.layout:  # the caller's model changed shape: copy it anew
+        if _layout(self.source) != self.layout:  # the caller's model changed shape or device: copy it anew
             self._use_private()
             return
         with torch.no_grad():
@@ -319,11 +324,13 @@ class _Engine:
         self.runners: dict = {}
         self.pool = None  # one CUDA graph memory pool shared by this model's graphs (replayed one at a time)
 
-    def forward(self, amp_dtype, opts: EngineOptions, device_type: str):
-        key = (amp_dtype, opts.channels_last, opts.compile, opts.compile_mode, device_type)
+    def forward(self, amp_dtype, opts: EngineOptions, device: torch.device):
+        # keyed by the device with its index: a private weight copy lives on one GPU, and a model moved to
+        # another gets its own forward there (refresh() also remakes a copy whose source changed device)
+        key = (amp_dtype, opts.channels_last, opts.compile, opts.compile_mode, str(device))
         fn = self.forwards.get(key)
         if fn is None:
-            call = fn = _UNetCall(self.handle, amp_dtype, opts.channels_last, device_type)
+            call = fn = _UNetCall(self.handle, amp_dtype, opts.channels_last, device.type)
             if opts.compile:
                 # dynamic=False: one graph per bucket, as the CUDA graph needs; buckets bound the count.
                 fn = _Compiled(fn, opts.compile_mode, "U-Net", dynamic=False)
@@ -451,7 +458,7 @@ class StepRunner:
         # [seed, start_index], read on the device by the update (kernel or twin): one compiled update and one
         # captured graph serve every seed, shard and chunk; load() refills it.
         self.keys = torch.zeros(2, dtype=torch.int64, device=dev)
-        self.forward = engine.forward(self.amp_dtype, opts, dev.type)
+        self.forward = engine.forward(self.amp_dtype, opts, dev)
         if opts.triton:
             self.update = kernels.posterior_step
         elif opts.compile:

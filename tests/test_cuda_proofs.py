@@ -349,3 +349,37 @@ def test_bare_cuda_under_torchrun_is_cuda_local_rank(monkeypatch, world, local_r
     model = GaussianEps(s, 0.3, 0.04)
     plan = make_plan(model, s, (1, 1, 2, 2), steps=4, seed=3, device="cuda")
     assert plan.device == torch.device("cuda", want)
+
+
+def test_a_private_weight_copy_follows_its_model_to_another_device():
+    """A forward (and its private weight copy) is per device with its index, and refresh() remakes a copy
+    whose source's tensors moved: a model moved to cuda:1 never runs with weights left on cuda:0."""
+    model = df.UNet(df.UNetConfig.tiny()).eval()
+    eng = engine._engine_for(model)
+    opts = engine.EngineOptions(
+        compile=False,
+        compile_mode="default",
+        cuda_graph=False,
+        triton=False,
+        channels_last=True,
+        buckets=None,
+    )
+    here = eng.forward(None, opts, torch.device("cpu"))
+    assert eng.forward(None, opts, torch.device("cpu")) is here
+    assert eng.forward(None, opts, torch.device("cuda", 1)) is not eng.forward(
+        None, opts, torch.device("cuda", 0)
+    )
+    call = eng.calls[id(here)]
+    copy_before = call.model
+    assert copy_before is not model  # channels_last: a private copy
+    call.refresh()
+    assert call.model is copy_before  # same device and shapes: refreshed in place
+    name, shape, _ = call.layout[0]
+    call.layout[0] = (
+        name,
+        shape,
+        torch.device("meta"),
+    )  # as if the copy were made while the model was elsewhere
+    call.refresh()
+    assert call.model is not copy_before and call.layout[0][2] == torch.device("cpu")
+    engine.clear_cache()
