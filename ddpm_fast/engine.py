@@ -439,6 +439,7 @@ class StepRunner:
         self.amp_dtype = plan.dtype if plan.dtype in HALF_DTYPES else None
         self.out_shape = (batch, plan.out_channels, H, W)
         self.learned = plan.table.learned
+        self.eps_history = plan.table.history_of == "eps"  # what the history keeps (ddpm_fast.steps)
         self.x = torch.zeros((batch, C, H, W), dtype=torch.float32, device=dev)
         self.counter = kernels.make_step_counter(0, dev)
         # a multistep table's x0 of earlier steps (zeroed by load; the step shifts them in place)
@@ -536,6 +537,7 @@ class StepRunner:
             out=self.x,
             advance=True,
             history=self.history,
+            eps_history=self.eps_history,
         )
 
     # ---- CUDA graph
@@ -602,6 +604,7 @@ def _runner_kind(plan: Plan, opts: EngineOptions) -> tuple:
         opts,
         t.learned,
         t.history,
+        t.history_of,
         plan.labels is not None,
         plan.label_model,
     )

@@ -12,7 +12,13 @@ its torch twin, the ONNX step graph) computes, with eps and v the model output h
 
 where x0_{k} is the x0 predicted k + 1 steps earlier (a multistep family's history; `history` columns
 H_0 .. H_{history-1} follow the 8 base columns, none for one-step families). The last step never adds noise
-(SIGMA = 0).
+(SIGMA = 0). A table with history_of = "eps" (multistep on eps: iPNDM, DEIS) keeps instead, per earlier step,
+the eps implied by its clipped x0 and its own x_t,
+
+    eps_hat = (SRA * x_t - x0) / SRM1                  (= eps when nothing was clipped)
+
+since an Adams-Bashforth sum of earlier eps reads the earlier states x_{t+k}, which no x0 history plus the
+current x_t can rebuild.
 """
 
 from __future__ import annotations
@@ -23,11 +29,21 @@ import torch
 
 from ddpm_fast.schedule import Schedule
 
-__all__ = ["StepTable", "base_columns", "finish", "fixed_sigma", "learned_sigma", "VARIANCES", "COLUMNS"]
+__all__ = [
+    "StepTable",
+    "base_columns",
+    "finish",
+    "fixed_sigma",
+    "learned_sigma",
+    "VARIANCES",
+    "COLUMNS",
+    "HISTORY_OF",
+]
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 COLUMNS = ("SRA", "SRM1", "C_X0", "C_XT", "C_EPS", "SIGMA", "MIN_LOG", "MAX_LOG")
 SRA, SRM1, C_X0, C_XT, C_EPS, SIGMA, MIN_LOG, MAX_LOG = range(len(COLUMNS))
+HISTORY_OF = ("x0", "eps")  # what a multistep table's history holds per earlier step (module docstring)
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,8 @@ class StepTable:
     history: int = 0
     learned: bool = False  # sigma from the model's variance half (DDPM with learned_range)
     draws: tuple[bool, ...] = ()
+    history_of: str = "x0"  # "eps": the history holds eps_hat = (SRA x - x0) / SRM1 (module docstring)
+    final_abar: float = 1.0  # abar the last step lands on (1: x_0; DEIS as diffusers: timestep 0's)
 
     @property
     def num_steps(self) -> int:

@@ -81,6 +81,9 @@ def tune(
         )
     if nfe < fam.min_steps:
         raise ValueError(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
+    if build_step_table(Schedule.linear(fam.min_steps), method=base).history_of != "x0":
+        # run_table and the tuned file's header read the history as x0 predictions
+        raise ValueError(f"base must keep x0 predictions in its history (not ipndm or deis); got {base!r}")
     for name, v in (("train", train), ("val", val), ("iters", iters), ("teacher_steps", teacher_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1; got {v!r}")

@@ -154,19 +154,21 @@ def update_with_noise(
     clip_range: float | None,
     learned: bool,
     history=(),
+    eps_history: bool = False,
 ):
-    """(x_{t-1}, x0) from one StepTable row c (float32 [8 + K]), x_t, the model output (eps or eps|v), z and the
-    K earlier x0 predictions (newest first); all float32."""
+    """(x_{t-1}, history entry) from one StepTable row c (float32 [8 + K]), x_t, the model output (eps or
+    eps|v), z and the K earlier predictions (newest first: x0, or eps_hat with eps_history); all float32."""
     C = x.shape[1]
     v = out[:, C:] if learned else None
-    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range, history)
+    return update_formula(lambda k: c[k], x, out[:, :C], v, z, clip_range, history, eps_history)
 
 
 class StepGraph(nn.Module):
     """x_{t-1} = step(x_t, step index, z) for one sampling run: the U-Net plus the StepTable update.
 
     A multistep table (K = table.history > 0) adds an input and an output: history [K, B, C, H, W], the x0
-    of the K previous steps newest first, in (zeros at step 0) and shifted out (history_out[0] = this x0)."""
+    of the K previous steps newest first, in (zeros at step 0) and shifted out (history_out[0] = this x0, or
+    this eps_hat = (SRA x - x0) / SRM1 for a table with history_of = "eps")."""
 
     def __init__(self, unet: nn.Module, table: StepTable, clip_range: float | None):
         super().__init__()
@@ -177,6 +179,7 @@ class StepGraph(nn.Module):
         self.clip_range = clip_range
         self.learned = table.learned
         self.history = table.history
+        self.eps_history = table.history_of == "eps"
 
     def forward(
         self, x: torch.Tensor, step: torch.Tensor, z: torch.Tensor, history: torch.Tensor | None = None
@@ -186,7 +189,7 @@ class StepGraph(nn.Module):
         t = self.timesteps.index_select(0, idx).expand(x.shape[0])
         out = self.eps(x, t)
         hist = () if history is None else tuple(history[k] for k in range(self.history))
-        y, x0 = update_with_noise(c, x, out, z, self.clip_range, self.learned, hist)
+        y, entry = update_with_noise(c, x, out, z, self.clip_range, self.learned, hist, self.eps_history)
         if history is None:
             return y
-        return y, torch.cat([x0.unsqueeze(0), history[: self.history - 1]], dim=0)
+        return y, torch.cat([entry.unsqueeze(0), history[: self.history - 1]], dim=0)

@@ -465,7 +465,8 @@ def _check_plan(m: OnnxModel, plan) -> None:
 
 def reference_tolerance(plan, per_call: float = 1e-5) -> float:
     """Bound on max |onnx - reference| for a float32 run of `plan`: per_call * (1 + sum_i SRM1_i (|C_X0_i| +
-    sum_k |H_k,i|) + |C_EPS_i|), the H_k being a multistep table's history weights.
+    sum_k |H_k,i|) + |C_EPS_i|), the H_k being a multistep table's history weights (per_call * (1 + sum_i SRM1_i
+    |C_X0_i| + sum_k |H_k,i| + |C_EPS_i|) where the history keeps eps_hat, which carries an eps difference as is).
 
     A per-call eps difference (ORT's convolutions vs PyTorch's: <= 1e-5, measured ~2e-6) enters x_{t-1}
     multiplied by that step's eps gain SRM1 * C_X0 + C_EPS (up to ~15 at t = 999 of a 4-step DDIM run) and
@@ -474,8 +475,11 @@ def reference_tolerance(plan, per_call: float = 1e-5) -> float:
     """
     c = plan.table.coefs
     # a multistep table carries each x0 on in its history columns: their weights add to the eps gain
-    x0_weight = c[:, C_X0].abs() + c[:, len(COLUMNS) :].abs().sum(dim=1)
-    gain = c[:, SRM1] * x0_weight + c[:, C_EPS].abs()
+    hist = c[:, len(COLUMNS) :].abs().sum(dim=1)
+    if plan.table.history_of == "eps":
+        gain = c[:, SRM1] * c[:, C_X0].abs() + hist + c[:, C_EPS].abs()
+    else:
+        gain = c[:, SRM1] * (c[:, C_X0].abs() + hist) + c[:, C_EPS].abs()
     return per_call * (1.0 + gain.sum().item())
 
 
@@ -544,6 +548,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
             learned=plan.table.learned,
             out=x,
             history=history,
+            eps_history=plan.table.history_of == "eps",
         )
         if plan.callback is not None:
             plan.callback(i, ts[i], x)

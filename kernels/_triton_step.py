@@ -89,14 +89,16 @@ def _quarter(
     hstride,
     h0c,
     h1c,
+    h2c,
     LEARNED: tl.constexpr,
     CLIP: tl.constexpr,
     OUT_BF16: tl.constexpr,
     HIST: tl.constexpr,
+    EPS_HIST: tl.constexpr,
 ):
     """Update the elements e (int64 offsets inside one row, already shifted to the row) of one quarter;
-    with HIST earlier x0 predictions (hr: this row of history[0], hstride: B * N), add their terms and shift
-    them (history[1] <- history[0], history[0] <- x0)."""
+    with HIST earlier predictions (hr: this row of history[0], hstride: B * N), add their terms and shift
+    them (history[k] <- history[k-1], history[0] <- x0, or eps_hat = (sra x - x0) / srm1 with EPS_HIST)."""
     x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(m_ptr + e, mask=mask, other=0.0).to(tl.float32)
     x0 = sra * x - srm1 * eps
@@ -116,11 +118,19 @@ def _quarter(
     if HIST >= 2:
         h1 = tl.load(hr + hstride + e, mask=mask, other=0.0)
         y = y + h1c * h1
+    if HIST >= 3:
+        h2 = tl.load(hr + 2 * hstride + e, mask=mask, other=0.0)
+        y = y + h2c * h2
     y = y + std * z
+    if HIST >= 3:
+        tl.store(hr + 2 * hstride + e, h1, mask=mask)
     if HIST >= 2:
         tl.store(hr + hstride + e, h0, mask=mask)
     if HIST >= 1:
-        tl.store(hr + e, x0, mask=mask)
+        if EPS_HIST:
+            tl.store(hr + e, (sra * x - x0) / srm1, mask=mask)
+        else:
+            tl.store(hr + e, x0, mask=mask)
     if OUT_BF16:
         y = _to_bfloat16_rne(y)
     tl.store(out_ptr + e, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -148,6 +158,7 @@ def _step_kernel(
     OUT_BF16: tl.constexpr,
     ADVANCE: tl.constexpr,
     HIST: tl.constexpr,
+    EPS_HIST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # 1-D grid, row-major over (sample row, block of counter lanes): any batch size fits (a 2-D grid
@@ -182,10 +193,13 @@ def _step_kernel(
     slot = tl.load(ts_ptr + step)
     h0c = 0.0
     h1c = 0.0
+    h2c = 0.0
     if HIST >= 1:
         h0c = tl.load(c + NCOLS)
     if HIST >= 2:
         h1c = tl.load(c + NCOLS + 1)
+    if HIST >= 3:
+        h2c = tl.load(c + NCOLS + 2)
 
     q = blk * BLOCK + tl.arange(0, BLOCK)
     lane = q < Q
@@ -210,19 +224,19 @@ def _step_kernel(
     e3 = e2 + Q
     _quarter(
         xr, mr, orow, e0, lane & (e0 < N), z0, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
+        hr, hstride, h0c, h1c, h2c, LEARNED, CLIP, OUT_BF16, HIST, EPS_HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e1, lane & (e1 < N), z1, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
+        hr, hstride, h0c, h1c, h2c, LEARNED, CLIP, OUT_BF16, HIST, EPS_HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e2, lane & (e2 < N), z2, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
+        hr, hstride, h0c, h1c, h2c, LEARNED, CLIP, OUT_BF16, HIST, EPS_HIST,
     )  # fmt: skip
     _quarter(
         xr, mr, orow, e3, lane & (e3 < N), z3, sra, srm1, c_x0, c_xt, c_eps, sigma, min_log, max_log, N, clip_r,
-        hr, hstride, h0c, h1c, LEARNED, CLIP, OUT_BF16, HIST,
+        hr, hstride, h0c, h1c, h2c, LEARNED, CLIP, OUT_BF16, HIST, EPS_HIST,
     )  # fmt: skip
 
 

@@ -10,7 +10,8 @@ With eps and v the two halves of the model output (v only for learned_range) and
 
 A multistep table has K history columns H_0 .. H_{K-1} after the 8 base columns, and `history` (float32
 [K, B, ...], K <= MAX_HISTORY) holds the x0 of the K previous steps, newest first; the step shifts it in
-place (history[k] <- history[k-1], history[0] <- x0). One-step tables (K = 0) take no history.
+place (history[k] <- history[k-1], history[0] <- x0). With eps_history=True (a StepTable with history_of = "eps")
+history[0] <- eps_hat = (c.SRA * x_t - x0) / c.SRM1 instead. One-step tables (K = 0) take no history.
 
 All arithmetic is float32 whatever the storage dtype; the result is rounded once to x's dtype.
 
@@ -43,7 +44,7 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HISTORY = 2  # x0 predictions of earlier steps the kernel reads (DPM-Solver++(3M) and UniPC need 2)
+MAX_HISTORY = 3  # earlier steps' predictions the kernel reads (DPM-Solver++(3M), UniPC: 2; iPNDM order 4: 3)
 
 
 def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
@@ -191,8 +192,9 @@ def _check_keys(x, seed, start_index) -> None:
 # ------------------------------------------------------------------------------------------------ twin
 
 
-def update_formula(col, x, eps, v, z, clip_range: float | None, history=()):
-    """The posterior step of the module docstring in torch ops, float32 in and out; returns (x_{t-1}, x0).
+def update_formula(col, x, eps, v, z, clip_range: float | None, history=(), eps_history: bool = False):
+    """The posterior step of the module docstring in torch ops, float32 in and out; returns (x_{t-1}, entry),
+    entry what the history keeps of this step: x0, or eps_hat = (SRA x - x0) / SRM1 with eps_history.
 
     col(k) is StepTable column k, shaped to broadcast against x; v is the variance half of a learned_range
     model output (None otherwise); z is the step's noise; history the earlier x0 predictions, newest first
@@ -208,7 +210,8 @@ def update_formula(col, x, eps, v, z, clip_range: float | None, history=()):
     y = col(C_X0) * x0 + col(C_XT) * x + col(C_EPS) * eps
     for k, h in enumerate(history):
         y = y + col(len(COLUMNS) + k) * h
-    return y + sigma * z, x0
+    entry = (col(SRA) * x - x0) / col(SRM1) if eps_history else x0
+    return y + sigma * z, entry
 
 
 def step_torch(
@@ -225,6 +228,7 @@ def step_torch(
     out: torch.Tensor | None = None,
     advance: bool = False,
     history: torch.Tensor | None = None,
+    eps_history: bool = False,
 ) -> torch.Tensor:
     """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
 
@@ -269,9 +273,9 @@ def step_torch(
     z = noise.normals(seed, n, slot, N)
     hist = () if history is None else history.reshape(history.shape[0], B, N)
     # c[:, k]: [1, 1] over [B, N]
-    y, x0 = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range, tuple(hist))
-    if history is not None:  # shift: history[k] <- history[k-1], history[0] <- x0 (after they were read)
-        hist.copy_(torch.cat([x0.unsqueeze(0), hist[:-1]]))
+    y, entry = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range, tuple(hist), eps_history)
+    if history is not None:  # shift: history[k] <- history[k-1], history[0] <- x0 or eps_hat, after the reads
+        hist.copy_(torch.cat([entry.unsqueeze(0), hist[:-1]]))
     out.copy_(y.reshape(x.shape))
     if advance:
         step.add_(1)
@@ -323,6 +327,7 @@ def step_triton(
     out: torch.Tensor | None = None,
     advance: bool = False,
     history: torch.Tensor | None = None,
+    eps_history: bool = False,
 ) -> torch.Tensor:
     """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers.
 
@@ -390,6 +395,7 @@ def step_triton(
             OUT_BF16=out.dtype == torch.bfloat16,
             ADVANCE=advance,
             HIST=K,
+            EPS_HIST=bool(eps_history) and K > 0,
             BLOCK=BLOCK,
             num_warps=tk.NUM_WARPS,
         )
@@ -413,6 +419,7 @@ def posterior_step(
     out: torch.Tensor | None = None,
     advance: bool = False,
     history: torch.Tensor | None = None,
+    eps_history: bool = False,
 ) -> torch.Tensor:
     """x_{t-1} for row `step` of a StepTable (formula in the module docstring); Triton or the twin per `use_triton`.
 
@@ -422,7 +429,8 @@ def posterior_step(
     need a sync); advance=True adds 1 to it (int64 only). seed, start_index: ints (seed in [0, 2**63),
     start_index >= 0), or both one-element int64 tensors on x's device, read on the device (unchecked, like a
     step tensor). out: where to write (may be x), else a new tensor. history: float32 [K, *x.shape], the x0 of
-    the K previous steps of a multistep table (coefs then [S, 8 + K]), shifted in place. Any StepTable (DDPM
+    the K previous steps of a multistep table (coefs then [S, 8 + K]), shifted in place; eps_history=True
+    (table.history_of == "eps") keeps eps_hat instead of x0 (module docstring). Any StepTable (DDPM
     of every variance, DDIM, the multistep solvers); with learned=False a variance half of model_out is
     ignored. Returns out.
     """
@@ -440,4 +448,5 @@ def posterior_step(
         out=out,
         advance=advance,
         history=history,
+        eps_history=eps_history,
     )

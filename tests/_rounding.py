@@ -9,7 +9,11 @@ affine step in a different order. Per step j each rounds, with unit roundoff u =
   most the sum R_j of the terms' magnitudes.
 The two realisations differ by at most twice that (`step_budget`). An x0 difference reaches the output with
 the weight W_j it enters the chain with: |C_X0| at its own step (|C_EPS| / |SRM1| through an eps formed from
-it), |H| at each later step that reads it as history.
+it), |H| at each later step that reads it as history. A table whose history keeps eps_hat = (SRA x - x0) /
+SRM1 (history_of = "eps") passes x0's difference to later steps with weight |H| / SRM1, rounds eps_hat itself
+5 times at (SRA |x| + |x0|) / SRM1, and its natural form alpha_{t-1} (x / alpha_t + sum b_k eps_k) rounds at
+|alpha_{t-1}| SRA |x| + |C_X0| SRM1 |eps_hat| + sum |H_k eps_k| (alpha_{t-1} = C_XT / SRA + C_X0), which
+the columns' own terms can undercut by a cancellation in C_XT.
 
 How a later step carries an earlier difference forward depends on the model:
 - `chain_budget`, the exact Gaussian model (tests/analytic_model.py): each step is x -> A x + B with
@@ -98,7 +102,8 @@ def propagated_budget(model64, schedule, shape, truth: torch.Tensor, forward_dif
         raise ValueError("forward_diff: the history weights' share of an eps difference is not modelled")
     hist = c[:, len(COLUMNS) :]
     signs = torch.Generator().manual_seed(20240617)
-    x0_seen: list[torch.Tensor] = []
+    x0_seen: list[torch.Tensor] = []  # what the history keeps: x0, or eps_hat
+    eps_hist = plan.table.history_of == "eps"
 
     def perturb(j, t, x):
         x_in, t_in, eps = records[-1]
@@ -106,12 +111,21 @@ def propagated_budget(model64, schedule, shape, truth: torch.Tensor, forward_dif
         passes = (x0.abs() <= plan.clip_range).double() if plan.clip else torch.ones_like(x0)
         sigma = c[j, SIGMA] * (1 + max(c[j, MIN_LOG], c[j, MAX_LOG]) / 2 if plan.table.learned else 1)
         later = sum(hist[j + 1 + k, k] for k in range(K) if j + 1 + k < c.shape[0])
-        w = (c[j, C_X0] + later) * passes + c[j, C_EPS] / c[j, SRM1].clamp_min(1e-30)
+        srm1 = c[j, SRM1].clamp_min(1e-30)
+        w = (c[j, C_X0] + (later / srm1 if eps_hist else later)) * passes + c[j, C_EPS] / srm1
         terms = c[j, SRA] * x_in.abs() + x0.abs() + x_in.abs()  # x0's, elementwise (module docstring)
         r = c[j, C_X0] * x0.abs() + c[j, C_XT] * x_in.abs() + c[j, C_EPS] * eps.abs() + sigma * Z_MAX
         r = r + sum(hist[j, k] * h.abs() for k, h in enumerate(reversed(x0_seen[-K:])) if K)
-        x0_seen.append(x0)
-        d = 2 * U32 * (6 * terms * w + (5 + K) * r)
+        entry, extra = x0, 0.0
+        if eps_hist:
+            x0c = x0.clamp(-plan.clip_range, plan.clip_range) if plan.clip else x0
+            entry = (signed[j, SRA] * x_in - x0c) / srm1
+            alpha_next = (signed[j, C_XT] / signed[j, SRA] + signed[j, C_X0]).abs()
+            r = r + alpha_next * c[j, SRA] * x_in.abs() + c[j, C_X0] * srm1 * entry.abs()
+            r = r + sum(hist[j, k] * h.abs() for k, h in enumerate(reversed(x0_seen[-K:])) if K)
+            extra = 5 * (c[j, SRA] * x_in.abs() + x0.abs()) / srm1 * later
+        x0_seen.append(entry)
+        d = 2 * U32 * (6 * terms * w + (5 + K) * r + extra)
         sign = torch.randint(0, 2, x.shape, generator=signs, dtype=torch.float64).to(x.device) * 2 - 1
         x.add_(d * sign)
         if forward_diff is not None:

@@ -642,19 +642,55 @@ def test_cuda_launch_follows_x_device():
     torch.testing.assert_close(y, step_torch(x, m, coefs, ts, 3, seed=1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("eps_history", [False, True], ids=["x0", "eps"])
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_history_terms_and_shift(impl, K, eps_history):
+    """K earlier predictions (up to MAX_HISTORY = 3, iPNDM order 4): y gains sum_k H_k h_k and the history
+    shifts in place, history[0] <- x0 or eps_hat = (SRA x - x0) / SRM1, against the formula in float64 on a
+    small odd shape with clipping on. float32 arithmetic of O(1) terms: 1e-5 absolute (measured ~1e-6, eps_hat
+    divides by SRM1 >= 0.1 here), while a wrong column or shift moves a value by O(0.1)."""
+    g = torch.Generator().manual_seed(K)
+    shape = (3, 1, 5, 7)
+    x, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    coefs = torch.rand(4, len(COLUMNS) + K, generator=g) + 0.1  # positive SRA, SRM1; every weight nonzero
+    coefs[:, SIGMA] = 0.0
+    ts = torch.tensor([7, 5, 3, 0])
+    hist = torch.randn((K, *shape), generator=g)
+    want_hist = hist.clone().double()
+    c = coefs[2].double()
+    x0 = (c[SRA] * x.double() - c[SRM1] * eps.double()).clamp(-1, 1)
+    want = c[C_X0] * x0 + c[C_XT] * x.double() + c[C_EPS] * eps.double()
+    want = want + sum(c[len(COLUMNS) + k] * want_hist[k] for k in range(K))
+    entry = (c[SRA] * x.double() - x0) / c[SRM1] if eps_history else x0
+    want_hist = torch.cat([entry.unsqueeze(0), want_hist[:-1]])
+    y = IMPLS[impl](x, eps, coefs, ts, 2, seed=1, clip_range=1.0, history=hist, eps_history=eps_history)
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hist.double(), want_hist, atol=1e-5, rtol=0)
+
+
+def test_history_beyond_max_is_refused():
+    x = torch.zeros(1, 1, 2, 2)
+    coefs = torch.zeros(1, len(COLUMNS) + 4)
+    with pytest.raises(ValueError, match=r"history must be float32 \[K, \*x.shape\] with 1 <= K <= 3"):
+        step_torch(
+            x, x, coefs, torch.zeros(1, dtype=torch.int64), 0, seed=0, history=torch.zeros(4, 1, 1, 2, 2)
+        )
+
+
 _SM90_SCRIPT = """
 import itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ddpm_fast.kernels._triton_step import MAX_BLOCK, NUM_WARPS, _step_kernel
 
-# (storage dtype, learned variance, advancing counter, x0 history entries of a multistep solver)
-for dtype, learned, advance, hist in [("fp32", False, True, 2), ("bf16", True, False, 0)]:
+# (storage dtype, learned variance, advancing counter, history entries of a multistep solver, eps history)
+for dtype, learned, advance, hist, eps_hist in [("fp32", False, True, 3, True), ("bf16", True, False, 0, False)]:
     sig = {"x_ptr": "*" + dtype, "m_ptr": "*bf16", "out_ptr": "*" + dtype, "coefs_ptr": "*fp32", "ts_ptr": "*i64",
            "step_ptr": "*i64", "seed_ptr": "*i64", "start_ptr": "*i64", "N": "i32", "Q": "i32", "blocks_per_row": "i32",
            "m_row": "i32", "clip_r": "fp32", "hist_ptr": "*fp32", "hstride": "i32"}
     consts = {"LEARNED": learned, "CLIP": True, "OUT_BF16": dtype == "bf16", "ADVANCE": advance, "HIST": hist,
-              "BLOCK": MAX_BLOCK}
+              "EPS_HIST": eps_hist, "BLOCK": MAX_BLOCK}
     sig.update({k: "constexpr" for k in consts})
     src = ASTSource(fn=_step_kernel, signature=sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})

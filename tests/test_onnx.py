@@ -247,7 +247,9 @@ def test_float16_storage_rounds_every_result_and_writes_back_in_place():
     assert c.tolist() == [2.0, 3.0]
 
 
-@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"])
+@pytest.mark.parametrize(
+    "method", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "ipndm", "deis", "deis_2"]
+)
 def test_multistep_solvers_on_both_graphs(tmp_path, tiny, method):
     """backend='onnx' runs every family: from an exported noise model (ORT gives eps, the fused update with its
     x0 history does the rest), and as a step graph that takes and returns the history (validated on export)."""

@@ -11,6 +11,9 @@ float32 and solves its UniPC systems in float32 while our coefficients are float
 then differ by ~1e-7 relative, and the few-step chains below (each step a contraction of x plus O(1) x0
 terms) carry that to ~1e-6 on |x| <= 3, while a wrong order or coefficient moves x by 1e-2 or more. The
 cosine schedule's first step adds the float32 conditioning of x0 at alpha_T ~ 5e-5 (see the test body).
+DEIS ("deis" order 3, "deis_2") integrates its Lagrange polynomials in float32 where t log t terms of ~800
+cancel (measured 5.5e-5 on the linear schedule); in float64, with diffusers' sigmas recomputed in float64,
+it equals diffusers to 5e-12 (`test_deis_equals_diffusers_in_float64`).
 """
 
 import pytest
@@ -29,6 +32,8 @@ SCHEDULERS = {
     "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=3)),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=2)),
     "unipc": ("UniPCMultistepScheduler", dict(solver_order=2)),
+    "deis": ("DEISMultistepScheduler", dict(algorithm_type="deis", solver_order=3)),
+    "deis_2": ("DEISMultistepScheduler", dict(algorithm_type="deis", solver_order=2)),
 }
 SCHEDULES = {"linear": ("linear", df.Schedule.linear), "cosine": ("squaredcos_cap_v2", df.Schedule.cosine)}
 
@@ -115,3 +120,43 @@ def test_karras_spacing_walks_diffusers_karras_timesteps(steps):
     from ddpm_fast.schedule import spacing_timesteps
 
     assert spacing_timesteps(ours, steps, "karras") == sorted(sched.timesteps.tolist())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", [5, 10, 20, 50])
+@pytest.mark.parametrize("method", ["deis", "deis_2"])
+def test_deis_equals_diffusers_in_float64(method, steps, schedule):
+    """diffusers' DEISMultistepScheduler run in float64 (its sigmas, float32 by construction, recomputed in
+    float64 from the same formula, final sigma timestep 0's): 1e-9 absolute (measured 5e-12, the cosine first
+    step's x0 conditioning SRM1_T = 2e4 times float64 rounding), while a wrong order moves x by 1e-2."""
+    cls, kw = SCHEDULERS[method]
+    beta_schedule, ours_schedule = SCHEDULES[schedule]
+    sched = getattr(diffusers, cls)(num_train_timesteps=1000, beta_schedule=beta_schedule, **kw)
+    sched.set_timesteps(steps)
+    s = ours_schedule(1000)
+    sigma = ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt()
+    sched.sigmas = torch.cat([sigma[sched.timesteps], sigma[:1]])
+    g_eps, net, sqrt_abar = GaussianEps(s, MU, S2), small_diffusers_unet().double(), s.alphas_cumprod.sqrt()
+
+    def model(x, t):
+        return g_eps(x, t) + 0.05 * sqrt_abar[t].reshape(-1, 1, 1, 1) * net(x, t).sample
+
+    shape = (2, 3, 8, 8)
+    g = torch.Generator().manual_seed(7)
+    want = torch.randn(shape, generator=g).double()  # x_T in float64 from the start: a float32 sample rounds
+    with torch.no_grad():  # the first step's output (2e-8)
+        for t in sched.timesteps:
+            want = sched.step(model(want, t.expand(shape[0])), t, want).prev_sample
+    got = df.sample(
+        model,
+        s,
+        shape,
+        timesteps=sched.timesteps.tolist(),
+        method=method,
+        clip=False,
+        generator=torch.Generator().manual_seed(7),
+        backend="reference",
+        dtype=torch.float64,
+    )
+    assert want.dtype == torch.float64 and (want - want.mean()).abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)

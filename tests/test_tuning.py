@@ -85,3 +85,10 @@ def test_cli_tune_bad_input_is_one_line(capsys):
     assert len(err) == 1 and "method must be one of" in err[0]
     assert main(["tune", "--nfe", "5", "--out", "x.pt"]) == 2
     assert "--out must end in .safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base", ["ipndm", "deis"])
+def test_eps_history_bases_are_refused(model, base):
+    """run_table and the file header read a history of x0 predictions; iPNDM and DEIS keep eps."""
+    with pytest.raises(ValueError, match=f"base must keep x0 predictions in its history .*got '{base}'"):
+        tune(model, base=base, nfe=5, train=1, val=1, iters=1, teacher_steps=5, log=lambda s: None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ddpm_fast.samplers import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, tuned, unipc
+from ddpm_fast.samplers import deis, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, ipndm, tuned, unipc
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
 from ddpm_fast.schedule import SPACINGS, Schedule
@@ -71,6 +71,11 @@ FAMILIES: dict[str, Family] = {
         **_SOLVER,
     ),
     "unipc": Family("unipc", unipc.sample_unipc, unipc.unipc_table, unipc.HISTORY, min_steps=2, **_SOLVER),
+    "ipndm": Family("ipndm", ipndm.sample_ipndm, ipndm.ipndm_table, ipndm.HISTORY, min_steps=4, **_SOLVER),
+    # DEIS as two names, like dpmpp_2m/dpmpp_3m: an order is a different table and history width, and a
+    # request's params are the sampling knobs every backend reads (eta), which an order is not
+    "deis": Family("deis", deis.sample_deis, deis.deis_table, 2, min_steps=3, **_SOLVER),
+    "deis_2": Family("deis_2", deis.sample_deis_2, deis.deis_2_table, 1, min_steps=2, **_SOLVER),
     "tuned": Family("tuned", tuned.sample_tuned, tuned.tuned_table, history=0),  # the table's own history
 }
 METHODS = tuple(FAMILIES)

@@ -22,7 +22,17 @@ import torch
 from ddpm_fast.samplers.ddim import ddim_table
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, SIGMA, SRA, SRM1, StepTable
 
-__all__ = ["walk", "linear_columns", "dpm_order", "dpmpp_update", "DPMSolverPP", "UniPC", "multistep_family"]
+__all__ = [
+    "walk",
+    "linear_columns",
+    "dpm_order",
+    "dpmpp_update",
+    "DPMSolverPP",
+    "UniPC",
+    "multistep_family",
+    "EpsMultistep",
+    "eps_multistep_family",
+]
 
 
 def walk(coefs: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
@@ -253,4 +263,82 @@ def multistep_family(name: str, make_solver, history: int, *, noise: bool = Fals
     build.__doc__ = (
         "x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k m_{i-1-k} + SIGMA z: the update as table columns."
     )
+    return loop, build
+
+
+# ---------------------------------------------------------------------------------------------- multistep on eps
+
+
+class EpsMultistep:
+    """A linear multistep walk on eps in y = x / alpha, rho = sigma / alpha (the probability-flow ODE
+    dy/drho = eps; one term is DDIM): y_{i+1} = y_i + sum_k b_{i,k} eps_{i-k}, eps_j the eps implied by step
+    j's clipped x0 and x_j. `weights(i) -> [b_{i,0}, ...]` (newest first) comes from the subclass; the last
+    step lands on abar = table.final_abar (1: x_0 itself)."""
+
+    def __init__(self, table: StepTable):
+        alpha, sigma, _ = walk(table.coefs)
+        alpha[-1], sigma[-1] = math.sqrt(table.final_abar), math.sqrt(1.0 - table.final_abar)
+        self.alpha, self.rho = alpha, [s / a for a, s in zip(alpha, sigma)]
+        self.S = table.num_steps
+
+    def weights(self, i: int) -> list[float]:
+        raise NotImplementedError
+
+    def step(self, x, es, i):
+        """x_{i+1} from x_i and the eps of steps i, i-1, ... (newest first)."""
+        y = x / self.alpha[i]
+        for b, e in zip(self.weights(i), es):
+            y = y + b * e
+        return self.alpha[i + 1] * y
+
+
+def eps_multistep_table(table: StepTable, solver: EpsMultistep, history: int) -> StepTable:
+    """`table` (base columns filled) with the columns of `solver`'s steps: eps_i = (x_i - alpha_i m_i) / sigma_i
+    gives C_XT = alpha_{i+1} (1 / alpha_i + b_0 / sigma_i), C_X0 = -alpha_{i+1} b_0 alpha_i / sigma_i, and the
+    earlier eps_{i-k}, kept in the history (history_of = "eps"), H_{k-1} = alpha_{i+1} b_k."""
+    S, W = table.num_steps, table.coefs.shape[1]
+    c = torch.zeros(S, W + history, dtype=torch.float64)
+    c[:, :W] = table.coefs
+    c[:, C_EPS] = 0.0
+    c[:, SIGMA] = 0.0
+    for i in range(S):
+        b = solver.weights(i)
+        assert len(b) <= history + 1, f"step {i} reads eps older than history={history}"
+        a, a_t = solver.alpha[i], solver.alpha[i + 1]
+        s = solver.rho[i] * a
+        c[i, C_XT] = a_t * (1.0 / a + b[0] / s)
+        c[i, C_X0] = -a_t * b[0] * a / s
+        for k in range(1, len(b)):
+            c[i, W + k - 1] = a_t * b[k]
+    return replace(table, coefs=c, history=history, history_of="eps")
+
+
+def eps_multistep_family(name: str, make_solver, history: int, *, final_abar=None, doc: str = ""):
+    """(reference loop, table builder) of a deterministic multistep-on-eps family (`EpsMultistep`);
+    final_abar(schedule): the abar its last step lands on (default 1, x_0)."""
+
+    def loop(model, x, table: StepTable, noise_fn, *, sigma, clip, callback=None) -> torch.Tensor:
+        solver = make_solver(table)
+        c = table.coefs.to(x)
+        es = []
+        for i, t in enumerate(table.timesteps.tolist()):
+            eps, _ = model(x, t)
+            x0 = clip(c[i, SRA] * x - c[i, SRM1] * eps)
+            es.insert(0, (c[i, SRA] * x - x0) / c[i, SRM1])  # eps of the clipped x0 (= eps when unclipped)
+            del es[history + 1 :]
+            x = solver.step(x, es, i)
+            if callback is not None:
+                callback(i, t, x)
+        return x
+
+    def build(schedule, *, variance: str, eta: float = 0.0) -> StepTable:
+        base = ddim_table(schedule, variance=variance)  # the x0 columns (SRA, SRM1) in run order
+        if final_abar is not None:
+            base = replace(base, final_abar=float(final_abar(schedule)))
+        table = eps_multistep_table(base, make_solver(base), history)
+        return replace(table, method=name, draws=(False,) * table.num_steps)
+
+    loop.__name__, loop.__qualname__, loop.__doc__ = f"sample_{name}", f"sample_{name}", doc
+    build.__name__, build.__qualname__ = f"{name}_table", f"{name}_table"
+    build.__doc__ = "x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k eps_{i-1-k}: the update as table columns."
     return loop, build
