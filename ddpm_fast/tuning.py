@@ -2,7 +2,7 @@
 
 A step table (`ddpm_fast.steps`) is linear in the run's state: x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k
 m_{i-1-k}, m_i = SRA_i x_i - SRM1_i eps(x_i, t_i). This module owns learning those columns (C_XT, C_X0 and
-the history weights; the timesteps and so SRA/SRM1 stay the base method's) by minimising the mean squared
+the history weights, after a coordinate search over the base method's timesteps) by minimising the mean squared
 distance of the run's x_0 to a high-NFE teacher's x_0 from the same x_T (torch autograd through the few
 model calls), over training noise, with validation on held-out noise and early stopping. The file a tuned
 table lives in, and how a run finds it, is `ddpm_fast.tuned`.
@@ -48,10 +48,43 @@ def run_table(
     return x
 
 
-def _base_table(schedule: Schedule, base: str, nfe: int, variance: str) -> StepTable:
+def _base_table(schedule: Schedule, base: str, nfe: int, variance: str, kept=None) -> StepTable:
     fam = family(base)
-    kept = torch.tensor(spacing_timesteps(schedule, nfe, fam.spacing))
-    return build_step_table(schedule.respace(kept), method=base, variance=variance)
+    if kept is None:
+        kept = spacing_timesteps(schedule, nfe, fam.spacing)
+    return build_step_table(schedule.respace(torch.tensor(kept)), method=base, variance=variance)
+
+
+def search_timesteps(model, schedule, base, variance, kept, x, y, rounds: int = 3) -> tuple[list[int], float]:
+    """Coordinate search over the base method's kept timesteps (ascending ints): move one at a time by
+    +-d, d halving from a quarter of the gap to its neighbours, keep a move if the mean squared distance of
+    the walk's x_0 to the teacher's `y` from `x` drops. Returns (kept, its RMSE)."""
+    T = schedule.num_timesteps
+
+    def loss(k):
+        t = _base_table(schedule, base, len(k), variance, k)
+        with torch.no_grad():
+            return float(((run_table(model, x, t.coefs, t.timesteps, t.history) - y) ** 2).mean())
+
+    kept = list(kept)
+    best = loss(kept)
+    for _ in range(rounds):
+        moved = False
+        for j in reversed(range(len(kept))):  # the noisiest step first: it sets where the walk starts
+            lo = kept[j - 1] + 1 if j > 0 else 0
+            hi = kept[j + 1] - 1 if j + 1 < len(kept) else T - 1
+            d = max(1, (hi - lo) // 4)
+            while d >= 1:
+                for cand in (kept[j] - d, kept[j] + d):
+                    if lo <= cand <= hi:
+                        trial = kept[:j] + [cand] + kept[j + 1 :]
+                        v = loss(trial)
+                        if v < best:
+                            kept, best, moved = trial, v, True
+                d //= 2
+        if not moved:
+            break
+    return kept, math.sqrt(best)
 
 
 def tune(
@@ -66,6 +99,7 @@ def tune(
     iters: int = 300,
     lr: float = 2e-3,
     patience: int = 30,
+    search: bool = True,
     seed: int = 1_000_003,
     out=None,
     log=print,
@@ -97,16 +131,26 @@ def tune(
     variance = d.variance
     t0 = time.perf_counter()
     gen_t, gen_v = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64)
-    xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64)
-    digest = tuned_digest_of(model)  # of the model as given, before the float64 copy
+    # float32 model calls: the chain's float32 rounding (~1e-5) is far below the distances learned (~1e-1),
+    # and a CPU runs them several times faster than float64; the tables and the optimiser stay float64
+    xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64).float()
+    xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64).float()
+    digest = tuned_digest_of(model)  # of the model as given, before the working copy
     if isinstance(model, torch.nn.Module):
-        model = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
+        model = copy.deepcopy(model).to(torch.float32).eval().requires_grad_(False)
     teacher = _base_table(schedule, base, teacher_steps, variance)
     with torch.no_grad():
         y_train = run_table(model, xt_train, teacher.coefs, teacher.timesteps, teacher.history)
         y_val = run_table(model, xt_val, teacher.coefs, teacher.timesteps, teacher.history)
-    start = _base_table(schedule, base, nfe, variance)
+    log(
+        f"teacher: {teacher_steps} steps of {base} on {train} + {val} noise draws, {time.perf_counter() - t0:.1f} s"
+    )
+    kept = spacing_timesteps(schedule, nfe, fam.spacing)
+    if search:  # the timesteps first (on part of the training noise), then the columns at them
+        n = min(train, 64)
+        kept, _ = search_timesteps(model, schedule, base, variance, kept, xt_train[:n], y_train[:n])
+        log(f"timesteps {kept} after the search, {time.perf_counter() - t0:.1f} s")
+    start = _base_table(schedule, base, nfe, variance, kept)
     H = start.history
     learn = [C_XT, C_X0] + [len(COLUMNS) + k for k in range(H)]
     c0 = start.coefs.clone()
@@ -121,13 +165,18 @@ def tune(
         c[:, learn] = c0[:, learn] + dlt * mask
         return c
 
-    def rmse(c, x, y):
-        return math.sqrt(float(((run_table(model, x, c, start.timesteps, H) - y) ** 2).mean()))
+    def rmse(c, x, y, timesteps=None):
+        ts = start.timesteps if timesteps is None else timesteps
+        return math.sqrt(float(((run_table(model, x, c, ts, H) - y) ** 2).mean()))
 
+    plain = _base_table(schedule, base, nfe, variance)
     with torch.no_grad():
-        before = rmse(c0, xt_val, y_val)
+        before = rmse(plain.coefs, xt_val, y_val, plain.timesteps)
+        searched = rmse(c0, xt_val, y_val)
+    if searched > before:  # the searched timesteps do not carry over to held-out noise: keep the base's
+        start, c0, searched = plain, plain.coefs.clone(), before
     opt = torch.optim.Adam([delta], lr=lr)
-    best, best_delta, bad = before, delta.detach().clone(), 0
+    best, best_delta, bad = searched, delta.detach().clone(), 0
     batch = min(train, 64)
     for it in range(iters):
         idx = torch.randint(0, train, (batch,), generator=gen_t)
@@ -150,7 +199,9 @@ def tune(
     took = time.perf_counter() - t0
     info = {
         "rmse_before": before,
+        "rmse_searched": searched,
         "rmse_after": best,
+        "timesteps": [int(t) for t in start.timesteps],
         "seconds": took,
         "iters": it + 1,
         "teacher": teacher_steps,

@@ -13,10 +13,11 @@ from _rounding import max_diff, propagated_budget
 import ddpm_fast as df
 from ddpm_fast import cli
 from ddpm_fast.checkpoint import DEFAULT_MODEL_DIR, load_model
-from ddpm_fast.tuned import TUNED_DIR
+from ddpm_fast.tuned import TUNED_DIR, carried_tables, load_tuned
 from ddpm_fast.tuning import tune
 
 NFE = 3
+BUNDLED = (3, 4, 5, 6, 8, 10)  # the digits checkpoint's own tables (ddpm_fast/assets/digits/tuned/)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def test_a_checkpoint_carries_its_tables(model, table, tmp_path):
     t, path = table
     ckpt = tmp_path / "digits"
     shutil.copytree(DEFAULT_MODEL_DIR, ckpt)
-    (ckpt / TUNED_DIR).mkdir(exist_ok=True)
+    shutil.rmtree(ckpt / TUNED_DIR, ignore_errors=True)  # only the table of this test
+    (ckpt / TUNED_DIR).mkdir()
     shutil.copy(path, ckpt / TUNED_DIR / f"nfe-{NFE}.safetensors")
     carrying = load_model(ckpt)
     shape = _shape(model)
@@ -124,7 +126,10 @@ def test_refusals_name_the_argument(model, table, tmp_path):
     assert "another schedule" in _refusal(
         model, schedule=df.Schedule.cosine(1000), method="tuned", tuned=path
     )
-    assert "NFE none" in _refusal(model, method="tuned", steps=3)
+    bare = copy.deepcopy(model)
+    bare.tuned_tables = {}
+    assert "NFE none" in _refusal(bare, method="tuned", steps=3)
+    assert f"NFE {sorted(BUNDLED)}; got steps=7" in _refusal(model, method="tuned", steps=7)
     assert "tuned= applies to method='tuned'" in _refusal(model, method="unipc", steps=3, tuned=path)
     assert "spacing= do not apply" in _refusal(model, method="tuned", tuned=path, spacing="linspace")
     assert "variance must be the tuned table's" in _refusal(
@@ -151,8 +156,8 @@ def test_cli_tuned_runs_and_refuses(model, table, tmp_path, capsys):
         cli.main(["sample", "--method", "ddim", "--tuned", str(path), "--out", str(tmp_path / "x.npz")]) == 2
     )
     assert "--tuned applies to --method tuned" in capsys.readouterr().err
-    assert cli.main(["sample", "--method", "tuned", "--steps", "4", "--out", str(tmp_path / "y.npz")]) == 2
-    assert "carries tuned tables for NFE none" in capsys.readouterr().err
+    assert cli.main(["sample", "--method", "tuned", "--steps", "7", "--out", str(tmp_path / "y.npz")]) == 2
+    assert f"carries tuned tables for NFE {sorted(BUNDLED)}" in capsys.readouterr().err
 
 
 def test_a_sharded_run_records_its_table(model, table, tmp_path, capsys):
@@ -176,3 +181,14 @@ def test_a_sharded_run_records_its_table(model, table, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*args, "--tuned", str(other)]) == 2
     assert "tuned_table_sha256" in capsys.readouterr().err
+
+
+def test_the_bundled_tables_belong_to_the_bundled_model(model):
+    """Each bundled table loads for the bundled model, schedule and its NFE, and samples on the reference."""
+    tables = carried_tables(model)
+    assert sorted(tables) == sorted(BUNDLED)
+    for nfe, path in tables.items():
+        t = load_tuned(path, model=model, schedule=model.defaults.schedule, nfe=nfe)
+        assert t.table.num_steps == nfe and t.info["rmse_after"] < t.info["rmse_before"]
+    x = df.sample(model, shape=_shape(model), method="tuned", steps=5, backend="reference")
+    assert x.isfinite().all() and x.abs().max() <= 1.5
