@@ -508,7 +508,8 @@ class StepRunner:
         else:
             out = self.forward(self.x, t, self.labels)
         if not self.checked:  # first call only (a host sync): shape and finiteness, errors name the step
-            check_model_output(out, self.out_shape, 0, -1)
+            i = int(self.counter.item())
+            check_model_output(out, self.out_shape, i, int(self.timesteps[i].item()))
             self.checked = True
         if self.guide is not None:  # classifier guidance: autograd through the classifier, never captured
             amp = self.amp_dtype

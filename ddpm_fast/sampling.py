@@ -81,7 +81,10 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
     out = getattr(importlib.import_module(module), name)(model, plan)
     # every backend's samples, in this one place (the onnx backend checks nothing itself): never garbage, exit 0
     if not torch.isfinite(out).all():
-        raise ValueError(f"backend={backend!r} returned NaN or Inf samples: the model's output is not finite")
+        raise ValueError(
+            f"backend={backend!r} returned NaN or Inf samples: the model's output is not finite "
+            "(backend='reference' checks every step and names the first one that is not)"
+        )
     return out
 
 

@@ -590,3 +590,12 @@ def test_cuda_replay_has_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert runner.counter.item() == plan.table.num_steps
+
+
+def test_a_nan_model_is_refused_naming_the_first_step():
+    """The fast backend checks its first model call (one host sync) and names that step and timestep."""
+    model = unet(df.UNetConfig.tiny())
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"NaN or Inf at step 0 \(t=999\)"):
+        fast(model, df.Schedule.linear(1000), (1, 3, 16, 16), steps=4, triton=False)
