@@ -13,10 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="unipc", help="the method whose table is tuned (default unipc)")
     p.add_argument("--nfe", type=int, required=True, help="model evaluations of the tuned table")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where the table is written")
-    p.add_argument("--train", type=int, default=256, help="training noise samples (default 256)")
-    p.add_argument("--val", type=int, default=128, help="held-out noise samples (default 128)")
-    p.add_argument("--iters", type=int, default=300, help="at most this many optimiser steps (default 300)")
-    p.add_argument("--teacher-steps", type=int, default=200, help="NFE of the teacher walk (default 200)")
+    p.add_argument("--train", type=int, default=128, help="training noise samples (default 128)")
+    p.add_argument("--val", type=int, default=64, help="held-out noise samples (default 64)")
+    p.add_argument("--iters", type=int, default=200, help="at most this many optimiser steps (default 200)")
+    p.add_argument("--teacher-steps", type=int, default=100, help="NFE of the teacher walk (default 100)")
 
 
 def run(args) -> int:
