@@ -269,7 +269,13 @@ def derive(rows: list[dict]) -> dict:
                 r["of_ceiling"] = r["tflops"] * 1e12 / ceiling if ceiling else None
                 r["of_sheet"] = r["tflops"] * 1e12 / sheet["bf16_flops"] if sheet else None
             for base in ("reference", "diffusers"):
-                b = _last(rows, kind="sampling", section=r["section"], provider=base, batch=r["batch"])
+                # a solver row's bases are its own method's (reference-dpmpp_2m) at its own step count
+                name = base + r["provider"][len(r["provider"].split("-")[0]) :].replace("-bf16", "", 1)
+                name = name.replace("-nocompile", "").replace("-nograph", "")
+                if name not in {x.get("provider") for x in rows}:
+                    name = base
+                b = _last(rows, kind="sampling", section=r["section"], provider=name, batch=r["batch"],
+                          steps=r["steps"])  # fmt: skip
                 r[f"x_{base}"] = r["images_per_s"] / b["images_per_s"] if b and "images_per_s" in b else None
         if r.get("kind") == "kernel" and sheet:
             r["of_sheet"] = r["gbps"] * 1e9 / sheet["hbm_bytes_s"]
@@ -328,13 +334,15 @@ def targets(rows: list[dict], big: int, small: int) -> list[dict]:
     kernels = [r for r in rows if r.get("kind") == "kernel"]
     if kernels:
         biggest = max(kernels, key=lambda r: r["bytes"])["size"]
+        # DDPM's step (the one the eager-chain baseline is timed for), not the last method's row
+        method = "ddpm" if any(r.get("method") == "ddpm" for r in kernels) else kernels[0].get("method")
         fused = (
-            _last(rows, kind="kernel", size=biggest, provider="triton_graph")
-            or _last(rows, kind="kernel", size=biggest, provider="triton")
-            or _last(rows, kind="kernel", size=biggest, provider="twin")
+            _last(rows, kind="kernel", size=biggest, provider="triton_graph", method=method)
+            or _last(rows, kind="kernel", size=biggest, provider="triton", method=method)
+            or _last(rows, kind="kernel", size=biggest, provider="twin", method=method)
         )
         if fused:
-            what = f"fused step ({fused['provider']}, {biggest})"
+            what = f"fused step ({fused['provider']}, {method}, {biggest})"
             add(f"{what}: fraction of the measured device copy", fused.get("frac_copy"), 0.80)
             add(
                 f"{what}: fraction of the data sheet's HBM bandwidth",
@@ -404,12 +412,12 @@ def _sampling_table(rows):
 
 def _kernel_table(rows):
     lines = [
-        "| size | provider | median ms [p20, p80] | GB/s | of device copy | of data sheet HBM | x eager | compile s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| size | method | provider | median ms [p20, p80] | GB/s | of device copy | of data sheet HBM | x eager | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['size']} | {r['provider']} | {r['median_ms']:.4f} [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] "
+            f"| {r['size']} | {r.get('method', '-')} | {r['provider']} | {r['median_ms']:.4f} [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}] "
             f"| {r['gbps']:.1f} | {_pct(r.get('frac_copy'))} | {_pct(r.get('of_sheet'))} "
             f"| {_f(r.get('speedup_vs_eager'), '.2f')} | {_f(r.get('compile_s'), '.1f')} |"
         )
@@ -603,7 +611,7 @@ def _one_line(row: dict) -> str:
             f"{row['ms_per_step']:9.3f} ms/step  setup {row['setup_s']:.1f} s"
         )
     if k == "kernel":
-        return f"{row['size']} {row['provider']:<12} {row['gbps']:9.1f} GB/s"
+        return f"{row['size']} {row.get('method', '-'):<9} {row['provider']:<12} {row['gbps']:9.1f} GB/s"
     return json.dumps(
         {x: v for x, v in row.items() if x not in ("traceback", "section", "at", "output_tail")}, default=str
     )[:300]
@@ -695,7 +703,8 @@ def section_smoke(ctx: Context) -> int:
             "check": "fast (compile off) vs reference, tiny U-Net, 10 steps",
             "ok": good,
             "detail": f"max abs diff {diff:.2e} (bound 1e-3), {captures} CUDA graph capture(s), "
-            f"{fast_s:.1f} s with warm-up; options {engine.resolve_options(_plan(model, s, conf.smoke_shape, dev), model)}",
+            f"{fast_s:.1f} s with warm-up; options "
+            f"{engine.resolve_options(_plan(model, s, conf.smoke_shape, dev, {'compile': False}), model)}",
         }
     )
     # Ceilings measured here: what a large bf16 matmul and a plain copy reach on this device
@@ -992,20 +1001,23 @@ def section_kernel(ctx: Context) -> int:
     for size in ctx.conf.kernel_sizes:
         if not ctx.fits(ctx.conf.need["eager"], provider="kernel", size=size):
             break
-        ctx.doing = f"kernel {size}"
-        try:
-            rows = bench_kernels.run(
-                ctx.conf.device,
-                sizes=size,
-                providers=list(ctx.conf.kernel_providers),
-                samples=5 if ctx.conf.dry else 20,
-                methods=("ddpm", "dpmpp_2m", "unipc"),  # the solvers' step also moves its x0 history
-            )
-        except Exception as e:
-            ctx.emit(_exc_row(e, provider="kernel", size=size))
-            continue
-        for r in rows:
-            ctx.emit({**r, "kind": "kernel"})
+        # the solvers' step also moves its history (x0; ipndm: three eps entries); one method at a time, so
+        # a failure in one is its error row and the rows of the others stay
+        for method in ("ddpm", "dpmpp_2m", "unipc", "ipndm"):
+            ctx.doing = f"kernel {method} {size}"
+            try:
+                rows = bench_kernels.run(
+                    ctx.conf.device,
+                    sizes=size,
+                    providers=list(ctx.conf.kernel_providers),
+                    samples=5 if ctx.conf.dry else 20,
+                    methods=(method,),
+                )
+            except Exception as e:
+                ctx.emit(_exc_row(e, provider="kernel", size=size, method=method))
+                continue
+            for r in rows:
+                ctx.emit({**r, "kind": "kernel"})
     return 0
 
 

@@ -126,6 +126,7 @@ def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
     assert _rows(tmp_path, kind="skipped", provider="diffusers")[0]["reason"].startswith("missing peer")
     kernels = _rows(tmp_path, kind="kernel")
     assert {r["provider"] for r in kernels} == {"eager", "twin", "copy"}
+    assert {r["method"] for r in kernels} == {"ddpm", "dpmpp_2m", "unipc", "ipndm"}  # history: x0, and eps
 
     rep = gpu_check.render(tmp_path)
     row = next(r for r in rep["rows"] if r.get("provider") == "fast-bf16" and r.get("batch") == 4)
@@ -135,6 +136,10 @@ def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
     assert targets["batch 4 fast-bf16 images/s over reference fp32"]["value"] == row["x_reference"]
     over_peer = targets["batch 4 fast-bf16 images/s over diffusers fp32"]
     assert over_peer["value"] is None and over_peer["note"].startswith("missing peer")
+    for t in rep["targets"]:  # every figure the report names has its value or says why not
+        assert t["value"] is not None or t["note"], t
+    fused = [t for t in rep["targets"] if t["target"].startswith("fused step")]
+    assert fused and all("ddpm" in t["target"] for t in fused)  # DDPM's kernel row, not the last method's
     assert (tmp_path / "report.png").stat().st_size > 0
     assert "fast-bf16-nocompile" in (tmp_path / "report.md").read_text()
 
