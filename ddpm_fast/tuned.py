@@ -114,16 +114,6 @@ def load_tuned(
         raise ValueError(f"tuned: {path} has a damaged header (nfe/history)") from e
     if coefs.shape != (S, len(COLUMNS) + history) or k != S or not torch.isfinite(coefs).all():
         raise ValueError(f"tuned: {path} has inconsistent tables (coefs {tuple(coefs.shape)}, {S} timesteps)")
-    if digest is None and model is not None:
-        digest = tuned_digest_of(model)
-    if digest is not None and meta.get("model") != digest:
-        raise ValueError(
-            f"tuned: {path} was learned for another model (weights digest {meta.get('model', '')[:12]})"
-        )
-    if schedule is not None and meta.get("schedule") != schedule_digest(schedule):
-        raise ValueError(f"tuned: {path} was learned for another schedule")
-    if nfe is not None and k != nfe:
-        raise ValueError(f"tuned: {path} is a table for {k} NFE; got steps={nfe}")
     table = StepTable(
         coefs=coefs,
         timesteps=ts,
@@ -134,9 +124,29 @@ def load_tuned(
         draws=(False,) * S,
     )
     info = json.loads(meta.get("info", "{}"))
-    return TunedTable(
-        table, model=meta["model"], schedule=meta["schedule"], base=meta["base"], nfe=k, info=info
+    tuned = TunedTable(
+        table,
+        model=meta.get("model", ""),
+        schedule=meta.get("schedule", ""),
+        base=meta.get("base", ""),
+        nfe=k,
+        info=info,
     )
+    if digest is None and model is not None:
+        digest = tuned_digest_of(model)
+    _check_fits(tuned, str(path), digest, schedule, nfe)
+    return tuned
+
+
+def _check_fits(t: TunedTable, name: str, digest: str | None, schedule: Schedule | None, nfe) -> None:
+    """One line naming `tuned` where the table was learned for another model, schedule or NFE (each checked
+    when given)."""
+    if digest is not None and t.model != digest:
+        raise ValueError(f"tuned: {name} was learned for another model (weights digest {t.model[:12]})")
+    if schedule is not None and t.schedule != schedule_digest(schedule):
+        raise ValueError(f"tuned: {name} was learned for another schedule")
+    if nfe is not None and t.nfe != nfe:
+        raise ValueError(f"tuned: {name} is a table for {t.nfe} NFE; got steps={nfe}")
 
 
 def tuned_digest_of(model) -> str:
@@ -188,16 +198,8 @@ def tuned_table_for(model, schedule: Schedule, steps, tuned) -> TunedTable:
             )
         tuned = carried[steps]
     if isinstance(tuned, TunedTable):
-        t = tuned
-        if t.model != tuned_digest_of(model):
-            raise ValueError(
-                f"tuned: the table was learned for another model (weights digest {t.model[:12]})"
-            )
-        if t.schedule != schedule_digest(schedule):
-            raise ValueError("tuned: the table was learned for another schedule")
-        if steps is not None and steps != t.nfe:
-            raise ValueError(f"tuned: the table is for {t.nfe} NFE; got steps={steps}")
-        return t
+        _check_fits(tuned, "the TunedTable", tuned_digest_of(model), schedule, steps)
+        return tuned
     if not isinstance(tuned, (str, Path)):
         raise TypeError(f"tuned must be a path or a ddpm_fast.TunedTable; got {type(tuned).__name__}")
     return load_tuned(tuned, digest=tuned_digest_of(model), schedule=schedule, nfe=steps)
