@@ -71,33 +71,61 @@ class Section:
     pytest: bool = False
 
 
+# In the order of what they are worth, so a budget cut drops the tail: correctness first (the fused step's
+# rows, then the CUDA tests, kernel and capture proofs before anything long), the headline, the newest
+# features' rows (solvers, tuned tables, deis, karras; ADM), and last what only widens the picture (ONNX,
+# more dtypes and compile settings, compile modes). The first six limits sum to the default budget (450 s),
+# so a run whose every section takes its whole limit still reaches the ADM rows: tests/test_gpu_check.py.
 SECTIONS = (
     Section(
         "smoke",
-        90,
+        60,
         20,
         "CUDA, imports, a tiny captured run against the reference; bf16 matmul and copy ceilings",
     ),
+    Section("kernel", 40, 15, "fused posterior step GB/s next to a device copy and the eager chain"),
+    Section(
+        "tests",
+        120,
+        30,
+        "pytest -m cuda tests, -v, per-test timeout: kernel and capture proofs first (CUDA_TEST_FILES)",
+        pytest=True,
+    ),
     Section(
         "headline",
-        240,
+        130,
         60,
         "cifar10 U-Net: fast-bf16 compiled+captured at batch 256, 1, 64; reference fp32 (and diffusers) beside each",
     ),
-    Section("kernel", 60, 15, "fused posterior step GB/s next to a device copy and the eager chain"),
-    Section("tests", 150, 30, "pytest -m cuda tests, -v, per-test timeout", pytest=True),
-    Section("more", 150, 40, "fast fp32 compiled; fast-bf16 and fast without compile, at batch 256 and 1"),
-    Section("onnx", 60, 20, "ONNX Runtime's CUDA path (skipped where onnxruntime has no CUDA provider)"),
     Section(
         "solvers",
-        150,
-        40,
-        "dpmpp_2m and unipc at 10 and 20 steps: fast-bf16 and reference fp32, batch 1/64/256",
+        60,
+        30,
+        "dpmpp_2m, unipc, deis, dpmpp_2m karras at 10 and 20 steps; tuned tables (digits, 5 NFE): fast-bf16 vs reference",
     ),
     Section(
-        "adm", 150, 60, "ADM ImageNet-64 (class-conditional, random weights): fast-bf16 vs reference fp32"
+        "adm", 40, 30, "ADM ImageNet-64 (class-conditional, random weights): fast-bf16 vs reference fp32"
+    ),
+    Section("onnx", 60, 20, "ONNX Runtime's CUDA path (skipped where onnxruntime has no CUDA provider)"),
+    Section(
+        "more",
+        150,
+        40,
+        "fast fp32 compiled; the compiled torch twin (triton off); fast-bf16 and fast without compile, batch 256 and 1",
     ),
     Section("modes", 200, 150, "torch.compile mode default vs max-autotune-no-cudagraphs, bf16 batch 64"),
+)
+# The tests section's files, in this order (pytest would run them by name, test_engine's inductor compiles
+# before test_kernels): the cheap kernel and capture correctness proofs first, the long compiles last. Every
+# file with a @pytest.mark.cuda test is listed (tests/test_gpu_check.py checks it).
+CUDA_TEST_FILES = (
+    "tests/test_kernels.py",
+    "tests/test_cuda_proofs.py",
+    "tests/test_cuda_capture.py",
+    "tests/test_guidance.py",
+    "tests/test_onnx.py",
+    "tests/test_engine.py",
+    "tests/test_metrics_fid.py",
 )
 # --dry-run: the same parent, children, rows and report on CPU; fake sections raise, hang, overrun a pytest
 # run and the budget, and miss a peer, so a test can check what the report keeps.
@@ -1142,7 +1170,7 @@ def pytest_command(out: Path, dry: bool) -> tuple[list[str], str]:
         note = f"per-test timeout {PYTEST_PER_TEST_S} s (pytest-timeout)"
     else:
         note = "no per-test timeout (pytest-timeout is not installed here); the section limit still applies"
-    cmd += [str(_dry_tests())] if dry else ["-m", "cuda", "tests"]
+    cmd += [str(_dry_tests())] if dry else ["-m", "cuda", *(str(ROOT / f) for f in CUDA_TEST_FILES)]
     return cmd, note
 
 

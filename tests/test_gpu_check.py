@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -214,3 +215,63 @@ def test_solver_and_adm_sections_on_cpu(tmp_path, monkeypatch):
         assert rows[("tiny", p)]["steps"] == 3 and rows[("tiny", p)]["images_per_s"] > 0
     assert rows[("tiny", "fast-bf16-dpmpp_2m")]["max_abs_diff"] < 0.1  # bf16 U-Net against its fp32 reference
     assert rows[("adm-tiny", "fast-bf16")]["max_abs_diff"] < 0.1 and rows[("adm-tiny", "reference")]
+
+
+class _FakeClock:
+    """gpu_check's `time` module for a simulated run: time moves only when a section runs, by its whole limit."""
+
+    def __init__(self):
+        self.now = 1.0e9
+
+    def time(self):
+        return self.now
+
+    def strftime(self, fmt, t):
+        return "simulated"
+
+    def gmtime(self, t):
+        return None
+
+
+def test_a_budget_cut_drops_the_least_valuable_sections(tmp_path, monkeypatch):
+    """The shipped SECTIONS at --budget 450 with every section running to its own limit (the worst case): the
+    correctness sections, the headline and the newest features' rows (solvers with the tuned, deis and karras
+    rows; ADM) run; what a cut drops is the tail of the value order (ONNX, more, modes); the tests section
+    runs the kernel and capture proofs before the long compiles."""
+    clock = _FakeClock()
+    ran, commands = [], []
+
+    def run_child(cmd, limit, log_path=None):
+        commands.append(cmd)
+        ran.append(cmd[cmd.index("--section") + 1] if "--section" in cmd else "tests")
+        clock.now += limit
+        return 0, "ok", ""
+
+    monkeypatch.setattr(gpu_check, "time", clock)
+    monkeypatch.setattr(gpu_check, "run_child", run_child)
+    monkeypatch.setattr(gpu_check, "render", lambda out: {"state": "simulated"})
+    assert gpu_check.run_all(tmp_path, gpu_check.SECTIONS, 450.0, dry=False) == 0
+    skipped = [r["name"] for r in _rows(tmp_path, kind="section", status="skipped")]
+    order = [s.name for s in gpu_check.SECTIONS]
+    assert ran == ["smoke", "kernel", "tests", "headline", "solvers", "adm"]
+    assert skipped == ["onnx", "more", "modes"] == order[len(ran) :]  # a cut drops the tail only
+    assert all(r["reason"].startswith("budget:") for r in _rows(tmp_path, kind="section", status="skipped"))
+    # the same run with a smaller budget drops more of the tail, never a section before one that ran
+    clock.now, ran[:] = 1.0e9, []
+    gpu_check.run_all(tmp_path, gpu_check.SECTIONS, 300.0, dry=False)
+    assert ran == order[: len(ran)] and "solvers" not in ran and ran[:3] == ["smoke", "kernel", "tests"]
+    # the tests section: the listed files in their order, kernel and capture proofs first
+    (cmd,) = {tuple(c) for c in commands if "pytest" in c}
+    files = [Path(a).relative_to(ROOT).as_posix() for a in cmd if a.endswith(".py")]
+    assert files == list(gpu_check.CUDA_TEST_FILES)
+    assert files[:3] == ["tests/test_kernels.py", "tests/test_cuda_proofs.py", "tests/test_cuda_capture.py"]
+    assert files.index("tests/test_engine.py") > files.index("tests/test_cuda_capture.py")
+
+
+def test_every_file_with_a_cuda_test_is_in_the_tests_section():
+    marked = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "tests").glob("test_*.py")
+        if re.search(r"^\s*@pytest\.mark\.cuda$|marks=pytest\.mark\.cuda\)", p.read_text(), re.M)
+    )
+    assert sorted(gpu_check.CUDA_TEST_FILES) == marked
