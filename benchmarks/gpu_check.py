@@ -422,16 +422,17 @@ def report(rows: list[dict]) -> dict:
 
 def _sampling_table(rows):
     lines = [
-        "| provider | batch | images/s | ms/step [p20, p80] | setup s | x reference | x diffusers | TFLOP/s "
-        "| of matmul ceiling | of data sheet | max abs diff | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| provider | batch | images/s | ms/step [p20, p80] | loop ms/step | setup s | x reference | x diffusers "
+        "| TFLOP/s | of matmul ceiling | of data sheet | max abs diff | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         s = r["steps"]
         note = r.get("fallback", "")
         lines.append(
             f"| {r['provider']} | {r['batch']} | {r['images_per_s']:.2f} | {r['ms_per_step']:.3f} "
-            f"[{1e3 * r['p20_s'] / s:.3f}, {1e3 * r['p80_s'] / s:.3f}] | {r['setup_s']:.1f} "
+            f"[{1e3 * r['p20_s'] / s:.3f}, {1e3 * r['p80_s'] / s:.3f}] | {_f(r.get('loop_ms_per_step'), '.3f')} "
+            f"| {r['setup_s']:.1f} "
             f"| {_f(r.get('x_reference'), '.2f')} | {_f(r.get('x_diffusers'), '.2f')} | {_f(r.get('tflops'), '.1f')} "
             f"| {_pct(r.get('of_ceiling'))} | {_pct(r.get('of_sheet'))} | {_f(r.get('max_abs_diff'), '.1e')} | {note} |"
         )
@@ -636,7 +637,8 @@ def _one_line(row: dict) -> str:
     if k == "sampling":
         return (
             f"{row['provider']:<22} B={row['batch']:<4} {row['images_per_s']:10.2f} img/s "
-            f"{row['ms_per_step']:9.3f} ms/step  setup {row['setup_s']:.1f} s"
+            f"{row['ms_per_step']:9.3f} ms/step (loop {_f(row.get('loop_ms_per_step'), '.3f')})  "
+            f"setup {row['setup_s']:.1f} s"
         )
     if k == "kernel":
         return f"{row['size']} {row.get('method', '-'):<9} {row['provider']:<12} {row['gbps']:9.1f} GB/s"
@@ -830,6 +832,56 @@ class _Logs:
         logging.getLogger("ddpm_fast").removeHandler(self.handler)
 
 
+class _LoopTimer:
+    """The fast backend's per-step loop alone (engine.StepRunner.loop: graph replays, or eager steps), timed
+    inside each df.sample call, CUDA events around it on CUDA: the whole call's plan, table copies, x_T,
+    weight refresh, capture check and final finiteness check are left out. take(): seconds since the last."""
+
+    def __init__(self, device):
+        self.device, self.spans = device, []
+
+    def __enter__(self):
+        import torch
+
+        from ddpm_fast import engine
+
+        self.orig = orig = engine.StepRunner.loop
+        spans, cuda = self.spans, self.device.type == "cuda"
+
+        def loop(runner, do, steps, on_step=None):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                orig(runner, do, steps, on_step)
+                b.record()
+                spans.append((a, b))
+            else:
+                t0 = time.perf_counter()
+                orig(runner, do, steps, on_step)
+                spans.append(time.perf_counter() - t0)
+
+        engine.StepRunner.loop = loop
+        return self
+
+    def __exit__(self, *exc):
+        from ddpm_fast import engine
+
+        engine.StepRunner.loop = self.orig
+
+    def take(self) -> float | None:
+        if not self.spans:
+            return None
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            s = sum(a.elapsed_time(b) for a, b in self.spans) / 1e3
+        else:
+            s = sum(self.spans)
+        self.spans.clear()
+        return s
+
+
 def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_out=None):
     """Time one (provider, batch): first call (compile, warm-up, capture) apart, then conf.repeats runs.
     Emits a sampling, skipped or error row; returns the output (for the rows compared with it) or None."""
@@ -874,8 +926,13 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
 
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            first, out = bench._timed(fn, dev)
-            times = [bench._timed(fn, dev)[0] for _ in range(conf.repeats)]
+            with _LoopTimer(dev) as loop_timer:
+                first, out = bench._timed(fn, dev)
+                loop_timer.take()
+                times, loops = [], []
+                for _ in range(conf.repeats):
+                    times.append(bench._timed(fn, dev)[0])
+                    loops.append(loop_timer.take())
             ref_for = fn.reference() if hasattr(fn, "reference") else ref_out
             off = (
                 _fallback(model, schedule, shape, spec, dev)
@@ -892,6 +949,8 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
         p80_s=bench._quantile(times, 0.8),
         images_per_s=batch / med,
         ms_per_step=1e3 * med / conf.steps,
+        # the replay loop alone (None: no fast-backend loop in this row, the reference or the peer)
+        loop_ms_per_step=1e3 * statistics.median(loops) / conf.steps if None not in loops else None,
         setup_s=max(first - med, 0.0),
         max_abs_diff=bench._max_diff(out, ref_for) if provider != "reference" else 0.0,
         peak_mem_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,

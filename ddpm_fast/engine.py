@@ -588,6 +588,10 @@ class StepRunner:
             do = self.graph.replay
         else:
             do = self.step
+        self.loop(do, steps, on_step)
+
+    def loop(self, do, steps: int, on_step=None) -> None:
+        """The per-step loop alone, set-up done (benchmarks/gpu_check.py times it apart from the whole call)."""
         for i in range(steps):
             do()
             if on_step is not None:

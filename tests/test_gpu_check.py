@@ -133,6 +133,10 @@ def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
     row = next(r for r in rep["rows"] if r.get("provider") == "fast-bf16" and r.get("batch") == 4)
     assert row["tflops"] > 0 and 0 < row["of_ceiling"] and row["of_sheet"] is None  # no data sheet for a CPU
     assert row["x_reference"] > 0
+    # the replay loop alone, beside the whole call: part of it; the reference has no such loop
+    assert 0 < row["loop_ms_per_step"] < row["ms_per_step"], row
+    assert next(r for r in rep["rows"] if r.get("provider") == "reference")["loop_ms_per_step"] is None
+    assert "loop ms/step" in (tmp_path / "report.md").read_text()
     targets = {t["target"]: t for t in rep["targets"]}
     assert targets["batch 4 fast-bf16 images/s over reference fp32"]["value"] == row["x_reference"]
     over_peer = targets["batch 4 fast-bf16 images/s over diffusers fp32"]
