@@ -44,6 +44,12 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _N_ROUNDS = 10
 _SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit ints
 _TWO_PI = 6.283185307179586
+# The two as the float32 values the products use, held as Python floats: a traced or compiled step then holds
+# a literal, never a host tensor (under CUDA-graph capture a CPU constant would be a host-to-device copy). Both
+# operands float32 values, the product is exact in float64: rounded once to float32, it is the float32
+# product whichever precision a backend multiplies in, so the noise is bit-identical (tests/test_noise.py).
+_SCALE_F32 = float(torch.tensor(_SCALE, dtype=torch.float32))
+_TWO_PI_F32 = float(torch.tensor(_TWO_PI, dtype=torch.float32))
 
 
 def check_seed(seed) -> int:
@@ -86,12 +92,12 @@ def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
     """Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with ~x, scale into [0, 1)."""
     s = torch.where(r >= 2**31, r - 2**32, r)
     s = torch.where(s < 0, -s - 1, s)
-    return s.to(torch.int32).to(torch.float32) * torch.tensor(_SCALE, dtype=torch.float32)
+    return s.to(torch.int32).to(torch.float32) * _SCALE_F32
 
 
 def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     u1 = torch.clamp(u1, min=1.0e-7)
-    th = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
+    th = u2 * _TWO_PI_F32
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 

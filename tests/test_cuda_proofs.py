@@ -383,3 +383,49 @@ def test_a_private_weight_copy_follows_its_model_to_another_device():
     call.refresh()
     assert call.model is not copy_before and call.layout[0][2] == torch.device("cpu")
     engine.clear_cache()
+
+
+# Tensor factories that, called in a traced graph with no device argument, make a host tensor at run time
+_HOST_FACTORIES = {torch.tensor, torch.as_tensor, torch.scalar_tensor, torch.full, torch.zeros, torch.ones}
+
+
+@pytest.mark.parametrize("history", [0, 2], ids=["ddpm", "history"])
+def test_the_compiled_twin_holds_no_host_constant(history):
+    """The graph torch.compile(step_torch, fullgraph=True) captures (as the engine's compiled twin runs it,
+    triton=False on CUDA), read off dynamo's FX graph on CPU: no tensor attribute (a constant the graph would
+    carry on the device it was traced on) and no factory call without a device (a CPU tensor made at run time,
+    a host-to-device copy under CUDA-graph capture). The noise's float32 scale and 2 pi are Python floats."""
+    from ddpm_fast.kernels import make_step_counter, step_torch
+    from ddpm_fast.steps import COLUMNS
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step_torch, backend=backend, fullgraph=True)
+    shape = (3, 1, 5, 7)
+    x, m = torch.randn(shape), torch.randn(shape)
+    coefs = torch.rand(4, len(COLUMNS) + history) + 0.1
+    ts = torch.tensor([7, 5, 3, 0])
+    counter, keys = make_step_counter(1), torch.tensor([3, 2], dtype=torch.int64)
+    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, advance=True)
+    if history:
+        kw["history"] = torch.zeros((history, *shape))
+    got = compiled(x, m, coefs, ts, counter, **kw)
+    counter.fill_(1)
+    if history:
+        kw["history"] = torch.zeros((history, *shape))
+    assert torch.equal(got, step_torch(x, m, coefs, ts, counter, **kw))  # the traced graph is the twin
+    (gm,) = graphs
+    consts = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert not consts, f"tensor constants in the compiled step: {consts}"
+    host = [
+        n.format_node()
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target in _HOST_FACTORIES and n.kwargs.get("device") is None
+    ]
+    assert not host, f"factory calls without a device (host tensors at run time): {host}"
+    torch._dynamo.reset()
