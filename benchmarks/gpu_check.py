@@ -166,11 +166,19 @@ class Conf:
             "diffusers-dpmpp_2m",
             "fast-bf16-unipc",
             "diffusers-unipc",
+            "reference-deis",
+            "fast-bf16-deis",
         ),
     )
     solver_steps: tuple = (10, 20)
+    # the bundled digits checkpoint (its 1000-step schedule): tuned 5-NFE table, karras spacing at 10 steps
+    checkpoint_rows: tuple = (
+        "digits",
+        (64, 1),
+        ("reference-tuned", "fast-bf16-tuned", "reference-dpmpp_2m-karras", "fast-bf16-dpmpp_2m-karras"),
+    )
     adm: tuple = ("adm-imagenet64", (64, 1, 256), ("reference", "fast-bf16"))
-    more: tuple = ((256, 1), ("reference", "fast", "fast-bf16-nocompile", "fast-nocompile"))
+    more: tuple = ((256, 1), ("reference", "fast", "fast-bf16-twin", "fast-bf16-nocompile", "fast-nocompile"))
     modes: tuple = ("default", "max-autotune-no-cudagraphs")
     kernel_sizes: tuple = ("256x3x32x32", "64x3x256x256", "256x3x256x256")
     kernel_providers: tuple = ("eager", "triton", "triton_graph", "copy")
@@ -192,15 +200,28 @@ def _specs(dry: bool) -> dict:
     if dry:  # CPU: no CUDA graph, Triton only under TRITON_INTERPRET (slow), compile asked for explicitly
         # (on CPU the engine leaves compile out of a run this short); _dry_compile stands in for inductor
         fast = dict(backend="fast", compile=True, cuda_graph=False, triton=False)
+    ref, bf16f = dict(backend="reference"), dict(fast, dtype=bf16)
     return {
         "reference": dict(backend="reference"),
         "fast": fast,
         "fast-bf16": dict(fast, dtype=bf16),
         "fast-nocompile": dict(fast, compile=False),
+        # the compiled torch twin of the step in place of the Triton kernel (compile on, captured on CUDA)
+        "fast-bf16-twin": dict(fast, dtype=bf16, triton=False),
         "fast-bf16-nocompile": dict(fast, dtype=bf16, compile=False),
         "raises (dry run)": dict(fast, compile="yes"),  # resolve_options raises TypeError: an error row
         **{f"reference-{m}": dict(backend="reference", method=m) for m in ("dpmpp_2m", "unipc")},
-        **{f"fast-bf16-{m}": dict(fast, dtype=bf16, method=m) for m in ("dpmpp_2m", "unipc")},
+        **{f"fast-bf16-{m}": dict(fast, dtype=bf16, method=m) for m in ("dpmpp_2m", "unipc", "deis")},
+        "reference-deis": dict(backend="reference", method="deis"),
+        # on a checkpoint's own 1000-step schedule (the digits rows): steps is the NFE
+        **{
+            f"{p}-tuned": dict(s, method="tuned", steps=5)
+            for p, s in (("reference", ref), ("fast-bf16", bf16f))
+        },
+        **{
+            f"{p}-dpmpp_2m-karras": dict(s, method="dpmpp_2m", spacing="karras", steps=10)
+            for p, s in (("reference", ref), ("fast-bf16", bf16f))
+        },
     }
 
 
@@ -212,7 +233,7 @@ DRY_CONF = Conf(
     repeats=2,
     # batch 1 gets its own runner (the engine pads to a prepared size at most 2x): _dry_compile fails there
     headline=((4, 1), ("reference", "fast-bf16", "raises (dry run)", "diffusers")),
-    more=((4,), ("reference", "fast-nocompile")),
+    more=((4,), ("reference", "fast-nocompile", "fast-bf16-twin")),
     kernel_sizes=("2x3x8x8",),
     kernel_providers=("eager", "twin", "copy"),
     matmul_n=256,
@@ -220,7 +241,15 @@ DRY_CONF = Conf(
     smoke_shape=(4, 3, 8, 8),
     peer="diffusers_dry_run_not_installed",
     need={"compiled": 1.0, "eager": 0.5, "peer": 0.5},
-    solvers=((2,), ("reference-dpmpp_2m", "fast-bf16-dpmpp_2m", "fast-bf16-unipc")),
+    solvers=(
+        (2,),
+        ("reference-dpmpp_2m", "fast-bf16-dpmpp_2m", "fast-bf16-unipc", "reference-deis", "fast-bf16-deis"),
+    ),
+    checkpoint_rows=(
+        "digits",
+        (2,),
+        ("reference-tuned", "fast-bf16-tuned", "reference-dpmpp_2m-karras", "fast-bf16-dpmpp_2m-karras"),
+    ),
     solver_steps=(3,),
     adm=("adm-tiny", (2,), ("reference", "fast-bf16")),
     dry=True,
@@ -789,6 +818,8 @@ def _plan(model, schedule, shape, device, spec=None):
         device=device,
         dtype=spec.get("dtype", torch.float32),
         method=spec.get("method", "ddpm"),
+        steps=spec.get("steps"),
+        spacing=spec.get("spacing"),
         labels=labels,
         options=opts,
     )
@@ -895,6 +926,8 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
     shape = (batch, C, H, W)
     base = {"provider": provider, "batch": batch}
     spec = conf.specs.get(provider, {})
+    if "steps" in spec:  # a row on a checkpoint's own schedule: its NFE
+        conf = replace(conf, steps=spec["steps"])
     if provider.split("-")[0] == "diffusers":
         kind = "peer"
     else:
@@ -1001,8 +1034,12 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
     if earlier:  # an earlier section's compiles: the best estimate of this one's
         conf.need["compiled"] = 1.2 * max(earlier)
     ctx.doing = "building the model"
-    model = bench.build_model(conf.model, dev)
-    schedule = df.Schedule.linear(conf.steps)
+    if conf.model == "digits":  # the bundled checkpoint, with its own schedule and tuned tables
+        from ddpm_fast.checkpoint import DEFAULT_MODEL_DIR
+
+        model, schedule = bench.build_model(str(DEFAULT_MODEL_DIR), dev), None
+    else:
+        model, schedule = bench.build_model(conf.model, dev), df.Schedule.linear(conf.steps)
     if not any(r.get("kind") == "model" and r["model"] == conf.model for r in read_rows(ctx.out)):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -1027,7 +1064,8 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
         for provider in providers:
             if provider.startswith("diffusers") and not have_peer:
                 continue
-            method = conf.specs.get(provider, {}).get("method", "ddpm")
+            spec = conf.specs.get(provider, {})
+            method = (spec.get("method", "ddpm"), spec.get("spacing"), spec.get("steps"))
             out = sampling_row(ctx, model, schedule, provider, batch, refs.get(method))
             if provider.split("-")[0] == "reference":
                 refs[method] = out
@@ -1063,8 +1101,12 @@ def section_solvers(ctx: Context) -> int:
     for steps in base.solver_steps:  # the schedule is T = steps long: NFE = steps
         ctx.conf = replace(base, steps=steps)
         _sampling_section(ctx, batches, providers)
-    ctx.conf = base
-    return 0
+    model, batches, providers = base.checkpoint_rows
+    ctx.conf = replace(base, model=model)
+    try:
+        return _sampling_section(ctx, batches, providers)
+    finally:
+        ctx.conf = base
 
 
 def section_adm(ctx: Context) -> int:

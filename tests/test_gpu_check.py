@@ -219,6 +219,16 @@ def test_solver_and_adm_sections_on_cpu(tmp_path, monkeypatch):
         assert rows[("tiny", p)]["steps"] == 3 and rows[("tiny", p)]["images_per_s"] > 0
     assert rows[("tiny", "fast-bf16-dpmpp_2m")]["max_abs_diff"] < 0.1  # bf16 U-Net against its fp32 reference
     assert rows[("adm-tiny", "fast-bf16")]["max_abs_diff"] < 0.1 and rows[("adm-tiny", "reference")]
+    # the new work's rows: deis, and on the bundled digits checkpoint the tuned 5-NFE table and karras spacing,
+    # each beside its own reference (same method, spacing and NFE)
+    for p, nfe in (("fast-bf16-tuned", 5), ("fast-bf16-dpmpp_2m-karras", 10)):
+        r = rows[("digits", p)]
+        assert r["steps"] == nfe and r["max_abs_diff"] < 0.1 and r["loop_ms_per_step"] > 0, r
+    rep = gpu_check.render(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "fast-bf16-tuned" in md and "fast-bf16-dpmpp_2m-karras" in md and "fast-bf16-deis" in md
+    for p in ("fast-bf16-tuned", "fast-bf16-deis", "fast-bf16-dpmpp_2m-karras"):
+        assert next(r for r in rep["rows"] if r.get("provider") == p)["x_reference"] > 0, p
 
 
 class _FakeClock:
