@@ -1,6 +1,6 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make sample   -> creates .venv, installs the package, samples a grid from the bundled model
-#   make test     -> creates .venv, installs the package with the test + onnx extras, runs ruff (lint and
+#   make test     -> creates .venv, installs the package with the test + onnx + openvino extras, runs ruff (lint and
 #                    format check), lint-imports (the layering contracts in pyproject.toml) and the default
 #                    pytest suite (everything not marked slow: a few minutes)
 # Both are idempotent: a second run only re-installs when pyproject.toml changed.
@@ -32,7 +32,7 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e ".[test,onnx]"
+	$(PIP) install -q -e ".[test,onnx,openvino]"
 	touch $@
 
 setup: $(VENV)/.base

@@ -175,6 +175,7 @@ def load_model(
             )
         model = adm_io.load_openai(path, flags=adm_flags, source=adm_source, preset=adm_preset)
     model.eval()
+    model.checkpoint_path = path  # where a derived file (the openvino backend's ONNX export) is cached beside
     if device is not None or dtype != torch.float32:
         model.to(device=device, dtype=dtype)
     return model

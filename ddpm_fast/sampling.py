@@ -33,6 +33,7 @@ BACKENDS = {
     "reference": "ddpm_fast.reference:run",
     "fast": "ddpm_fast.engine:run",
     "onnx": "ddpm_fast.export.runtime:run",
+    "openvino": "ddpm_fast.export.openvino_runtime:run",
 }
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -67,7 +68,7 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
         backend = choose_backend(model, plan)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
-    if plan.guidance is not None and backend == "onnx":
+    if plan.guidance is not None and backend in ("onnx", "openvino"):
         raise ValueError(
             "guidance needs the classifier's gradient at every step, which an ONNX step graph cannot take; "
             "use backend='reference' or 'fast'"
@@ -129,7 +130,7 @@ def sample(
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if shape is None:
         raise ValueError("shape must be given as (B, C, H, W)")
-    if backend in ("auto", "onnx") and is_onnx_model(model):
+    if backend in ("auto", "onnx", "openvino") and is_onnx_model(model):
         from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
 
         model = as_onnx_model(model)

@@ -42,6 +42,9 @@ __all__ = [
     "OnnxModel",
     "as_onnx_model",
     "sample_onnx",
+    "sample_session",
+    "check_graph",
+    "check_options",
     "run",
     "create_session",
     "clear_session_cache",
@@ -421,12 +424,23 @@ def _check_plan(m: OnnxModel, plan) -> None:
         )
     if plan.device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda for backend='onnx'; got {plan.device}")
+    check_options(plan, "onnx")
+    check_graph(m, plan)
+
+
+def check_options(plan, backend: str) -> None:
+    """The options an ONNX-graph backend takes (`OPTIONS`: threads), checked for `backend`'s message."""
     unknown = sorted(set(plan.options) - set(OPTIONS))
     if unknown:
-        raise TypeError(f"backend='onnx' takes options {list(OPTIONS)}; got {unknown}")
+        raise TypeError(f"backend={backend!r} takes options {list(OPTIONS)}; got {unknown}")
     threads = plan.options.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int; got {threads!r}")
+
+
+def check_graph(m: OnnxModel, plan) -> None:
+    """ValueError unless the graph `m` can run `plan`: its image shape and batch, its output channels for the
+    plan's variance, and (a step graph) the run it was exported for."""
     m.check_shape(plan.shape)
     if m.kind == "eps":
         if m.out_channels is not None and m.out_channels != plan.out_channels:
@@ -483,12 +497,12 @@ def reference_tolerance(plan, per_call: float = 1e-5) -> float:
     return per_call * (1.0 + gain.sum().item())
 
 
-def _progress(plan, n: int):
+def _progress(plan, n: int, backend: str):
     if not plan.progress:
         return range(n)
     from tqdm.auto import tqdm
 
-    return tqdm(range(n), desc="sampling (onnx)", unit="step")
+    return tqdm(range(n), desc=f"sampling ({backend})", unit="step")
 
 
 def run(model, plan) -> torch.Tensor:
@@ -500,15 +514,21 @@ def sample_onnx(model, plan) -> torch.Tensor:
     """Sample `plan` with ONNX Runtime; `model` is an .onnx path, an OnnxModel or an InferenceSession."""
     m = as_onnx_model(model)
     _check_plan(m, plan)
-    sess = m.session(plan.device, threads=plan.options.get("threads"))
+    return sample_session(m, m.session(plan.device, threads=plan.options.get("threads")), plan, "onnx")
+
+
+def sample_session(m: OnnxModel, sess, plan, backend: str) -> torch.Tensor:
+    """Sample a checked `plan` with graph `m` run by `sess`: an InferenceSession, or on CPU any object with
+    its `run(output names, {input name: numpy array}) -> [numpy arrays]` (the openvino backend's). x_T, the
+    noise and the torch-side update are the same whatever runs the graph; `backend` names the progress bar."""
     coefs, timesteps = plan.table.to(plan.device)
     x = noise.sample_noise(plan.seed, plan.start_index, plan.shape, noise.XT_SLOT, plan.device).contiguous()
     run = _eps_loop if m.kind == "eps" else _step_loop
     with torch.no_grad():
-        return run(m, sess, plan, x, coefs, timesteps)
+        return run(m, sess, plan, x, coefs, timesteps, backend)
 
 
-def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
+def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps, backend) -> torch.Tensor:
     """ORT computes eps; the posterior step (kernels: torch twin on CPU, fused Triton on CUDA) updates x in place."""
     from ddpm_fast.kernels.step import posterior_step, step_torch
 
@@ -528,7 +548,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
         if y is not None:
             _bind(binding, "y", y, input=True)
         _bind(binding, m.output_name, eps, input=False)
-    for i in _progress(plan, len(ts)):
+    for i in _progress(plan, len(ts), backend):
         t_buf.fill_(ts[i])
         if x.device.type == "cuda":
             run_bound(sess, binding, x.device)
@@ -555,7 +575,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
     return x
 
 
-def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
+def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps, backend) -> torch.Tensor:
     """ORT runs the whole step; z for step i is the counter-based noise of its timestep (zeros when sigma = 0).
     A multistep graph also takes and returns the x0 history (zeros before the first step)."""
     ts = plan.table.timesteps.tolist()
@@ -582,7 +602,7 @@ def _step_loop(m: OnnxModel, sess, plan, x, coefs, timesteps) -> torch.Tensor:
                 _bind(bnd, "history", hbufs[a], input=True)
                 _bind(bnd, hist_out, hbufs[b], input=False)
             bindings.append(bnd)
-    for i in _progress(plan, len(ts)):
+    for i in _progress(plan, len(ts), backend):
         step_buf.fill_(i)
         if sigma[i] != 0.0:
             z = noise.sample_noise(plan.seed, plan.start_index, plan.shape, ts[i], x.device)

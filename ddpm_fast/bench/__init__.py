@@ -5,7 +5,12 @@
 
 Providers (`PROVIDERS`, name -> factory(model, schedule, shape, steps, device) -> callable; add one there):
 reference (eager oracle), fast (compile + CUDA graph + Triton), fast-* (each option off; -bf16: autocast),
-diffusers (DDPMPipeline, float32, eager, the same weights and schedule), onnx (ddpm_fast.export).
+diffusers (DDPMPipeline, float32, eager, the same weights and schedule), onnx (ddpm_fast.export), openvino
+and openvino-bf16 (backend "openvino", precision hint f32 / bf16).
+
+GFLOP/s = the model's FLOPs per image per step (torch.utils.flop_counter) x batch x steps / median run time;
+on CPU each is also given as a fraction of the machine's GEMM peak for the provider's dtype (bf16 providers:
+the bfloat16 peak), both peaks measured as 2048^3 matmuls in the same run (`gemm_peaks`).
 
 Every provider runs all T steps of a linear schedule with T = --steps, so each does the same work per step
 and diffusers' own step spacing never differs from ours. For each (provider, batch): the first call
@@ -174,15 +179,59 @@ PROVIDERS: dict[str, Callable] = {
     ),
     "diffusers-unipc": _diffusers_solver("unipc", "UniPCMultistepScheduler", solver_order=2),
     "onnx": _onnx_factory,
+    "openvino": _sampler(backend="openvino"),
+    "openvino-bf16": _sampler(backend="openvino", dtype=torch.bfloat16),
 }
 CUDA_ONLY = ("fast-nograph",)
 DEFAULT_PROVIDERS = {
-    "cpu": ["reference", "fast", "fast-nocompile", "diffusers", "onnx"],
+    "cpu": [
+        "reference",
+        "fast",
+        "fast-nocompile",
+        "fast-bf16",
+        "diffusers",
+        "onnx",
+        "openvino",
+        "openvino-bf16",
+    ],
     "cuda": ["reference", "diffusers", "fast-nocompile", "fast-bf16", "fast-bf16-nocompile", "fast"],
 }
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
+GEMM_N = 2048  # the peak's matmul: 2048^3, large enough that every CPU kernel runs at its steady rate
+
+
+def gemm_peaks(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a GEMM_N^3 matmul in float32 and bfloat16 on `device` (best of `repeats`): the machine's
+    own limit, measured in the same run as the providers it is compared with."""
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = torch.randn(GEMM_N, GEMM_N, device=device).to(dtype)
+        b = torch.randn(GEMM_N, GEMM_N, device=device).to(dtype)
+        torch.mm(a, b)  # warm-up: the kernel choice and packing buffers
+        best = min(_timed(lambda a=a, b=b: torch.mm(a, b), device)[0] for _ in range(repeats))
+        out[name] = 2 * GEMM_N**3 / best / 1e9
+    return out
+
+
+def forward_flops(model, image_shape, device) -> int:
+    """FLOPs of one forward of `model` on one image (torch.utils.flop_counter: convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros((1, *image_shape), device=device)
+    t = torch.zeros(1, dtype=torch.int64, device=device)
+    cond = {"y": torch.zeros(1, dtype=torch.int64, device=device)} if defaults_of(model).num_classes else {}
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, t, **cond)
+    return int(counter.get_total_flops())
+
+
+def provider_dtype(name: str) -> str:
+    """The dtype a provider computes its GEMMs in: the peak its GFLOP/s is a fraction of."""
+    return "bfloat16" if "bf16" in name else "float32"
 
 
 def device_info(device: torch.device) -> dict:
@@ -193,7 +242,7 @@ def device_info(device: torch.device) -> dict:
     if device.type == "cpu":
         name = f"{_cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
     versions = {"python": platform.python_version(), "torch": torch.__version__, "ddpm_fast": df.__version__}
-    for pkg in ("triton", "diffusers", "onnxruntime", "onnxruntime-gpu"):
+    for pkg in ("triton", "diffusers", "onnxruntime", "onnxruntime-gpu", "openvino"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -308,6 +357,10 @@ def benchmark(
     schedule = df.Schedule.linear(steps)
     C, H, W = model.config.image_shape
     info = device_info(device)
+    flops = forward_flops(model, (C, H, W), device)
+    peaks = gemm_peaks(device) if device.type == "cpu" else {}
+    if peaks:
+        log(f"  GEMM {GEMM_N}^3 peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
     rows = []
     for B in batch_sizes:
         shape = (int(B), C, H, W)
@@ -343,7 +396,14 @@ def benchmark(
                     else _peak_rss_mb()
                 ),
                 peak_mem_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+                flops_per_image_step=flops,
+                gflops_per_s=flops * shape[0] * steps / med / 1e9,
             )
+            peak = peaks.get(provider_dtype(name))
+            if peak:
+                row.update(
+                    gemm_peak_gflops=peak, peak_dtype=provider_dtype(name), of_peak=row["gflops_per_s"] / peak
+                )
             rows.append(row)
             log(
                 f"  {name:<20} B={shape[0]:<4} {row['images_per_s']:10.2f} img/s {row['ms_per_step']:9.3f} ms/step"
@@ -380,19 +440,30 @@ def markdown(rows: list[dict]) -> str:
         f"Image {r0['image']}, {r0['steps']} steps per run; medians, [20%, 80%] quantiles.",
         "",
         "| provider | batch | images/s | ms/step [p20, p80] | setup s | x reference | x diffusers "
-        "| max abs diff | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max abs diff | peak MB | GFLOP/s | of GEMM peak |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    peaks = {r["peak_dtype"]: r["gemm_peak_gflops"] for r in rows if "gemm_peak_gflops" in r}
+    if peaks:
+        lines.insert(
+            2,
+            f"GEMM {GEMM_N}^3 peaks measured in this run: "
+            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in sorted(peaks.items()))
+            + f"; FLOPs counted on the model (torch.utils.flop_counter): "
+            f"{rows[0].get('flops_per_image_step', 0) / 1e9:.2f} GFLOP per image per step.",
+        )
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['provider']} | {r['batch']} | unavailable: {r['error']} | | | | | | |")
+            lines.append(f"| {r['provider']} | {r['batch']} | unavailable: {r['error']} | | | | | | | | |")
             continue
         s = r["steps"]
         lines.append(
             f"| {r['provider']} | {r['batch']} | {r['images_per_s']:.2f} | {r['ms_per_step']:.3f} "
             f"[{1e3 * r['p20_s'] / s:.3f}, {1e3 * r['p80_s'] / s:.3f}] | {r['setup_s']:.1f} "
             f"| {_fmt(r.get('speedup_vs_reference'), '.2f')} | {_fmt(r.get('speedup_vs_diffusers'), '.2f')} "
-            f"| {_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('peak_mem_mb'), '.0f')} |"
+            f"| {_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('peak_mem_mb'), '.0f')} "
+            f"| {_fmt(r.get('gflops_per_s'), '.1f')} "
+            f"| {_fmt(r.get('of_peak'), '.2f')}{' ' + r['peak_dtype'] if r.get('peak_dtype') else ''} |"
         )
     return "\n".join(lines) + "\n"
 

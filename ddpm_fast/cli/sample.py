@@ -256,13 +256,19 @@ def _check(args) -> str:
         raise ValueError(
             f"--backend onnx needs --model FILE.onnx; got --model {args.model or '(the bundled model)'}"
         )
-    if (onnx_file or args.backend == "onnx") and DTYPES[args.dtype] != torch.float32:
+    if args.backend == "openvino":  # before a model loads: the missing extra is the one line
+        from ddpm_fast.export.openvino_runtime import import_openvino
+
+        import_openvino()
+    runs_onnxruntime = args.backend == "onnx" or (onnx_file and args.backend == "auto")
+    if runs_onnxruntime and DTYPES[args.dtype] != torch.float32:
         raise ValueError(
             f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
         )
-    if onnx_file and args.backend not in ("auto", "onnx"):
+    if onnx_file and args.backend not in ("auto", "onnx", "openvino"):
         raise ValueError(
-            f"--model {args.model} is an ONNX file: use --backend onnx (or auto); got --backend {args.backend}"
+            f"--model {args.model} is an ONNX file: use --backend onnx or openvino (or auto); got --backend "
+            f"{args.backend}"
         )
     if args.classifier is None and (args.classifier_flags is not None or args.classifier_scale is not None):
         raise ValueError("--classifier-flags and --classifier-scale need --classifier FILE.pt")
@@ -313,7 +319,7 @@ def run(args) -> int:
     try:
         classifier = _classifier(args, device)  # a bad file is refused before the model loads
         model, required = _load_model(args.model, device)
-        backend = required or args.backend
+        backend = required if required and args.backend == "auto" else args.backend
         schedule = None
         if model.defaults.schedule is None:
             from ddpm_fast.schedule import Schedule

@@ -1,0 +1,262 @@
+"""backend="openvino": OpenVINO runs the exported graph, the torch side keeps the noise and the update; the
+same images as the reference within bounds derived from the dtype's arithmetic, and bad input in one line.
+
+Bounds (STYLE 6, tests/_rounding.py):
+- one forward: OpenVINO's eps against the float64 model within `forward_budget` (float32: every op rounds at
+  2^-24; bf16: the convolutions' and matmuls' inputs and results also round at 2^-8, as autocast's do).
+- a run: the float32 reference's chain moved by OpenVINO's eps minus torch's at each of its states, plus the
+  update's rounding (`propagated_budget`), so what OpenVINO changes in a forward is all the run may differ by.
+- a multistep (eps-history) run: `reference_tolerance` with the per-call bound above, the eps gain of each
+  step times the two forwards' worst difference (each within its float32 budget of float64).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ddpm_fast as df
+from ddpm_fast.errors import Unavailable
+from ddpm_fast.plan import make_plan
+from ddpm_fast.unet import UNet, UNetConfig
+from tests._rounding import forward_budget, max_diff, propagated_budget
+
+ov = pytest.importorskip("openvino", reason="backend='openvino' needs the [openvino] extra")
+pytest.importorskip("onnx", reason="the exporter needs onnx (part of the [openvino] extra)")
+
+from ddpm_fast.export import openvino_runtime as ovr  # noqa: E402
+from ddpm_fast.export.onnx_export import export_onnx  # noqa: E402
+from ddpm_fast.export.runtime import OnnxModel, reference_tolerance  # noqa: E402
+
+U_BF16 = torch.finfo(torch.bfloat16).eps / 2
+SHAPE = (3, 3, 16, 16)  # 3: not a power of two
+
+
+def reference(model, shape, **kw):
+    """The oracle: the reference backend with the same counter-based noise."""
+    return df.sample(model, shape=shape, backend="reference", **kw)
+
+
+def ov_eps(path, x, t, precision="f32"):
+    sess = ovr.session(OnnxModel.load(path), precision, torch.get_num_threads())
+    tt = torch.full((x.shape[0],), int(t), dtype=torch.int64) if not torch.is_tensor(t) or t.ndim == 0 else t
+    return torch.from_numpy(sess.run(["eps"], {"x": x.float().contiguous().numpy(), "t": tt.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = UNet(UNetConfig.tiny()).eval()
+    with torch.no_grad():  # random GroupNorm affines and biases so no parameter is a trivial 0 or 1
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.schedule = df.Schedule.linear(1000)
+    return m
+
+
+@pytest.fixture(scope="module")
+def eps_file(tmp_path_factory, tiny):
+    path = tmp_path_factory.mktemp("ov") / "tiny.onnx"
+    return export_onnx(tiny, path, exporter="torchscript", validate=False).path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Exports of the tests' models go to a temporary cache home, and through the quicker exporter."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ovr, "EXPORTER", "torchscript")
+
+
+def _forward_bound(tiny, path, precision, u_io):
+    """max over a few states of |OpenVINO eps - float64 eps| / its derived budget (must be <= 1)."""
+    tiny64 = copy.deepcopy(tiny).double()
+    worst = 0.0
+    g = torch.Generator().manual_seed(1)
+    for t in (0, 517, 999):
+        x = torch.randn(SHAPE, generator=g)
+        tt = torch.full((SHAPE[0],), t, dtype=torch.int64)
+        with torch.no_grad():
+            exact = tiny64(x.double(), tt)
+        budget = forward_budget(lambda x=x, tt=tt: tiny64(x.double(), tt), u_io=u_io)
+        worst = max(worst, max_diff(ov_eps(path, x, tt, precision), exact) / budget)
+    return worst
+
+
+@pytest.mark.parametrize("precision, u_io", [("f32", 2.0**-24), ("bf16", U_BF16)])
+def test_one_forward_within_the_dtypes_budget(tiny, eps_file, precision, u_io):
+    if precision == "bf16" and not ovr.bf16_supported():
+        pytest.skip("this CPU has no bf16 instructions")
+    assert _forward_bound(tiny, eps_file, precision, u_io) <= 1.0
+
+
+def test_float32_is_float32_not_the_plugins_bf16(eps_file):
+    """The hint is set: a float32 run is never silently computed in bf16 on a bf16 CPU."""
+    sess = ovr.session(OnnxModel.load(eps_file), "f32", 1)
+    assert str(sess.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+    assert sess.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+@pytest.mark.parametrize(
+    "dtype, kw",
+    [
+        (torch.float32, dict(steps=4, seed=5)),
+        (torch.float32, dict(steps=5, seed=2, start_index=11, method="ddim")),
+        (torch.bfloat16, dict(steps=4, seed=5)),
+    ],
+)
+def test_sampling_matches_reference_within_the_propagated_budget(tiny, eps_file, dtype, kw, request):
+    """float32 on the tiny random U-Net; bf16 on the trained digits model (a random U-Net's eps gain of ~15
+    at t = 999 turns bf16's 2^-8 into differences of O(1) after a few steps, a bound that says nothing)."""
+    if dtype == torch.bfloat16:
+        if not ovr.bf16_supported():
+            pytest.skip("this CPU has no bf16 instructions")
+        model = copy.deepcopy(df.default_model())
+        model.checkpoint_path = None  # exported into the temporary cache home
+        shape, path = (
+            (8, *model.defaults.image_shape),
+            ovr.exported_model(model, model.defaults.image_shape).path,
+        )
+    else:
+        model, shape, path = tiny, SHAPE, eps_file
+    precision = ovr.PRECISIONS[dtype]
+    got = df.sample(str(path), shape=shape, backend="openvino", dtype=dtype, **kw)
+    ref32 = reference(model, shape, **kw)
+    m64 = copy.deepcopy(model).double()
+    exact = reference(m64, shape, dtype=torch.float64, **kw)
+
+    def ov_minus_torch(x, t):
+        tt = torch.full((x.shape[0],), t, dtype=torch.int64)
+        with torch.no_grad():
+            return ov_eps(path, x, tt, precision) - model(x, tt)
+
+    budget = propagated_budget(m64, None, shape, exact, ov_minus_torch, **kw)
+    assert budget < 0.5 * exact.abs().max().item(), budget  # the bound says something
+    assert max_diff(got, ref32) <= budget, (max_diff(got, ref32), budget)
+
+
+@pytest.mark.parametrize("method", ["ipndm", "deis", "dpmpp_2m"])
+def test_eps_history_and_multistep_families(tiny, eps_file, method):
+    kw = dict(steps=5, seed=3, method=method)
+    got = df.sample(str(eps_file), shape=SHAPE, backend="openvino", **kw)
+    per_call = 2 * _largest_f32_budget(tiny)  # each forward within its budget of float64's
+    tol = reference_tolerance(make_plan(tiny, None, SHAPE, **kw), per_call=per_call)
+    assert max_diff(got, reference(tiny, SHAPE, **kw)) <= tol
+
+
+def _largest_f32_budget(tiny):
+    tiny64 = copy.deepcopy(tiny).double()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).double()
+    return max(
+        forward_budget(lambda t=t: tiny64(x, torch.full((SHAPE[0],), t, dtype=torch.int64)))
+        for t in (0, 517, 999)
+    )
+
+
+def test_a_loaded_checkpoint_is_exported_once_beside_it(tmp_path, tiny):
+    ckpt = tmp_path / "ckpt"
+    df.save_model(tiny, ckpt)
+    model = df.load_model(ckpt)
+    kw = dict(shape=(2, 3, 16, 16), steps=3, seed=1)
+    a = df.sample(model, backend="openvino", **kw)
+    files = list((tmp_path / "ckpt.onnx-cache").glob("eps-*-3x16x16.onnx"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    b = df.sample(model, backend="openvino", **kw)
+    assert torch.equal(a, b) and files[0].stat().st_mtime_ns == stamp  # reused, deterministic
+    assert max_diff(a, df.sample(str(files[0]), backend="openvino", **kw)) == 0.0
+    with torch.no_grad():  # other weights: another file
+        next(model.parameters()).add_(0.01)
+    df.sample(model, backend="openvino", **kw)
+    assert len(list((tmp_path / "ckpt.onnx-cache").glob("eps-*.onnx"))) == 2
+
+
+def test_an_unwritable_checkpoint_dir_falls_back_to_the_cache_home(tmp_path, tiny, monkeypatch):
+    model = copy.deepcopy(tiny)
+    model.checkpoint_path = tmp_path / "ro"
+    real = ovr._writable
+    monkeypatch.setattr(ovr, "_writable", lambda d: not str(d).endswith(".onnx-cache") and real(d))
+    df.sample(model, shape=(1, 3, 16, 16), steps=2, backend="openvino")
+    assert list((tmp_path / "cache" / "ddpm-fast" / "onnx").glob("eps-*.onnx"))
+    assert not (tmp_path / "ro.onnx-cache").exists()
+
+
+class ClassMean(torch.nn.Module):
+    """eps*(x_t, t | y) for data N(0.1 y, 0.04): a class-conditional model with a record."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.register_buffer("abar", schedule.alphas_cumprod.float())
+        self.defaults = df.defaults.ModelDefaults(
+            schedule=schedule, clip=False, image_shape=(1, 4, 4), num_classes=5
+        )
+
+    def forward(self, x, t, y):
+        ab = self.abar[t].reshape(-1, 1, 1, 1)
+        mu = 0.1 * y.to(x.dtype).reshape(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * 0.04 + 1 - ab)
+
+
+def test_labels_reach_the_graph():
+    s = df.Schedule.linear(100)
+    model = ClassMean(s)
+    y = torch.arange(7) % 5
+    kw = dict(shape=(7, 1, 4, 4), steps=6, seed=4, labels=y)
+    got = df.sample(model, backend="openvino", **kw)
+    want = reference(model, **kw)
+    m64 = ClassMean(s).double()
+    x = torch.randn(7, 1, 4, 4, dtype=torch.float64)
+    per_call = 2 * max(forward_budget(lambda t=t: m64(x, torch.full((7,), t), y)) for t in (0, 50, 99))
+    assert max_diff(got, want) <= reference_tolerance(make_plan(model, None, kw.pop("shape"), **kw), per_call)
+    other = df.sample(model, backend="openvino", **dict(kw, shape=(7, 1, 4, 4), labels=(y + 1) % 5))
+    assert max_diff(other, got) > 0.05  # another label, another image: the labels are not ignored
+
+
+def test_a_tuned_table_runs_as_on_the_reference():
+    model = copy.deepcopy(df.default_model())  # the digits checkpoint carries tables for NFE 3..10
+    model.checkpoint_path = None  # exported into the temporary cache home, not beside the package's asset
+    kw = dict(shape=(4, *model.defaults.image_shape), steps=3, method="tuned", seed=2)
+    got = df.sample(model, backend="openvino", **kw)
+    plan = make_plan(model, None, kw.pop("shape"), **kw)
+    want = reference(model, plan.shape, **kw)
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(plan.shape, dtype=torch.float64)
+    per_call = 2 * max(
+        forward_budget(lambda t=t: m64(x, torch.full((plan.shape[0],), t)))
+        for t in plan.table.timesteps.tolist()
+    )
+    assert max_diff(got, want) <= reference_tolerance(plan, per_call=per_call)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_without_the_extra_the_error_says_how_to_install_it(monkeypatch, eps_file, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(Unavailable, match=r"pip install 'ddpm-fast\[openvino\]'"):
+        df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino")
+    from ddpm_fast.cli import main
+
+    assert main(["sample", "--backend", "openvino", "--num", "1", "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'ddpm-fast[openvino]'" in err[0], err
+
+
+def test_a_graph_of_another_shape_is_one_line(eps_file):
+    with pytest.raises(ValueError, match=r"does not fit .*tiny.onnx: the graph takes images \(3, 16, 16\)"):
+        df.sample(str(eps_file), shape=(2, 3, 32, 32), steps=2, backend="openvino")
+    with pytest.raises(ValueError, match=r"returns 3 channels; variance='learned_range' .* needs 6"):
+        df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", variance="learned_range")
+
+
+def test_bf16_without_bf16_instructions_and_other_dtypes_are_refused(eps_file, monkeypatch):
+    monkeypatch.setattr(ovr, "bf16_supported", lambda: False)
+    with pytest.raises(Unavailable, match="bf16 instructions"):
+        df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or bfloat16; got dtype=torch.float16"):
+        df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", dtype=torch.float16)
+    with pytest.raises(TypeError, match="takes options"):
+        df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", compile=False)
