@@ -13,9 +13,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="unipc", help="the method whose table is tuned (default unipc)")
     p.add_argument("--nfe", type=int, required=True, help="model evaluations of the tuned table")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where the table is written")
-    p.add_argument("--train", type=int, default=128, help="training noise samples (default 128)")
-    p.add_argument("--val", type=int, default=64, help="held-out noise samples (default 64)")
-    p.add_argument("--iters", type=int, default=200, help="at most this many optimiser steps (default 200)")
+    p.add_argument("--train", type=int, default=256, help="training noise samples (default 256)")
+    p.add_argument("--val", type=int, default=256, help="held-out noise samples (default 256)")
+    p.add_argument(
+        "--iters", type=int, default=40, help="at most this many L-BFGS iterations a round (default 40)"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="timestep-search and fit alternations (default 2)")
     p.add_argument("--teacher-steps", type=int, default=100, help="NFE of the teacher walk (default 100)")
 
 
@@ -37,6 +40,7 @@ def run(args) -> int:
         train=args.train,
         val=args.val,
         iters=args.iters,
+        rounds=args.rounds,
         teacher_steps=args.teacher_steps,
         out=args.out,
     )
