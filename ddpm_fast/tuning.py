@@ -2,9 +2,10 @@
 
 A step table (`ddpm_fast.steps`) is linear in the run's state: x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k
 m_{i-1-k}, m_i = SRA_i x_i - SRM1_i eps(x_i, t_i). This module owns learning those columns (C_XT, C_X0 and
-the history weights, after a coordinate search over the base method's timesteps) by minimising the mean squared
-distance of the run's x_0 to a high-NFE teacher's x_0 from the same x_T (torch autograd through the few
-model calls), over training noise, with validation on held-out noise and early stopping. The file a tuned
+the history weights) and the timesteps they sit at, by minimising the mean squared distance of the run's x_0
+to a high-NFE teacher's x_0 from the same x_T over training noise: a coordinate search over the timesteps
+alternates with a full-batch L-BFGS fit of the columns (torch autograd through the few model calls), with
+validation on held-out noise and early stopping. The file a tuned
 table lives in, and how a run finds it, is `ddpm_fast.tuned`.
 
 No data set is used: the teacher is the same model walked with the base method at `teacher_steps` steps,
