@@ -44,8 +44,14 @@ _NAME = re.compile(r"^nfe-([1-9][0-9]*)\.safetensors$")
 
 
 def schedule_digest(schedule: Schedule) -> str:
-    """sha256 of the schedule's float64 betas (the whole schedule is a function of them)."""
-    b = schedule.betas.detach().to("cpu", torch.float64).contiguous()
+    """sha256 of the schedule's betas rounded to float32 (the whole schedule is a function of them).
+
+    Not the float64 bytes: torch.linspace's float64 last bits depend on the CPU kernel that ran it (the scalar
+    kernel of ATEN_CPU_CAPABILITY=default, or an ARM CPU, rounds otherwise than AVX2/AVX-512), so the same
+    schedule would name two digests and a bundled table be refused on some machines. A float64 difference of a
+    few ulps moves a float32 rounding only when a beta lies within those ulps of a float32 midpoint (odds
+    about 2^-29 a value); two schedules that agree to float32 sample the same float32 chain."""
+    b = schedule.betas.detach().to("cpu", torch.float64).to(torch.float32).contiguous()
     return hashlib.sha256(b.numpy().tobytes()).hexdigest()
 
 

@@ -4,7 +4,10 @@ checkpoint carries, and is refused in one line on another model, schedule or NFE
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -195,3 +198,19 @@ def test_the_bundled_tables_belong_to_the_bundled_model(model):
         assert t.table.num_steps == nfe and t.info["rmse_after"] < t.info["rmse_before"]
     x = df.sample(model, shape=_shape(model), method="tuned", steps=5, backend="reference")
     assert x.isfinite().all() and x.abs().max() <= 1.5
+
+
+@pytest.mark.parametrize("cap", ["default", "avx2"])
+def test_the_bundled_tables_load_whatever_kernels_built_the_schedule(cap):
+    """The schedule a table was learned for is named by its float32-rounded betas: with the scalar kernels
+    (ATEN_CPU_CAPABILITY=default) torch.linspace's float64 betas differ here in their last bits from the AVX
+    ones, and a digest of the float64 bytes refused every bundled table on such a CPU."""
+    script = (
+        "import ddpm_fast as df\n"
+        "from ddpm_fast.tuned import carried_tables, load_tuned\n"
+        "m = df.default_model(); s = m.defaults.schedule\n"
+        "for nfe, p in sorted(carried_tables(m).items()): load_tuned(p, model=m, schedule=s, nfe=nfe)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": cap}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
