@@ -10,7 +10,16 @@ default, whose chain rounding, ~1e-5, is four orders below the distances measure
 Tuned tables are the checkpoint's own (tuned/nfe-<N>.safetensors), learned on torch.Generator seeds
 1000003/1000004; the evaluation noise is seed 7.
 
+Euler and Heun are sigma-space schedulers (x scaled by init_noise_sigma = sqrt(sigma_max^2 + 1), about 157
+here, the model fed scale_model_input(x, t) at the scheduler's own fractional timesteps, Heun called on every
+entry of its timesteps, interior ones twice: 2 s - 1 calls for s steps). Their default "linspace" grid ends
+on t = 0 (sigma 0.01) before sigma 0: Euler spends a call there, and Heun's trapezoid takes its second slope
+there, (x - x0_hat) / 0.01, times half the step (sigma 157 -> 0.01 at s = 2), which is why Heun-linspace is
+off by tens to hundreds at 3-6 NFE (an independent sigma-space Heun over the same sigmas gives the same
+x_0). The "trailing" rows are the spacing diffusers cites for few steps (arXiv 2305.08891, Table 2).
+
     python benchmarks/bench_low_nfe.py [--out benchmarks/results/DIR] [--nfe 3 4 5 6 8 10] [--num 540]
+        [--methods ddim unipc tuned ...] [--schedulers Euler "Heun trailing" ...]
 """
 
 from __future__ import annotations
@@ -56,7 +65,9 @@ DIFFUSERS = {
     "DEIS-2": ("DEISMultistepScheduler", dict(solver_order=2), None),
     "DEIS-3": ("DEISMultistepScheduler", dict(solver_order=3), None),
     "Euler": ("EulerDiscreteScheduler", dict(timestep_spacing="linspace"), None),
+    "Euler trailing": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing"), None),
     "Heun": ("HeunDiscreteScheduler", dict(timestep_spacing="linspace"), "heun"),
+    "Heun trailing": ("HeunDiscreteScheduler", dict(timestep_spacing="trailing"), "heun"),
 }
 
 
@@ -96,9 +107,10 @@ def run_diffusers(model64, name, nfe, xT, spec):
     x = xT.clone() * sched.init_noise_sigma
     calls = 0
     with torch.no_grad():
+        # the model at the scheduler's own t (Euler, Heun: fractional), as a diffusers pipeline calls it
         for t in sched.timesteps:
             calls += 1
-            eps = model64(sched.scale_model_input(x, t), t.round().to(torch.int64).expand(x.shape[0]))
+            eps = model64(sched.scale_model_input(x, t), t.reshape(-1).expand(x.shape[0]))
             x = sched.step(eps, t, x).prev_sample
     return x, calls
 
@@ -111,6 +123,10 @@ def main(argv=None) -> int:
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 4, 5, 6, 8, 10])
     p.add_argument("--num", type=int, default=540)
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--methods", nargs="*", choices=[*OURS, "tuned"], default=[*OURS, "tuned"],
+                   help="our methods to run (none: only diffusers'); default all")  # fmt: skip
+    p.add_argument("--schedulers", nargs="*", choices=list(DIFFUSERS), default=list(DIFFUSERS),
+                   metavar="NAME", help=f"diffusers' schedulers to run, of {list(DIFFUSERS)}; default all")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--ode-steps", type=int, default=300)
     args = p.parse_args(argv)
@@ -140,7 +156,7 @@ def main(argv=None) -> int:
     add(f"ODE (UniPC {args.ode_steps})", "linspace", args.ode_steps, ode_x, args.ode_steps)
     tables = carried_tables(model)
     for nfe in args.nfe:
-        for method in OURS:
+        for method in [m for m in OURS if m in args.methods]:
             for spacing in OUR_SPACINGS if method != "ddim" else ["linspace"]:
                 try:
                     kept = spacing_timesteps(s, nfe, spacing)
@@ -151,11 +167,11 @@ def main(argv=None) -> int:
                     print(f"skip {method} {spacing} {nfe}: {e}", flush=True)
                     continue
                 add(f"ours {method}", spacing, nfe, *run_ours(model64, table, xT))
-        if nfe in tables:
+        if nfe in tables and "tuned" in args.methods:
             t = load_tuned(tables[nfe], model=model, schedule=s, nfe=nfe)
             add(f"ours tuned ({t.base})", "learned", nfe, *run_ours(model64, t.table, xT))
         if not args.no_diffusers:
-            for name in DIFFUSERS:
+            for name in [n for n in DIFFUSERS if n in args.schedulers]:
                 try:
                     x, calls = run_diffusers(model64, name, nfe, xT, spec)
                 except Exception as e:  # a scheduler that cannot run this count: recorded, the rest go on

@@ -27,7 +27,9 @@ How a later step carries an earlier difference forward depends on the model:
   terms is set by its variance, and the factor 2 covers one draw's spread. Where the two runs' models also
   differ (another batch size's conv algorithm, autocast, a compiled graph), `forward_diff(x, t)` gives the
   two forwards' difference at the chain's own state, and the state moves by it with eps's weight in the
-  step: the float64 chain then follows the other forward, to first order.
+  step: the float64 chain then follows the other forward, to first order. A multistep table also keeps
+  that difference in its history (as x0 or eps_hat), so there the float64 model's own output moves by it,
+  and the table's every column carries it on.
 """
 
 from __future__ import annotations
@@ -77,20 +79,31 @@ def propagated_budget(model64, schedule, shape, truth: torch.Tensor, forward_dif
     model64: the model in float64; truth: its float64 reference output for the same arguments. Each element
     moves by its own step's budget (`step_budget` at that element's magnitudes); where x0 is clipped, x0's
     rounding and eps's difference do not pass. A forward difference is not random from step to step (a
-    bf16 weight is rounded once for every step), so it moves the state along itself, not with a random sign."""
+    bf16 weight is rounded once for every step), so it moves the state (a multistep table's eps) along itself,
+    not with a random sign."""
     import ddpm_fast as df
 
     C = shape[1]
     records = []
+    shift = {"eps": False}  # set below for a multistep table: the forward difference enters eps itself
 
     def record(x, t, out):
         out = getattr(out, "sample", out)
-        records.append((x.clone(), int(t.reshape(-1)[0]), out[:, :C]))
+        t = int(t.reshape(-1)[0])
+        if shift["eps"]:
+            diff = forward_diff(x.float(), t).to(out.dtype)
+            out = out + torch.nn.functional.pad(diff, (0, 0, 0, 0, 0, out.shape[1] - diff.shape[1]))
+        records.append((x.clone(), t, out[:, :C]))
         return out
 
     if isinstance(model64, torch.nn.Module):  # a hook keeps the module what df.sample inspects
         model = model64
-        hook = model64.register_forward_hook(lambda m, args, out: [record(args[0], args[1], out)] and None)
+
+        def on_forward(m, args, out):
+            moved = record(args[0], args[1], out)
+            return moved if shift["eps"] else None  # None: the module's output unchanged
+
+        hook = model64.register_forward_hook(on_forward)
     else:
         model, hook = lambda x, t, **cond: record(x, t, model64(x, t, **cond)), None
         model.__dict__.update(getattr(model64, "__dict__", {}))  # attributes such as `learned`
@@ -98,8 +111,7 @@ def propagated_budget(model64, schedule, shape, truth: torch.Tensor, forward_dif
     plan = make_plan(model, schedule, shape, **kw)
     signed = plan.table.coefs.double()
     c, K = signed.abs(), signed.shape[1] - len(COLUMNS)
-    if forward_diff is not None and K:
-        raise ValueError("forward_diff: the history weights' share of an eps difference is not modelled")
+    shift["eps"] = forward_diff is not None and K > 0
     hist = c[:, len(COLUMNS) :]
     signs = torch.Generator().manual_seed(20240617)
     x0_seen: list[torch.Tensor] = []  # what the history keeps: x0, or eps_hat
@@ -128,7 +140,7 @@ def propagated_budget(model64, schedule, shape, truth: torch.Tensor, forward_dif
         d = 2 * U32 * (6 * terms * w + (5 + K) * r + extra)
         sign = torch.randint(0, 2, x.shape, generator=signs, dtype=torch.float64).to(x.device) * 2 - 1
         x.add_(d * sign)
-        if forward_diff is not None:
+        if forward_diff is not None and not shift["eps"]:
             diff = forward_diff(x_in.float(), t_in).double()
             x.add_((signed[j, C_EPS] - signed[j, C_X0] * signed[j, SRM1] * passes) * diff)
 
