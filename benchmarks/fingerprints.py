@@ -1,14 +1,15 @@
 """Fingerprints of sampled images: sha256 of the output tensors' bytes, one per (model, case, backend).
 
-    python benchmarks/fingerprints.py --json before.json                 # both CPU fast paths, a few minutes
-    python benchmarks/fingerprints.py --compare before.json              # exit 1 on the first mismatch
+    python benchmarks/fingerprints.py --json before.json      # about 45 s on one thread
+    python benchmarks/fingerprints.py --compare before.json   # exit 1 if any entry differs, listing each
 
 A refactor that claims "behaviour identical" must leave every hash as it was. Cases: every method family
-(ddpm, ddim, dpmpp_2m, unipc, ipndm, deis, tuned at 5 NFE), karras spacing, and for a tiny class-conditional
-ADM the labelled run and a classifier-guided one; backends reference, fast (the torch twin, and the Triton
-kernels through the interpreter: a subprocess with TRITON_INTERPRET=1, set before Triton is imported),
-onnx and openvino (an eps graph of each model, exported once to a temporary folder). Small batches and few
-steps, fixed seeds: each hash is bit-for-bit, so no tolerance enters.
+(ddpm, ddim, dpmpp_2m, unipc, ipndm, deis, tuned at 5 NFE), karras spacing, for a tiny class-conditional
+ADM a labelled run and a classifier-guided one, and a five-step training run. Backends: reference, fast
+(the torch twin, and the Triton kernels through the interpreter: a subprocess with TRITON_INTERPRET=1, set
+before Triton is imported), onnx and openvino (an eps graph of each model, exported once to a temporary
+folder). Small batches, few steps, fixed seeds: each hash is bit for bit, so no tolerance enters. A refusal
+is fingerprinted too, as its error's type and first line. The ddpm_fast imported is this checkout's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's ddpm_fast, not an installed copy
 
 BATCH = 3
 STEPS = 6
@@ -112,6 +116,24 @@ def run_cases(backends, onnx_dir: Path) -> dict:
     return out
 
 
+def train_prints(tmp: Path) -> dict:
+    """A short training run of the tiny U-Net on the digits (warm-up, EMA, dropout): its EMA and model
+    weights, and the logged losses and learning rates."""
+    from ddpm_fast import train as tr
+
+    cfg = tr.TrainConfig(preset="tiny", dropout=0.1, batch_size=8, lr=1e-3, warmup=3, ema_decay=0.9, steps=5)
+    ema = tr.train(
+        cfg, tmp / "train", device="cpu", sample_steps=0, progress=False, log_every=1, save_every=5
+    )
+    h = hashlib.sha256()
+    for v in ema.state_dict().values():
+        h.update(v.contiguous().numpy().tobytes())
+    logged = [json.loads(line) for line in (tmp / "train" / tr.LOG_JSONL).read_text().splitlines()]
+    for rec in logged:
+        rec.pop("time_s")
+    return {"train/ema": h.hexdigest(), "train/log": hashlib.sha256(json.dumps(logged).encode()).hexdigest()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the fingerprints here")
@@ -141,6 +163,7 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("run without TRITON_INTERPRET: the parent measures the torch twin")
         prints = run_cases(BACKENDS, Path(tmp))
+        prints.update(train_prints(Path(tmp)))
         prints.update(json.loads(child.stdout.strip().splitlines()[-1]))
     prints = dict(sorted(prints.items()))
     for k, v in prints.items():
