@@ -32,6 +32,7 @@ from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import UserError
 from ddpm_fast.images import save_grid, to_uint8
 from ddpm_fast.plan import Plan, make_plan, model_device
+from ddpm_fast.progress import progress_bar
 from ddpm_fast.weights import model_digest
 
 __all__ = [
@@ -198,19 +199,16 @@ class Progress:
 
     def __init__(self, total: int, done: int, enabled: bool, desc: str = "sampling"):
         self.t0 = time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                initial=done,
-                unit="img",
-                desc=desc,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                bar_format=self.FORMAT,
-            )
+        self.bar = progress_bar(
+            total,
+            desc,
+            "img",
+            enabled=enabled,
+            initial=done,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            bar_format=self.FORMAT,
+        )
 
     def update(self, n: float) -> None:
         if self.bar is not None and n:

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import env_world, join
+from ddpm_fast.images import IMAGE_SUFFIXES
+from ddpm_fast.progress import progress_bar
 from ddpm_fast.schedule import Schedule
 
 __all__ = [
@@ -57,7 +59,6 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 PRESETS = ("digits", "tiny", "cifar10", "celebahq256")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STATE_JSON = "state.json"
 STATE_VERSION = 1
 LOG_JSONL = "log.jsonl"
@@ -523,11 +524,9 @@ def train(
     fwd = torch.compile(net) if compile else net
 
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        cfg.steps, "train", "step", enabled=progress and main, initial=step, dynamic_ncols=True
+    )
     gen = torch.Generator(device=dev)
     global_batch = cfg.batch_size * world
     running, t_start, last_loss = None, time.perf_counter(), float("nan")

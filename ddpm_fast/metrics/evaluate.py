@@ -13,7 +13,6 @@ A metric the inputs cannot give is null in the report, with a note saying why.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -146,9 +145,7 @@ def _write_stats(path: str, fs: FeatureSet, net: InceptionNet, source: ImageSour
     if fs.spatial is not None:
         arrays.update(mu_s=fs.spatial.mu, sigma_s=fs.spatial.sigma)
     arrays.update(inception_sha256=np.str_(net.sha256), images_sha256=np.str_(source.digest()))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    shards.atomic_write_bytes(path, buf.getvalue())
+    shards.atomic_write_npz(path, arrays)
 
 
 def save_stats(images, out, **options) -> Statistics:
