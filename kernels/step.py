@@ -73,6 +73,43 @@ def _check_step_args(
     for name, t in (("x", x), ("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    _check_model_out(x, model_out, learned)
+    S = _check_table(x, coefs, timesteps, history)
+    _check_step(step, S, advance)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
+    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
+    tensors += [("history", history)] if history is not None else []
+    tensors += [("step", step)] if isinstance(step, torch.Tensor) else []
+    for name, t in (*tensors, ("out", out)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    for name, t in (
+        ("x", x),
+        ("model_out", model_out),
+        ("coefs", coefs),
+        ("timesteps", timesteps),
+        ("out", out),
+        *([("history", history)] if history is not None else []),
+    ):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
+            )
+    _check_keys(x, seed, start_index)
+    if clip_range is not None:
+        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
+        if clip_range == float("inf"):
+            clip_range = None
+    return out, (None if clip_range is None else float(clip_range))
+
+
+def _check_model_out(x, model_out, learned) -> None:
     if x.ndim < 2 or x.numel() == 0:
         raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
     if x.dtype not in STORAGE_DTYPES:
@@ -90,6 +127,10 @@ def _check_step_args(
             f"model_out must have x's shape {tuple(x.shape)} (or {two_c} with a variance half); "
             f"got {tuple(model_out.shape)}"
         )
+
+
+def _check_table(x, coefs, timesteps, history) -> int:
+    """The coefficient table, its timesteps and the x0 history agree with each other and with x; returns S."""
     K = 0 if history is None else (history.shape[0] if isinstance(history, torch.Tensor) else -1)
     if history is not None:
         if not isinstance(history, torch.Tensor):
@@ -115,9 +156,10 @@ def _check_step_args(
         raise ValueError(
             f"timesteps must be int64 of shape ({S},); got {timesteps.dtype} {tuple(timesteps.shape)}"
         )
-    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
-    if history is not None:
-        tensors.append(("history", history))
+    return S
+
+
+def _check_step(step, S: int, advance: bool) -> None:
     if isinstance(step, torch.Tensor):
         if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
             raise ValueError(
@@ -127,7 +169,6 @@ def _check_step_args(
             raise ValueError(
                 f"advance=True needs an int64 step counter (make_step_counter); got {step.dtype}"
             )
-        tensors.append(("step", step))
     elif isinstance(step, int) and not isinstance(step, bool):
         if not 0 <= step < S:
             raise ValueError(f"step must lie in [0, {S}); got {step}")
@@ -135,35 +176,6 @@ def _check_step_args(
             raise ValueError("advance=True needs a step tensor to advance; got an int step")
     else:
         raise TypeError(f"step must be an int or an int tensor; got {type(step).__name__}")
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    elif not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
-    elif out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
-    tensors.append(("out", out))
-    for name, t in tensors:
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-    for name, t in (
-        ("x", x),
-        ("model_out", model_out),
-        ("coefs", coefs),
-        ("timesteps", timesteps),
-        ("out", out),
-        *([("history", history)] if history is not None else []),
-    ):
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
-            )
-    _check_keys(x, seed, start_index)
-    if clip_range is not None:
-        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
-        if clip_range == float("inf"):
-            clip_range = None
-    return out, (None if clip_range is None else float(clip_range))
 
 
 def _check_keys(x, seed, start_index) -> None:
