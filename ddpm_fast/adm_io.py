@@ -240,6 +240,19 @@ def _preset_for_file(presets: dict, name: str) -> str | None:
     return next((k for k, p in presets.items() if any(Path(f).stem == stem for f in p.files)), None)
 
 
+def _flags_or_preset(
+    file: Path, flags, preset, presets: dict, ask: str, what: str
+) -> tuple[dict, str | None]:
+    """(the flags given, parsed; the preset named, else the one a published file name implies when no flags
+    are given); ValueError asking for `ask` for `what` when there is neither."""
+    given = parse_flags(flags) if flags is not None else {}
+    if preset is None and not given:
+        preset = _preset_for_file(presets, file.name)
+        if preset is None:
+            raise ValueError(f"{file}: pass {ask} (one of {sorted(presets)}) for {what}")
+    return given, preset
+
+
 def preset_config(name: str) -> tuple[ADMConfig, ModelDefaults]:
     """A published checkpoint's (ADMConfig, ModelDefaults), from its README's flags."""
     p = _preset(PRESETS, name, "adm_preset")
@@ -549,14 +562,14 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
         raise FileNotFoundError(f"openai checkpoint not found: {file}")
     if source is not None and source not in SOURCES:
         raise ValueError(f"adm_source must be one of {SOURCES}; got {source!r}")
-    given = parse_flags(flags) if flags is not None else {}
-    if preset is None and not given:
-        preset = preset_for_file(file.name)
-        if preset is None:
-            raise ValueError(
-                f"{file}: pass adm_flags= (the README's MODEL_FLAGS and DIFFUSION_FLAGS) or adm_preset= "
-                f"(one of {sorted(PRESETS)}) for an openai checkpoint"
-            )
+    given, preset = _flags_or_preset(
+        file,
+        flags,
+        preset,
+        PRESETS,
+        "adm_flags= (the README's MODEL_FLAGS and DIFFUSION_FLAGS) or adm_preset=",
+        "an openai checkpoint",
+    )
     merged = dict(given)
     if preset is not None:
         p = _preset(PRESETS, preset, "adm_preset")
@@ -712,14 +725,14 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"classifier file not found: {file}")
-    given = parse_flags(flags) if flags is not None else {}
-    if preset is None and not given:
-        preset = classifier_preset_for_file(file.name)
-        if preset is None:
-            raise ValueError(
-                f"{file}: pass classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset= (one of "
-                f"{sorted(CLASSIFIER_PRESETS)}) for a guided-diffusion classifier"
-            )
+    given, preset = _flags_or_preset(
+        file,
+        flags,
+        preset,
+        CLASSIFIER_PRESETS,
+        "classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset=",
+        "a guided-diffusion classifier",
+    )
     if preset is not None:
         given = {**parse_flags(_preset(CLASSIFIER_PRESETS, preset, "classifier_preset").flags), **given}
     cfg, scale = classifier_from_flags(given)
