@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import record
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.unet import UNet, UNetConfig, diffusers_key
@@ -285,7 +286,7 @@ def diffusers_schedule(raw: dict, where: str = SCHEDULER_FILE) -> tuple[Schedule
         bad.append(f"beta_schedule={kind!r}")
     if bad:
         raise ValueError(f"{where}: unsupported scheduler config: " + "; ".join(bad))
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    if not is_int(T) or T < 1:
         raise ValueError(f"{where}: num_train_timesteps must be a positive int; got {T!r}")
 
     f32 = torch.float32

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import env_world
 from ddpm_fast.errors import Unavailable
@@ -253,8 +254,7 @@ def _check_scalars(variance, clip, clip_range, dtype, seed, start_index, generat
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
     noise.check_seed(seed)
-    if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
-        raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+    check_int(start_index, "start_index", minimum=0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
 

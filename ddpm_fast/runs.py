@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ddpm_fast import sampling, shards
+from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import UserError
@@ -254,8 +255,7 @@ def generate(
     what its samples depend on and refuses a rerun that differs: `model_id` and `classifier_id` name a model
     or guidance classifier that is neither a torch Module nor a file (default: their sha256 digests).
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive int; got {num!r}")
+    check_int(num, "num")
     if shard_format not in shards.SHARD_FORMATS:
         raise ValueError(f"shard_format must be one of {shards.SHARD_FORMATS}; got {shard_format!r}")
     if not isinstance(out, (str, os.PathLike)):
@@ -334,8 +334,7 @@ def _dir_settings(
     if shard_size is None:
         old = _read_manifest_quietly(out)
         shard_size = int(old["settings"]["shard_size"]) if old else DEFAULT_SHARD_SIZE
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
+    check_int(shard_size, "shard_size")
     data_range = defaults_of(model).data_range
     settings = run_settings(
         plan, model_id=model_id, shard_size=shard_size, fmt=shard_format, data_range=data_range
@@ -356,8 +355,7 @@ def _make_plan(model, batch_size, image_shape, kwargs: dict) -> Plan:
     if batch_size is None:
         dev = torch.device(device) if device is not None else model_device(model)
         batch_size = default_batch_size(dev)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     if image_shape is None:
         image_shape = defaults_of(model).image_shape
         if image_shape is None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import env_world, join
 from ddpm_fast.images import IMAGE_SUFFIXES
@@ -98,7 +99,7 @@ class TrainConfig:
     def validate(self) -> None:
         def pos_int(name, minimum=1):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            if not is_int(v) or v < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}; got {v!r}")
 
         for name in ("steps", "batch_size", "num_timesteps"):
@@ -615,9 +616,8 @@ def train(
     use it to cut a run short).
     """
     cfg.validate()
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive int; got {save_every!r}")
-    if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
+    check_int(save_every, "save_every")
+    if not is_int(sample_steps) or sample_steps < 0:
         raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
     out = Path(out)
     _check_out(out, resume=resume, force=force)

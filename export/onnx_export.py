@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ddpm_fast import noise
+from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
@@ -199,7 +200,7 @@ def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, h
 
 
 def _check_opset(opset, exporter: str) -> int:
-    if isinstance(opset, bool) or not isinstance(opset, int):
+    if not is_int(opset):
         raise TypeError(f"opset must be an int; got {opset!r}")
     low = OPSET if exporter == "dynamo" else MIN_OPSET
     if not low <= opset <= MAX_OPSET:

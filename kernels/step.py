@@ -29,6 +29,7 @@ import os
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.checks import is_int
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
 
 __all__ = [
@@ -49,7 +50,7 @@ MAX_HISTORY = 3  # earlier steps' predictions the kernel reads (DPM-Solver++(3M)
 
 def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
     """A device step counter for `advance=True`: int64, shape [1], value `start`."""
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**31:
+    if not is_int(start) or not 0 <= start < 2**31:
         raise ValueError(f"start must be an int in [0, 2**31); got {start!r}")
     return torch.full((1,), start, dtype=torch.int64, device=device)
 
@@ -186,7 +187,7 @@ def _check_keys(x, seed, start_index) -> None:
     """
     if not (isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor)):
         noise.check_seed(seed)
-        if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
+        if not is_int(start_index) or not 0 <= start_index:
             raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
         if start_index + x.shape[0] > 2**63:
             raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
