@@ -143,21 +143,19 @@ def run(
         ("write-png", t_write("png"), None),
     ]
     common = {
-        "device": str(device),
-        "device_name": _device_name(device),
         "model": model or f"random {preset}",
         "image_shape": list(shape),
         "backend": backend,
         "num": num,
-        "batch_size": batch_size,
-        "shard_size": shard_size,
-        "steps": steps,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
     }
-    rows = []
-    # Repeats go round-robin over the providers, so a slow spell on a shared machine hits them all alike.
+    common.update(batch_size=batch_size, shard_size=shard_size, steps=steps)
+    secs = _round_robin(providers, repeats, tmp)
+    return _rows(providers, secs, common, num, device)
+
+
+def _round_robin(providers, repeats: int, tmp) -> dict[str, list[float]]:
+    """Seconds of each provider per repeat, each run in a fresh directory. Repeats go round-robin over the
+    providers, so a slow spell on a shared machine hits them all alike."""
     secs = {name: [] for name, _, _ in providers}
     with tempfile.TemporaryDirectory(dir=tmp) as root:
         prep_dir = tempfile.mkdtemp(dir=root)
@@ -170,6 +168,14 @@ def run(
                 t0 = time.perf_counter()
                 fn(d)
                 secs[name].append(time.perf_counter() - t0)
+    return secs
+
+
+def _rows(providers, secs: dict, common: dict, num: int, device) -> list[dict]:
+    """One row per provider: the run's settings, images/s (median, 20/80 quantiles), device and versions."""
+    common = {"device": str(device), "device_name": _device_name(device), **common}
+    common.update(torch=torch.__version__, python=platform.python_version(), numpy=np.__version__)
+    rows = []
     base = None
     for name, _, _ in providers:
         med, p20, p80 = _quantiles([num / s for s in secs[name]])

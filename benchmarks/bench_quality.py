@@ -233,18 +233,7 @@ def main(argv=None) -> int:
     if args.metric == "fid":
         if not (args.model and args.ref):
             p.error("--metric fid needs --model and --ref")
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = fid_rows(args)
-        atomic_write_bytes(
-            out / "fid_vs_nfe.json", json.dumps({"rows": rows, "args": vars(args)}, indent=1).encode()
-        )
-        table = ["| method | NFE | FID |", "| --- | --- | --- |"] + [
-            f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows
-        ]
-        atomic_write_bytes(out / "fid_vs_nfe.md", ("\n".join(table) + "\n").encode())
-        print("\n".join(table))
-        return 0
+        return fid_main(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +270,32 @@ def main(argv=None) -> int:
     }  # fmt: skip
     report = {"meta": meta, "rows": rows, "equal_quality_nfe": equal, "speed": speed}
     atomic_write_bytes(out / "quality.json", json.dumps(report, indent=1).encode())
+    lines = _quality_lines(rows, yardstick, equal, speed, meta, args.speed_batch)
+    atomic_write_bytes(out / "quality.md", ("\n".join(lines) + "\n").encode())
+    plot(rows, yardstick, floor, out / "quality.png")
+    print("\n".join(lines))
+    return 0
+
+
+def fid_main(args) -> int:
+    """--metric fid: FID of --model against --ref at each NFE, to fid_vs_nfe.json and .md."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = fid_rows(args)
+    atomic_write_bytes(
+        out / "fid_vs_nfe.json", json.dumps({"rows": rows, "args": vars(args)}, indent=1).encode()
+    )
+    table = ["| method | NFE | FID |", "| --- | --- | --- |"] + [
+        f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} |" for r in rows
+    ]
+    atomic_write_bytes(out / "fid_vs_nfe.md", ("\n".join(table) + "\n").encode())
+    print("\n".join(table))
+    return 0
+
+
+def _quality_lines(rows, yardstick, equal, speed, meta, speed_batch) -> list[str]:
+    """quality.md: the quality table, the first NFE within 5% of 1000-step DDPM, and the speed there."""
+    real_share, floor = meta["real_share"], meta["fd_floor"]
     lines = [
         f"# Quality against NFE: bundled digits model ({NUM} samples, seed 0, reference backend)",
         "",
@@ -296,17 +311,14 @@ def main(argv=None) -> int:
     lines += ["", f"First NFE within 5% of 1000-step DDPM's FD ({yardstick['fd']:.3f}):", ""]
     lines += [f"- {k}: {v if v is not None else 'not reached by 50'}" for k, v in equal.items()]
     if speed:
-        lines += ["", f"Speed at that NFE, batch {args.speed_batch} (best of 3, {meta['machine']}):", "",
+        lines += ["", f"Speed at that NFE, batch {speed_batch} (best of 3, {meta['machine']}):", "",
                   "| method | NFE | provider | images/s | vs diffusers |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
         lines += [
             f"| {r['method']} | {r['nfe']} | {r['provider']} | {r['images_per_s']:.1f} | "
             f"{_ratio(r['vs_diffusers'])} |"
             for r in speed
         ]
-    atomic_write_bytes(out / "quality.md", ("\n".join(lines) + "\n").encode())
-    plot(rows, yardstick, floor, out / "quality.png")
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

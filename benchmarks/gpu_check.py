@@ -496,6 +496,21 @@ def _tests_lines(r):
 
 
 def markdown(rep: dict) -> str:
+    lines = _header_lines(rep) + _summary_tables(rep)
+    by_section = collections.defaultdict(list)
+    for r in rep["rows"]:
+        by_section[r.get("section", "?")].append(r)
+    known = {s["name"] for s in rep["sections"]}
+    unrecorded = [{"name": n, "status": "no section record"} for n in by_section if n not in known]
+    for s in rep["sections"] + unrecorded:
+        rows = by_section.get(s["name"], [])
+        if rows or s["status"] != "ok":
+            lines += _section_lines(s, rows)
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(rep: dict) -> list[str]:
+    """Title, state, device and versions, and the measured ceilings against the data sheet's."""
     env = rep["environment"]
     lines = [f"# {rep['title']}, {rep['started']}", "", f"**State:** {rep['state']}", ""]
     if env:
@@ -519,7 +534,12 @@ def markdown(rep: dict) -> str:
             lines.append(f"- Measured ceiling, {c['detail']}: {c['bytes_s'] / 1e9:.0f} GB/s{of}")
     if not sheet:
         lines.append("- No data sheet figures for this device: fractions of the sheet are left out.")
-    lines += [
+    return lines
+
+
+def _summary_tables(rep: dict) -> list[str]:
+    """The targets table and the sections table."""
+    lines = [
         "",
         "## Targets (DESIGN.md)",
         "",
@@ -540,65 +560,65 @@ def markdown(rep: dict) -> str:
         lines.append(
             f"| {s['name']} | {s['status']} | {_f(s.get('seconds'), '.1f')} | {_f(s.get('limit_s'), '.3g')} | {s.get('what', '')} |"
         )
-    by_section = collections.defaultdict(list)
-    for r in rep["rows"]:
-        by_section[r.get("section", "?")].append(r)
-    known = {s["name"] for s in rep["sections"]}
-    unrecorded = [{"name": n, "status": "no section record"} for n in by_section if n not in known]
-    for s in rep["sections"] + unrecorded:
-        rows = by_section.get(s["name"], [])
-        if not rows and s["status"] == "ok":
-            continue
-        lines += ["", f"## {s['name']} ({s['status']})", ""]
-        if s.get("reason"):
-            lines.append(f"Not run: {s['reason']}")
-        sampling = [r for r in rows if r["kind"] == "sampling"]
-        kernels = [r for r in rows if r["kind"] == "kernel"]
-        if sampling:
-            first = sampling[0]
-            lines += [
-                f"{first['model']} U-Net, image {first['image']}, {first['steps']} steps per run; medians "
-                "of the timed runs with [20%, 80%] quantiles; x reference / x diffusers: images/s over the "
-                "row of that provider at the same batch.",
-                "",
-            ]
-            lines += _sampling_table(sampling) + [""]
-        if kernels:
-            lines += _kernel_table(kernels) + [""]
-        for r in rows:
-            k = r["kind"]
-            if k == "smoke":
-                lines.append(f"- {'ok' if r['ok'] else '**FAILED**'}: {r['check']}: {r['detail']}")
-            elif k == "model":
-                lines.append(
-                    f"- model {r['model']}: {r['parameters']:,} parameters, "
-                    f"{r['flops_per_image_step'] / 1e9:.2f} GFLOP per image per step (counted)"
-                )
-            elif k == "tests":
-                lines += _tests_lines(r)
-            elif k == "skipped":
-                what = (
-                    f"{r.get('provider', '')} batch {r['batch']}" if "batch" in r else r.get("provider", "")
-                )
-                lines.append(f"- skipped {what}: {r['reason']}")
-            elif k == "error":
-                where = f" {r.get('provider')} batch {r.get('batch')}" if "provider" in r else ""
-                lines.append(f"- **ERROR**{where}: {r['error']}")
-            elif k in ("note", "onnx"):
-                lines.append(f"- {r.get('text') or json.dumps(r.get('result'), default=str)[:3000]}")
-        tracebacks = {r["error"]: r for r in rows if r["kind"] == "error" and r.get("traceback")}
-        for r in tracebacks.values():  # one per distinct error
-            lines += [
-                "",
-                f"Traceback ({r.get('provider', s['name'])} {r.get('batch', '')}):",
-                "",
-                "```",
-                r["traceback"].rstrip(),
-                "```",
-            ]
-        if s.get("output_tail") and s["status"] not in ("ok", "running", "skipped") and not s.get("pytest"):
-            lines += ["", "Output tail:", "", "```", s["output_tail"].rstrip(), "```"]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _section_lines(s: dict, rows: list[dict]) -> list[str]:
+    """One section's part of the report: its tables, a line per other row, its tracebacks and output tail."""
+    lines = ["", f"## {s['name']} ({s['status']})", ""]
+    if s.get("reason"):
+        lines.append(f"Not run: {s['reason']}")
+    sampling = [r for r in rows if r["kind"] == "sampling"]
+    kernels = [r for r in rows if r["kind"] == "kernel"]
+    if sampling:
+        first = sampling[0]
+        lines += [
+            f"{first['model']} U-Net, image {first['image']}, {first['steps']} steps per run; medians "
+            "of the timed runs with [20%, 80%] quantiles; x reference / x diffusers: images/s over the "
+            "row of that provider at the same batch.",
+            "",
+        ]
+        lines += _sampling_table(sampling) + [""]
+    if kernels:
+        lines += _kernel_table(kernels) + [""]
+    for r in rows:
+        lines += _row_lines(r)
+    tracebacks = {r["error"]: r for r in rows if r["kind"] == "error" and r.get("traceback")}
+    for r in tracebacks.values():  # one per distinct error
+        lines += [
+            "",
+            f"Traceback ({r.get('provider', s['name'])} {r.get('batch', '')}):",
+            "",
+            "```",
+            r["traceback"].rstrip(),
+            "```",
+        ]
+    if s.get("output_tail") and s["status"] not in ("ok", "running", "skipped") and not s.get("pytest"):
+        lines += ["", "Output tail:", "", "```", s["output_tail"].rstrip(), "```"]
+    return lines
+
+
+def _row_lines(r: dict) -> list[str]:
+    """The report lines of one row that is not in a table (sampling and kernel rows are: none)."""
+    k = r["kind"]
+    if k == "smoke":
+        return [f"- {'ok' if r['ok'] else '**FAILED**'}: {r['check']}: {r['detail']}"]
+    if k == "model":
+        return [
+            f"- model {r['model']}: {r['parameters']:,} parameters, "
+            f"{r['flops_per_image_step'] / 1e9:.2f} GFLOP per image per step (counted)"
+        ]
+    if k == "tests":
+        return _tests_lines(r)
+    if k == "skipped":
+        what = f"{r.get('provider', '')} batch {r['batch']}" if "batch" in r else r.get("provider", "")
+        return [f"- skipped {what}: {r['reason']}"]
+    if k == "error":
+        where = f" {r.get('provider')} batch {r.get('batch')}" if "provider" in r else ""
+        return [f"- **ERROR**{where}: {r['error']}"]
+    if k in ("note", "onnx"):
+        return [f"- {r.get('text') or json.dumps(r.get('result'), default=str)[:3000]}"]
+    return []
 
 
 def render(out: Path) -> dict:
@@ -766,7 +786,15 @@ def section_smoke(ctx: Context) -> int:
             f"{engine.resolve_options(_plan(model, s, conf.smoke_shape, dev, {'compile': False}), model)}",
         }
     )
-    # Ceilings measured here: what a large bf16 matmul and a plain copy reach on this device
+    _ceilings(ctx, dev)
+    return 0 if ok else 1
+
+
+def _ceilings(ctx: Context, dev) -> None:
+    """Ceilings measured here: what a large bf16 matmul and a plain copy reach on this device."""
+    import torch
+
+    conf = ctx.conf
     ctx.doing = "bf16 matmul ceiling"
     n = conf.matmul_n
     ms = _matmul_ms(n, dev)
@@ -791,7 +819,6 @@ def section_smoke(ctx: Context) -> int:
             "bytes_s": 2 * buf.numel() / (ms * 1e-3),
         }
     )
-    return 0 if ok else 1
 
 
 def _matmul_ms(n: int, dev) -> float:
@@ -918,7 +945,6 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
     Emits a sampling, skipped or error row; returns the output (for the rows compared with it) or None."""
     import torch
 
-    import ddpm_fast as df
     from ddpm_fast import bench
 
     conf, dev = ctx.conf, torch.device(ctx.conf.device)
@@ -945,18 +971,7 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
     }
     with _Logs() as logs:
         try:
-            if kind == "peer":
-                fn = bench.PROVIDERS[provider](model, schedule, shape, conf.steps, dev)
-            elif provider not in conf.specs:
-                raise ValueError(f"gpu_check has no provider {provider!r}; known: {sorted(conf.specs)}")
-            else:
-                labels = "random" if model.defaults.num_classes else None  # a class-conditional model
-
-                def fn(spec=spec):
-                    return df.sample(
-                        model, schedule, shape, seed=bench.SEED, device=dev, labels=labels, **spec
-                    )
-
+            fn = _provider_fn(conf, provider, kind, model, schedule, shape, dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             with _LoopTimer(dev) as loop_timer:
@@ -998,6 +1013,24 @@ def sampling_row(ctx: Context, model, schedule, provider: str, batch: int, ref_o
         conf.need["compiled"] = max(conf.need["compiled"] * 0.5, 1.2 * row["setup_s"])
     ctx.emit(row)
     return out
+
+
+def _provider_fn(conf, provider: str, kind: str, model, schedule, shape, dev):
+    """The call a sampling row times: a peer's (bench.PROVIDERS) or df.sample with the provider's spec."""
+    import ddpm_fast as df
+    from ddpm_fast import bench
+
+    if kind == "peer":
+        return bench.PROVIDERS[provider](model, schedule, shape, conf.steps, dev)
+    if provider not in conf.specs:
+        raise ValueError(f"gpu_check has no provider {provider!r}; known: {sorted(conf.specs)}")
+    spec = conf.specs[provider]
+    labels = "random" if model.defaults.num_classes else None  # a class-conditional model
+
+    def fn(spec=spec):
+        return df.sample(model, schedule, shape, seed=bench.SEED, device=dev, labels=labels, **spec)
+
+    return fn
 
 
 def peer_status(ctx: Context) -> bool:
@@ -1465,27 +1498,7 @@ def run_all(out: Path, sections, budget: float, dry: bool) -> int:
             append_row(out, {**base, "status": "running", "limit_s": limit})
             render(out)
             t0 = time.time()
-            if sec.pytest:
-                cmd, note = pytest_command(out, dry)
-                rc, status, tail = run_child(cmd, limit, out / "pytest.log")
-                if dry:
-                    shutil.rmtree(cmd[-1], ignore_errors=True)
-                append_row(out, tests_row(out, rc, status, tail, note))
-                if rc == 5:  # no test collected: nothing failed (the row shows the zero counts)
-                    status = "ok"
-            else:
-                cmd = [
-                    sys.executable,
-                    "-u",
-                    __file__,
-                    "--section",
-                    sec.name,
-                    "--out",
-                    str(out),
-                    "--until",
-                    str(t0 + limit),
-                ] + (["--dry-run"] if dry else [])
-                rc, status, tail = run_child(cmd, limit)
+            rc, status, tail = _run_section(sec, out, t0, limit, dry)
             if sec.name == "smoke" and rc == NO_CUDA:
                 status, stop, exit_code = "no CUDA", "no CUDA device (see smoke)", 2
             elif status != "ok" and exit_code == 0:
@@ -1510,6 +1523,32 @@ def run_all(out: Path, sections, budget: float, dry: bool) -> int:
     rep = render(out)
     print(f"\ngpu_check: {rep['state']}\nreport: {out / 'report.md'}", flush=True)
     return exit_code
+
+
+def _run_section(sec, out: Path, t0: float, limit: float, dry: bool) -> tuple[int, str, str]:
+    """One section in its own process group, stopped at `limit` s: pytest (its row written here) or a child
+    of this script; returns (exit code, status, output tail)."""
+    if sec.pytest:
+        cmd, note = pytest_command(out, dry)
+        rc, status, tail = run_child(cmd, limit, out / "pytest.log")
+        if dry:
+            shutil.rmtree(cmd[-1], ignore_errors=True)
+        append_row(out, tests_row(out, rc, status, tail, note))
+        if rc == 5:  # no test collected: nothing failed (the row shows the zero counts)
+            status = "ok"
+        return rc, status, tail
+    cmd = [
+        sys.executable,
+        "-u",
+        __file__,
+        "--section",
+        sec.name,
+        "--out",
+        str(out),
+        "--until",
+        str(t0 + limit),
+    ]
+    return run_child(cmd + (["--dry-run"] if dry else []), limit)
 
 
 def _interrupt(signum, frame):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.attention import attention
+from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = [
@@ -101,9 +102,7 @@ class ADMConfig(ConfigRecord):
 
     def _validate(self):
         def pos_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ADMConfig.{name} must be a positive int; got {v!r}")
+            check_int(getattr(self, name), f"ADMConfig.{name}")
 
         for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
             pos_int(name)
@@ -136,7 +135,7 @@ class ADMConfig(ConfigRecord):
             )
         sizes = [self.image_size >> i for i in range(L)]
         for r in self.attention_resolutions:
-            if isinstance(r, bool) or not isinstance(r, int) or r not in sizes:
+            if not is_int(r) or r not in sizes:
                 raise ValueError(
                     f"ADMConfig.attention_resolutions must be resolutions of the levels {sizes}; got {r!r}"
                 )

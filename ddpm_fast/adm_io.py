@@ -28,7 +28,6 @@ their CLASSIFIER_FLAGS (`load_classifier(file, flags=...)`, `CLASSIFIER_PRESETS`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shlex
@@ -38,6 +37,7 @@ from pathlib import Path
 from ddpm_fast.adm import ADM, CHANNEL_MULT, POOLS, ADMClassifier, ADMConfig, ClassifierConfig
 from ddpm_fast.defaults import ModelDefaults, record
 from ddpm_fast.schedule import Schedule
+from ddpm_fast.shards import file_sha256
 from ddpm_fast.weights import load_state, read_weights
 
 __all__ = [
@@ -227,20 +227,41 @@ PRESETS = {
 }
 
 
+def _preset(presets: dict, name: str, arg: str):
+    """presets[name] (a Preset or ClassifierPreset); ValueError naming `arg` for a name not among them."""
+    if name not in presets:
+        raise ValueError(f"{arg} must be one of {sorted(presets)}; got {name!r}")
+    return presets[name]
+
+
+def _preset_for_file(presets: dict, name: str) -> str | None:
+    """The first of `presets` whose published files include one with the stem of `name`, or None."""
+    stem = Path(name).stem
+    return next((k for k, p in presets.items() if any(Path(f).stem == stem for f in p.files)), None)
+
+
+def _flags_or_preset(
+    file: Path, flags, preset, presets: dict, ask: str, what: str
+) -> tuple[dict, str | None]:
+    """(the flags given, parsed; the preset named, else the one a published file name implies when no flags
+    are given); ValueError asking for `ask` for `what` when there is neither."""
+    given = parse_flags(flags) if flags is not None else {}
+    if preset is None and not given:
+        preset = _preset_for_file(presets, file.name)
+        if preset is None:
+            raise ValueError(f"{file}: pass {ask} (one of {sorted(presets)}) for {what}")
+    return given, preset
+
+
 def preset_config(name: str) -> tuple[ADMConfig, ModelDefaults]:
     """A published checkpoint's (ADMConfig, ModelDefaults), from its README's flags."""
-    if name not in PRESETS:
-        raise ValueError(f"adm_preset must be one of {sorted(PRESETS)}; got {name!r}")
-    return from_flags(PRESETS[name].flags, PRESETS[name].source)
+    p = _preset(PRESETS, name, "adm_preset")
+    return from_flags(p.flags, p.source)
 
 
 def preset_for_file(name: str) -> str | None:
     """The preset whose published file is called `name` (e.g. "64x64_diffusion.pt"), or None."""
-    stem = Path(name).stem
-    for key, p in PRESETS.items():
-        if any(Path(f).stem == stem for f in p.files):
-            return key
-    return None
+    return _preset_for_file(PRESETS, name)
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -541,19 +562,17 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
         raise FileNotFoundError(f"openai checkpoint not found: {file}")
     if source is not None and source not in SOURCES:
         raise ValueError(f"adm_source must be one of {SOURCES}; got {source!r}")
-    given = parse_flags(flags) if flags is not None else {}
-    if preset is None and not given:
-        preset = preset_for_file(file.name)
-        if preset is None:
-            raise ValueError(
-                f"{file}: pass adm_flags= (the README's MODEL_FLAGS and DIFFUSION_FLAGS) or adm_preset= "
-                f"(one of {sorted(PRESETS)}) for an openai checkpoint"
-            )
+    given, preset = _flags_or_preset(
+        file,
+        flags,
+        preset,
+        PRESETS,
+        "adm_flags= (the README's MODEL_FLAGS and DIFFUSION_FLAGS) or adm_preset=",
+        "an openai checkpoint",
+    )
     merged = dict(given)
     if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"adm_preset must be one of {sorted(PRESETS)}; got {preset!r}")
-        p = PRESETS[preset]
+        p = _preset(PRESETS, preset, "adm_preset")
         if source is not None and source != p.source:
             raise ValueError(
                 f"adm_source {source!r} contradicts adm_preset {preset!r} ({p.source}-diffusion)"
@@ -696,10 +715,7 @@ def _classifier_hints(state: dict, cfg: ClassifierConfig) -> list[str]:
 
 def classifier_preset_for_file(name: str) -> str | None:
     """The classifier preset whose published file is called `name` (e.g. "128x128_classifier.pt"), or None."""
-    stem = Path(name).stem
-    return next(
-        (k for k, p in CLASSIFIER_PRESETS.items() if any(Path(f).stem == stem for f in p.files)), None
-    )
+    return _preset_for_file(CLASSIFIER_PRESETS, name)
 
 
 def load_classifier(file, flags: str | None = None, preset: str | None = None) -> ADMClassifier:
@@ -709,18 +725,16 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"classifier file not found: {file}")
-    given = parse_flags(flags) if flags is not None else {}
-    if preset is None and not given:
-        preset = classifier_preset_for_file(file.name)
-        if preset is None:
-            raise ValueError(
-                f"{file}: pass classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset= (one of "
-                f"{sorted(CLASSIFIER_PRESETS)}) for a guided-diffusion classifier"
-            )
+    given, preset = _flags_or_preset(
+        file,
+        flags,
+        preset,
+        CLASSIFIER_PRESETS,
+        "classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset=",
+        "a guided-diffusion classifier",
+    )
     if preset is not None:
-        if preset not in CLASSIFIER_PRESETS:
-            raise ValueError(f"classifier_preset must be one of {sorted(CLASSIFIER_PRESETS)}; got {preset!r}")
-        given = {**parse_flags(CLASSIFIER_PRESETS[preset].flags), **given}
+        given = {**parse_flags(_preset(CLASSIFIER_PRESETS, preset, "classifier_preset").flags), **given}
     cfg, scale = classifier_from_flags(given)
     state = read_weights(file)
     model = ADMClassifier(cfg)
@@ -732,11 +746,3 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
         "flags": " ".join(f"--{k} {v}" for k, v in sorted(given.items())),
     }
     return model.eval()
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields, replace
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.schedule import Schedule
 
 __all__ = ["ModelDefaults", "ConfigRecord", "defaults_of", "record", "SAMPLING_KEYS", "VARIANCES", "ARCHS"]
@@ -108,18 +109,14 @@ def record(
     if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not cr > 0:
         raise ValueError(f"{where}: sampling clip_range must be a positive number; got {cr!r}")
     shape = out["image_shape"]
-    if (
-        not isinstance(shape, (list, tuple))
-        or len(shape) != 3
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
-    ):
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(not is_int(s) or s < 1 for s in shape):
         raise ValueError(f"{where}: sampling image_shape must be [C, H, W] positive ints; got {shape!r}")
     dr = out.get("data_range", base.data_range)
     if not isinstance(dr, (list, tuple)) or len(dr) != 2 or not float(dr[0]) < float(dr[1]):
         raise ValueError(f"{where}: sampling data_range must be [low, high] with low < high; got {dr!r}")
     for key in ("steps", "num_classes"):
         n = out.get(key)
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        if n is not None and (not is_int(n) or n < 1):
             raise ValueError(f"{where}: sampling {key} must be a positive int or null; got {n!r}")
     if arch not in ARCHS:
         raise ValueError(f"{where}: arch must be one of {ARCHS}; got {arch!r}")

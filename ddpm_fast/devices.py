@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.errors import Unavailable
 
 
@@ -38,7 +39,7 @@ def set_threads(threads: int | None, name: str = "--threads") -> int:
         if "LOCAL_WORLD_SIZE" not in os.environ:
             return torch.get_num_threads()
         threads = default_threads()
-    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    elif not is_int(threads) or threads < 1:
         raise ValueError(f"{name} must be a positive int; got {threads!r}")
     elif threads > (cores := usable_cores()):
         # more threads than cores only slows torch down, and far more fail inside OpenMP (or crash it)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import record
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.unet import UNet, UNetConfig, diffusers_key
@@ -103,12 +104,9 @@ def _block_kind(name, down: bool):
     return {plain: False, attn: True}.get(name)
 
 
-def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
-    """A diffusers UNet2DModel config dict -> UNetConfig; ValueError listing everything we cannot represent."""
-    cls = raw.get("_class_name")
-    if cls != "UNet2DModel":
-        raise ValueError(f"{where}: _class_name is {cls!r}; only diffusers' UNet2DModel is supported")
-    c = {**_UNET2D_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+def _unsupported(c: dict, raw: dict) -> tuple[list[str], list, list[int], object]:
+    """(what the config asks for that UNetConfig cannot represent, block_out_channels, attention levels,
+    sample size)."""
     bad = []
     if c["time_embedding_type"] != "positional":
         bad.append(f"time_embedding_type={c['time_embedding_type']!r} (only 'positional')")
@@ -151,6 +149,16 @@ def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
             size = size[0]
         else:
             bad.append(f"non-square sample_size={size!r}")
+    return bad, ch, attn_levels, size
+
+
+def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
+    """A diffusers UNet2DModel config dict -> UNetConfig; ValueError listing everything we cannot represent."""
+    cls = raw.get("_class_name")
+    if cls != "UNet2DModel":
+        raise ValueError(f"{where}: _class_name is {cls!r}; only diffusers' UNet2DModel is supported")
+    c = {**_UNET2D_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
+    bad, ch, attn_levels, size = _unsupported(c, raw)
     if bad:
         raise ValueError(f"{where}: unsupported UNet2DModel config: " + "; ".join(bad))
 
@@ -160,7 +168,7 @@ def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
         mid_groups = None if c["resnet_time_scale_shift"] == "default" else 0
     if mid_groups == c["norm_num_groups"]:
         mid_groups = None  # our spelling of "the same groups as every other GroupNorm"
-    L2 = 2 ** (L - 1)
+    L2 = 2 ** (len(ch) - 1)
     if size is None:
         size = 8 * L2
     try:
@@ -278,7 +286,7 @@ def diffusers_schedule(raw: dict, where: str = SCHEDULER_FILE) -> tuple[Schedule
         bad.append(f"beta_schedule={kind!r}")
     if bad:
         raise ValueError(f"{where}: unsupported scheduler config: " + "; ".join(bad))
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    if not is_int(T) or T < 1:
         raise ValueError(f"{where}: num_train_timesteps must be a positive int; got {T!r}")
 
     f32 = torch.float32

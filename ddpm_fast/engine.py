@@ -53,6 +53,7 @@ import torch
 
 from ddpm_fast import noise
 from ddpm_fast.plan import Plan, check_model_output
+from ddpm_fast.progress import progress_bar
 
 __all__ = [
     "run",
@@ -669,11 +670,7 @@ def sample_fast(model, plan: Plan) -> torch.Tensor:
     B = plan.shape[0]
     prepared = sorted(k[0] for k, r in eng.runners.items() if k[1:] == _runner_kind(plan, opts))
     out = torch.empty(plan.shape, dtype=torch.float32, device=plan.device)
-    bar = None
-    if plan.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=S * B, desc="sampling", unit="img-step")
+    bar = progress_bar(S * B, "sampling", "img-step", enabled=plan.progress)
     with torch.no_grad():
         for off, rows, bucket in _chunks(B, opts, prepared):
             runner = get_runner(model, plan, bucket, opts)

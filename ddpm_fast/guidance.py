@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.steps import C_EPS, C_X0, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
 
 __all__ = [
@@ -91,7 +92,7 @@ class ClassifierGuidance:
         k = self.num_classes
         if k is None:
             k = getattr(self.classifier, "num_classes", None)
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        if k is not None and (not is_int(k) or k < 1):
             raise ValueError(f"guidance's num_classes must be a positive int; got {k!r}")
         object.__setattr__(self, "num_classes", k)
 

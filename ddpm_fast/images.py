@@ -9,7 +9,10 @@ import torch
 
 from ddpm_fast.shards import atomic_write_bytes
 
-__all__ = ["to_uint8", "image_grid", "save_grid"]
+__all__ = ["IMAGE_SUFFIXES", "to_uint8", "image_grid", "save_grid"]
+
+# the files an image folder is read from (a training set, a FID source), matched case-insensitively
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def to_uint8(x: torch.Tensor, data_range=(-1.0, 1.0)) -> np.ndarray:

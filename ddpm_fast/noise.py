@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from ddpm_fast.checks import is_int
+
 __all__ = [
     "XT_SLOT",
     "LABEL_SLOT",
@@ -53,7 +55,7 @@ _TWO_PI_F32 = float(torch.tensor(_TWO_PI, dtype=torch.float32))
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must lie in [0, 2**63); got {seed}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import env_world
 from ddpm_fast.errors import Unavailable
@@ -165,94 +166,20 @@ def make_plan(
     then also serve an unconditional model's run (their classes are the classifier's).
     """
     d = defaults_of(model)
-    if schedule is None:
-        schedule = d.schedule
-        if schedule is None:
-            raise ValueError("schedule must be given (the model carries none)")
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
-    fam = family(method)  # an unknown method lists the known ones
-    if method == "tuned" and (timesteps is not None or spacing is not None):
-        raise ValueError(
-            "method='tuned' walks its table's own timesteps: timesteps= and spacing= do not apply"
-        )
-    if tuned is not None and method != "tuned":
-        raise ValueError(f"tuned= applies to method='tuned'; got method={method!r}")
-    spacing = fam.spacing if spacing is None else spacing
-    if spacing not in fam.spacings:
-        raise ValueError(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
-    if spacing != fam.spacing and steps is None:
-        raise ValueError(f"spacing={spacing!r} needs steps=N (it chooses which N timesteps to keep)")
+    schedule = _check_schedule(d.schedule if schedule is None else schedule)
+    shape = _check_shape(shape)
+    spacing = _check_spacing(method, spacing, steps, timesteps, tuned)
     variance = d.variance if variance is None else variance
-    if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
     clip = d.clip if clip is None else clip
     clip_range = d.clip_range if clip_range is None else clip_range
-    if not isinstance(clip, bool):
-        raise TypeError(f"clip must be a bool; got {clip!r}")
-    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-        raise ValueError(f"clip_range must be positive; got {clip_range!r}")
-    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
-    noise.check_seed(seed)
-    if isinstance(start_index, bool) or not isinstance(start_index, int) or start_index < 0:
-        raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
-    T = schedule.num_timesteps
-    if method == "tuned":  # the table is learned for this model, schedule and NFE (ddpm_fast.tuned)
-        check_params(method, eta=eta)
-        table = tuned_table_for(model, schedule, steps, tuned).table
-        if table.variance != variance:
-            raise ValueError(
-                f"variance must be the tuned table's {table.variance!r} (what it was learned with); got {variance!r}"
-            )
-        kept = torch.sort(table.timesteps).values
-    elif timesteps is not None:
-        kept = check_timesteps(timesteps, T)
-    elif steps is not None:
-        kept = torch.tensor(spacing_timesteps(schedule, steps, spacing))
-    else:
-        kept = None
-    run_schedule = schedule if kept is None or kept.numel() == T else schedule.respace(kept)
-    if method != "tuned":
-        table = build_step_table(run_schedule, method=method, variance=variance, eta=eta)
-    if device is None:
-        device = model_device(model)
-    try:
-        device = torch.device(device)
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"device must name a torch device; got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Unavailable(f"device {device} was asked for but CUDA is not available")
-    if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
-        # Under torchrun a bare "cuda" is this process's GPU, cuda:LOCAL_RANK, as the CLI's --device reads
-        # it: current_device() is 0 on every rank until something sets it, so each rank would use GPU 0.
-        _, world, local_rank = env_world()
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    _check_scalars(variance, clip, clip_range, dtype, seed, start_index, generator)
+    run_schedule, table = _schedule_and_table(
+        model, schedule, method, steps, timesteps, spacing, variance, eta, tuned
+    )
+    device = _plan_device(model_device(model) if device is None else device)
     guide, num_classes = None, d.num_classes
     if guidance is not None:
-        if not isinstance(guidance, ClassifierGuidance):
-            raise TypeError(
-                f"guidance must be a ddpm_fast.ClassifierGuidance(classifier, scale); got {type(guidance).__name__}"
-            )
-        if labels is None:
-            raise ValueError(
-                "guidance needs labels: classifier guidance steers each sample toward its class; pass labels= "
-                "(a 1-D int tensor, an int or 'random')"
-            )
-        k = guidance.num_classes
-        if k is not None and num_classes is not None and k != num_classes:
-            raise ValueError(
-                f"guidance's classifier has {k} classes but the model's record names {num_classes}"
-            )
-        num_classes = num_classes or k
+        num_classes = _guidance_classes(guidance, labels, num_classes)
         guide = bind(guidance, table, float(clip_range) if clip else None)
     label_spec = _check_labels(labels, num_classes, shape[0], guided=guide is not None)
     return Plan(
@@ -280,6 +207,113 @@ def make_plan(
         label_model=d.num_classes is not None,
         guidance=guide,
     )
+
+
+def _check_schedule(schedule) -> Schedule:
+    if schedule is None:
+        raise ValueError("schedule must be given (the model carries none)")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+    return schedule
+
+
+def _check_shape(shape) -> tuple[int, int, int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
+    return shape
+
+
+def _check_spacing(method: str, spacing, steps, timesteps, tuned) -> str:
+    """The method's spacing (its default for None), checked with the arguments that choose timesteps."""
+    fam = family(method)  # an unknown method lists the known ones
+    if method == "tuned" and (timesteps is not None or spacing is not None):
+        raise ValueError(
+            "method='tuned' walks its table's own timesteps: timesteps= and spacing= do not apply"
+        )
+    if tuned is not None and method != "tuned":
+        raise ValueError(f"tuned= applies to method='tuned'; got method={method!r}")
+    spacing = fam.spacing if spacing is None else spacing
+    if spacing not in fam.spacings:
+        raise ValueError(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
+    if spacing != fam.spacing and steps is None:
+        raise ValueError(f"spacing={spacing!r} needs steps=N (it chooses which N timesteps to keep)")
+    return spacing
+
+
+def _check_scalars(variance, clip, clip_range, dtype, seed, start_index, generator) -> None:
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"clip must be a bool; got {clip!r}")
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+        raise ValueError(f"clip_range must be positive; got {clip_range!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
+    noise.check_seed(seed)
+    check_int(start_index, "start_index", minimum=0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+
+
+def _schedule_and_table(model, schedule: Schedule, method, steps, timesteps, spacing, variance, eta, tuned):
+    """(the respaced schedule of the run, its step table): kept timesteps from the tuned table, `timesteps`,
+    `steps` with `spacing`, or all of them."""
+    T = schedule.num_timesteps
+    table = None
+    if method == "tuned":  # the table is learned for this model, schedule and NFE (ddpm_fast.tuned)
+        check_params(method, eta=eta)
+        table = tuned_table_for(model, schedule, steps, tuned).table
+        if table.variance != variance:
+            raise ValueError(
+                f"variance must be the tuned table's {table.variance!r} (what it was learned with); got {variance!r}"
+            )
+        kept = torch.sort(table.timesteps).values
+    elif timesteps is not None:
+        kept = check_timesteps(timesteps, T)
+    elif steps is not None:
+        kept = torch.tensor(spacing_timesteps(schedule, steps, spacing))
+    else:
+        kept = None
+    run_schedule = schedule if kept is None or kept.numel() == T else schedule.respace(kept)
+    if table is None:
+        table = build_step_table(run_schedule, method=method, variance=variance, eta=eta)
+    return run_schedule, table
+
+
+def _plan_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"device must name a torch device; got {device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Unavailable(f"device {device} was asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
+        # Under torchrun a bare "cuda" is this process's GPU, cuda:LOCAL_RANK, as the CLI's --device reads
+        # it: current_device() is 0 on every rank until something sets it, so each rank would use GPU 0.
+        _, world, local_rank = env_world()
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    return device
+
+
+def _guidance_classes(guidance, labels, num_classes: int | None) -> int | None:
+    """The run's class count once `guidance` is checked: the model record's, else the classifier's."""
+    if not isinstance(guidance, ClassifierGuidance):
+        raise TypeError(
+            f"guidance must be a ddpm_fast.ClassifierGuidance(classifier, scale); got {type(guidance).__name__}"
+        )
+    if labels is None:
+        raise ValueError(
+            "guidance needs labels: classifier guidance steers each sample toward its class; pass labels= "
+            "(a 1-D int tensor, an int or 'random')"
+        )
+    k = guidance.num_classes
+    if k is not None and num_classes is not None and k != num_classes:
+        raise ValueError(f"guidance's classifier has {k} classes but the model's record names {num_classes}")
+    return num_classes or k
 
 
 def model_device(model) -> torch.device:

@@ -11,6 +11,7 @@ import torch
 
 from ddpm_fast import noise
 from ddpm_fast.plan import Plan, check_model_output
+from ddpm_fast.progress import progress_bar
 from ddpm_fast.samplers import family
 from ddpm_fast.steps import fixed_sigma, learned_sigma
 
@@ -41,9 +42,7 @@ def _progress(plan: Plan, callback):
     """The plan's callback, plus a per-step progress bar when asked for."""
     if not plan.progress:
         return callback
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.table.num_steps, desc="sampling", unit="step")
+    bar = progress_bar(plan.table.num_steps, "sampling", "step")
 
     def step(i, t, x):
         bar.update(1)

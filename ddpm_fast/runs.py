@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from ddpm_fast import sampling, shards
+from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import UserError
 from ddpm_fast.images import save_grid, to_uint8
 from ddpm_fast.plan import Plan, make_plan, model_device
+from ddpm_fast.progress import progress_bar
 from ddpm_fast.weights import model_digest
 
 __all__ = [
@@ -198,19 +200,16 @@ class Progress:
 
     def __init__(self, total: int, done: int, enabled: bool, desc: str = "sampling"):
         self.t0 = time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                initial=done,
-                unit="img",
-                desc=desc,
-                dynamic_ncols=True,
-                smoothing=0.1,
-                bar_format=self.FORMAT,
-            )
+        self.bar = progress_bar(
+            total,
+            desc,
+            "img",
+            enabled=enabled,
+            initial=done,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            bar_format=self.FORMAT,
+        )
 
     def update(self, n: float) -> None:
         if self.bar is not None and n:
@@ -256,8 +255,7 @@ def generate(
     what its samples depend on and refuses a rerun that differs: `model_id` and `classifier_id` name a model
     or guidance classifier that is neither a torch Module nor a file (default: their sha256 digests).
     """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be a positive int; got {num!r}")
+    check_int(num, "num")
     if shard_format not in shards.SHARD_FORMATS:
         raise ValueError(f"shard_format must be one of {shards.SHARD_FORMATS}; got {shard_format!r}")
     if not isinstance(out, (str, os.PathLike)):
@@ -292,42 +290,58 @@ def generate(
     sampler = Sampler(model, plan, backend, data_range)
     progress = progress and dist.rank == 0
     if kind == "png":
-        if num > MAX_GRID:
-            raise ValueError(
-                f"num={num} is too many for one PNG grid (at most {MAX_GRID}); use --out DIR or .npz"
-            )
-        bar = Progress(num, 0, progress)
-        try:
-            images = sampler(0, num, bar.update)
-        finally:
-            seconds = bar.close()  # an error prints on its own line, not on the bar's
-        save_grid(images, out)
-        return {"out": out, "num": num, "new": num, "seconds": seconds}
+        return _write_grid(sampler, out, num, progress)
     if kind == "npz":
-        C, H, W = sampler.image_shape
-        bar = Progress(num, 0, progress)
-        try:
-            extra = {} if labels is None else {"arr_1": labels}  # guided-diffusion's layout
-            with shards.NpzWriter(out, (num, H, W, C), extra=extra) as w:
-                for start in range(0, num, sampler.batch_size):
-                    w.write(sampler(start, min(sampler.batch_size, num - start), bar.update))
-        finally:
-            seconds = bar.close()
-        return {"out": out, "num": num, "new": num, "seconds": seconds}
+        return _write_npz(sampler, out, num, progress, labels)
+    settings = _dir_settings(model, out, plan, model_id, classifier_id, shard_size, shard_format, labels)
+    return _run_sharded(sampler, out, num, settings, dist, progress, merge, labels)
 
+
+def _write_grid(sampler: Sampler, out: str, num: int, progress: bool) -> dict:
+    if num > MAX_GRID:
+        raise ValueError(
+            f"num={num} is too many for one PNG grid (at most {MAX_GRID}); use --out DIR or .npz"
+        )
+    bar = Progress(num, 0, progress)
+    try:
+        images = sampler(0, num, bar.update)
+    finally:
+        seconds = bar.close()  # an error prints on its own line, not on the bar's
+    save_grid(images, out)
+    return {"out": out, "num": num, "new": num, "seconds": seconds}
+
+
+def _write_npz(sampler: Sampler, out: str, num: int, progress: bool, labels) -> dict:
+    """One .npz streamed batch by batch: arr_0 uint8 NHWC, and arr_1 the labels (guided-diffusion's layout)."""
+    C, H, W = sampler.image_shape
+    bar = Progress(num, 0, progress)
+    try:
+        extra = {} if labels is None else {"arr_1": labels}
+        with shards.NpzWriter(out, (num, H, W, C), extra=extra) as w:
+            for start in range(0, num, sampler.batch_size):
+                w.write(sampler(start, min(sampler.batch_size, num - start), bar.update))
+    finally:
+        seconds = bar.close()
+    return {"out": out, "num": num, "new": num, "seconds": seconds}
+
+
+def _dir_settings(
+    model, out: str, plan: Plan, model_id, classifier_id, shard_size, shard_format, labels
+) -> dict:
+    """A directory run's settings (what its samples depend on); the shard size defaults to the run's own."""
     if model_id is None:
         model_id = model_digest(model)
     if shard_size is None:
         old = _read_manifest_quietly(out)
         shard_size = int(old["settings"]["shard_size"]) if old else DEFAULT_SHARD_SIZE
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int; got {shard_size!r}")
+    check_int(shard_size, "shard_size")
+    data_range = defaults_of(model).data_range
     settings = run_settings(
         plan, model_id=model_id, shard_size=shard_size, fmt=shard_format, data_range=data_range
     )
     settings.update(guidance_settings(plan, classifier_id))
     settings["labels_sha256"] = None if labels is None else shards.labels_digest(labels)
-    return _run_sharded(sampler, out, num, settings, dist, progress, merge, labels)
+    return settings
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -341,8 +355,7 @@ def _make_plan(model, batch_size, image_shape, kwargs: dict) -> Plan:
     if batch_size is None:
         dev = torch.device(device) if device is not None else model_device(model)
         batch_size = default_batch_size(dev)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     if image_shape is None:
         image_shape = defaults_of(model).image_shape
         if image_shape is None:
@@ -537,96 +550,14 @@ def _run_sharded(
         "device": str(sampler.plan.device),
         "torch": torch.__version__,
     }
-    fmt, size = settings["format"], settings["shard_size"]
-    ranges = shards.shard_ranges(num, size)
-    manifest_path = os.path.join(run_dir, shards.MANIFEST)
-
-    # Rank 0 checks the directory; every rank learns the verdict, so a refusal stops all of them alike.
-    lock = contextlib.nullcontext()
-    verdict = None
-    done: dict = {}
-    if dist.rank == 0:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            lock = _run_lock(run_dir)
-            lock.__enter__()
-            done, todo = _prepare(run_dir, num, settings, info, labels)
-            verdict = ("ok", todo)
-        except (UserError, ValueError, OSError) as e:
-            verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
-    verdict = dist.broadcast(verdict)
-    closers = []
-    try:
-        if verdict[0] == "error":
-            if dist.rank != 0:
-                raise SystemExit(2)  # rank 0 reports it; one message, not one per rank
-            raise UserError(verdict[1])
-        todo = verdict[1]
+    ranges = shards.shard_ranges(num, settings["shard_size"])
+    with contextlib.ExitStack() as stack:  # the bar closes first, then rank 0's lock is released
+        done, todo = _open_run(stack, run_dir, num, settings, info, labels, dist)
         skipped = num - sum(ranges[k][1] for k in todo)
         bar = Progress(num, skipped, progress)
-        closers.append(bar.close)
-        mine = todo[dist.rank :: dist.world]
-        rounds = math.ceil(len(todo) / dist.world)
-        new_images = 0
-
-        # One writer thread: encoding and writing shard k overlaps drawing shard k+1. At most two shards
-        # wait in memory, so memory stays a few shards whatever num is.
-        pending: list[tuple[int, Future]] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-
-            def harvest(block: bool) -> tuple[list, BaseException | None]:
-                records, exc = [], None
-                while pending and (block or pending[0][1].done() or len(pending) > 2):
-                    k, fut = pending.pop(0)
-                    try:
-                        records.append((k, {"count": ranges[k][1], "sha256": fut.result()}))
-                    except Exception as e:
-                        exc = exc or _write_error(e, k, shards.shard_path(run_dir, k, fmt))
-                return records, exc
-
-            carried = None  # rank 0's manifest write failure, told to every rank at the next gather
-            for r in range(rounds + 1):  # the extra round waits for the last writes
-                drawn, failure, carried = 0, carried, None
-                if failure is None and r < len(mine):
-                    k = mine[r]
-                    start, count = ranges[k]
-                    try:
-                        images = sampler(start, count, bar.update if dist.rank == 0 and progress else None)
-                        pending.append((k, writer.submit(shards.write_shard, run_dir, k, start, images, fmt)))
-                        drawn = count
-                        del images
-                    except Exception as e:  # every rank hears of it below, so none waits forever
-                        failure = e
-                records, write_failure = harvest(block=r >= rounds or failure is not None)
-                failure = failure or write_failure
-                message = None if failure is None else f"{type(failure).__name__}: {failure}"
-                gathered = dist.gather((drawn, records, message))
-                new_images += sum(g[0] for g in gathered)
-                if dist.rank == 0:
-                    bar.update(sum(g[0] for g in gathered[1:]))
-                    fresh = [rec for g in gathered for rec in g[1]]
-                    if fresh:
-                        done.update(fresh)
-                        try:
-                            shards.atomic_write_json(manifest_path, _manifest(num, settings, info, done))
-                        except OSError as e:
-                            carried = OSError(e.errno, f"cannot write {manifest_path}: {e.strerror or e}")
-                            if r >= rounds:  # no gather left to wait for: the other ranks are done
-                                raise carried from e
-                if failure is not None:
-                    raise failure
-                errors = [(i, g[2]) for i, g in enumerate(gathered) if g[2]]
-                if errors:
-                    if dist.rank != 0:
-                        raise SystemExit(2)  # the failing rank and rank 0 report it
-                    raise UserError(f"rank {errors[0][0]} failed: {errors[0][1]}")
-                if r >= rounds:
-                    break
+        stack.callback(bar.close)
+        new_images = _draw_shards(sampler, run_dir, num, settings, info, dist, bar, done, todo, progress)
         seconds = bar.close()
-    finally:
-        for close in closers:
-            close()
-        lock.__exit__(None, None, None)
 
     summary = {
         "out": run_dir,
@@ -643,3 +574,102 @@ def _run_sharded(
         shards.merge(run_dir, merged)
         summary.update(merged=merged, merge_seconds=time.perf_counter() - t0)
     return summary
+
+
+def _open_run(
+    stack: contextlib.ExitStack, run_dir: str, num: int, settings: dict, info: dict, labels, dist: Dist
+) -> tuple[dict, list[int]]:
+    """Rank 0 takes the run's lock (held until `stack` closes) and checks the directory (`_prepare`); every
+    rank learns the verdict, so a refusal stops all of them alike. Returns (done records, shards to draw)."""
+    verdict = None
+    done: dict = {}
+    if dist.rank == 0:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            stack.enter_context(_run_lock(run_dir))
+            done, todo = _prepare(run_dir, num, settings, info, labels)
+            verdict = ("ok", todo)
+        except (UserError, ValueError, OSError) as e:
+            verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+    verdict = dist.broadcast(verdict)
+    if verdict[0] == "error":
+        if dist.rank != 0:
+            raise SystemExit(2)  # rank 0 reports it; one message, not one per rank
+        raise UserError(verdict[1])
+    return done, verdict[1]
+
+
+def _draw_shards(
+    sampler: Sampler,
+    run_dir: str,
+    num: int,
+    settings: dict,
+    info: dict,
+    dist: Dist,
+    bar,
+    done,
+    todo,
+    progress,
+) -> int:
+    """Draw this rank's shards of `todo` round by round; rank 0 records every written shard in the manifest
+    after each round. Returns the number of images drawn by all ranks."""
+    fmt, ranges = settings["format"], shards.shard_ranges(num, settings["shard_size"])
+    manifest_path = os.path.join(run_dir, shards.MANIFEST)
+    mine = todo[dist.rank :: dist.world]
+    rounds = math.ceil(len(todo) / dist.world)
+    new_images = 0
+
+    # One writer thread: encoding and writing shard k overlaps drawing shard k+1. At most two shards
+    # wait in memory, so memory stays a few shards whatever num is.
+    pending: list[tuple[int, Future]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+
+        def harvest(block: bool) -> tuple[list, BaseException | None]:
+            records, exc = [], None
+            while pending and (block or pending[0][1].done() or len(pending) > 2):
+                k, fut = pending.pop(0)
+                try:
+                    records.append((k, {"count": ranges[k][1], "sha256": fut.result()}))
+                except Exception as e:
+                    exc = exc or _write_error(e, k, shards.shard_path(run_dir, k, fmt))
+            return records, exc
+
+        carried = None  # rank 0's manifest write failure, told to every rank at the next gather
+        for r in range(rounds + 1):  # the extra round waits for the last writes
+            drawn, failure, carried = 0, carried, None
+            if failure is None and r < len(mine):
+                k = mine[r]
+                start, count = ranges[k]
+                try:
+                    images = sampler(start, count, bar.update if dist.rank == 0 and progress else None)
+                    pending.append((k, writer.submit(shards.write_shard, run_dir, k, start, images, fmt)))
+                    drawn = count
+                    del images
+                except Exception as e:  # every rank hears of it below, so none waits forever
+                    failure = e
+            records, write_failure = harvest(block=r >= rounds or failure is not None)
+            failure = failure or write_failure
+            message = None if failure is None else f"{type(failure).__name__}: {failure}"
+            gathered = dist.gather((drawn, records, message))
+            new_images += sum(g[0] for g in gathered)
+            if dist.rank == 0:
+                bar.update(sum(g[0] for g in gathered[1:]))
+                fresh = [rec for g in gathered for rec in g[1]]
+                if fresh:
+                    done.update(fresh)
+                    try:
+                        shards.atomic_write_json(manifest_path, _manifest(num, settings, info, done))
+                    except OSError as e:
+                        carried = OSError(e.errno, f"cannot write {manifest_path}: {e.strerror or e}")
+                        if r >= rounds:  # no gather left to wait for: the other ranks are done
+                            raise carried from e
+            if failure is not None:
+                raise failure
+            errors = [(i, g[2]) for i, g in enumerate(gathered) if g[2]]
+            if errors:
+                if dist.rank != 0:
+                    raise SystemExit(2)  # the failing rank and rank 0 report it
+                raise UserError(f"rank {errors[0][0]} failed: {errors[0][1]}")
+            if r >= rounds:
+                break
+    return new_images

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ddpm_fast.checks import check_int, is_int
+
 __all__ = ["Schedule", "spaced_timesteps", "spacing_timesteps", "SPACINGS"]
 
 _F64 = torch.float64
@@ -133,8 +135,7 @@ class Schedule:
 
 
 def _check_T(T) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"num_timesteps must be a positive int; got {T!r}")
+    check_int(T, "num_timesteps")
     return T
 
 
@@ -164,7 +165,7 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
     This is improved-diffusion's `space_timesteps(T, [steps])` (one section); for steps == T it is all of them.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if not is_int(steps):
         raise TypeError(f"steps must be an int; got {type(steps).__name__}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must lie in [1, {num_timesteps}]; got {steps}")

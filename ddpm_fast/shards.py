@@ -24,12 +24,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ddpm_fast.progress import progress_bar
+
 __all__ = [
     "MANIFEST",
     "SHARD_FORMATS",
     "atomic_file",
     "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_write_npz",
+    "file_sha256",
     "NpzWriter",
     "shard_path",
     "shard_ranges",
@@ -110,6 +114,24 @@ def atomic_write_bytes(path: str, data, check: Callable[[str], None] | None = No
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_npz(path: str, arrays: dict) -> bytes:
+    """`np.savez(path, **arrays)` written atomically; returns the file's bytes (for a digest)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return data
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class NpzWriter:
@@ -232,11 +254,7 @@ def write_shard(run_dir: str, k: int, start: int, images: np.ndarray, fmt: str) 
     path = shard_path(run_dir, k, fmt)
     indices = np.arange(start, start + images.shape[0], dtype=np.int64)
     if fmt == "npz":
-        buf = io.BytesIO()
-        np.savez(buf, arr_0=images, indices=indices)
-        data = buf.getvalue()
-        atomic_write_bytes(path, data)
-        return hashlib.sha256(data).hexdigest()
+        return hashlib.sha256(atomic_write_npz(path, {"arr_0": images, "indices": indices})).hexdigest()
     # A folder of PNGs: filled under a temporary name, then renamed as a whole. One fsync per file costs
     # ~5 ms on ext4; 16 threads let the journal commit them together: 0.3 ms per 32x32 image (16x faster).
     tmp = _tmp_name(path)
@@ -276,12 +294,9 @@ def write_shard(run_dir: str, k: int, start: int, images: np.ndarray, fmt: str) 
 
 def shard_digest(path: str, fmt: str) -> str:
     """sha256 of the shard's bytes: the .npz file, or each PNG's name and bytes in index order."""
-    h = hashlib.sha256()
     if fmt == "npz":
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return file_sha256(path)
+    h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         h.update(name.encode())
         with open(os.path.join(path, name), "rb") as f:
@@ -481,11 +496,7 @@ def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
         )
     labels = _run_labels(run_dir, m)
     extra = {} if labels is None else {"arr_1": labels}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num, unit="img", desc="merging")
+    bar = progress_bar(num, "merging", "img", enabled=progress)
     with NpzWriter(out, (num, *hwc), extra=extra) as w:
         for k, (start, count) in enumerate(ranges):
             path = shard_path(run_dir, k, fmt)

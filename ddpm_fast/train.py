@@ -41,12 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import env_world, join
+from ddpm_fast.images import IMAGE_SUFFIXES
+from ddpm_fast.progress import progress_bar
 from ddpm_fast.schedule import Schedule
+from ddpm_fast.unet import UNet
 
 __all__ = [
     "TrainConfig",
+    "TrainLoop",
     "load_dataset",
     "train",
     "diffusion_loss",
@@ -57,7 +62,6 @@ __all__ = [
 log = logging.getLogger("ddpm_fast")
 
 PRESETS = ("digits", "tiny", "cifar10", "celebahq256")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 STATE_JSON = "state.json"
 STATE_VERSION = 1
 LOG_JSONL = "log.jsonl"
@@ -95,7 +99,7 @@ class TrainConfig:
     def validate(self) -> None:
         def pos_int(name, minimum=1):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            if not is_int(v) or v < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}; got {v!r}")
 
         for name in ("steps", "batch_size", "num_timesteps"):
@@ -435,6 +439,162 @@ def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int
     save_grid(to_uint8(x), str(path))
 
 
+def _adamw(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm gains
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+
+
+def _warmup(cfg: TrainConfig, optimizer, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr = cfg.lr * min(1, (s + 1) / warmup) at step s (cfg.lr throughout for warmup 0), placed at `step`."""
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg.lr  # the base rate a scheduler resumed at last_epoch >= 0 needs
+    factor = (lambda s: min(1.0, (s + 1) / cfg.warmup)) if cfg.warmup else (lambda s: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+
+
+def _check_resumable(meta: dict, cfg: TrainConfig, out: Path) -> None:
+    saved = dict(meta["config"])
+    mine = dict(cfg.__dict__)
+    saved.pop("steps", None), mine.pop("steps", None)  # a resume may extend the run
+    if saved != mine:
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        raise ValueError(
+            f"--resume: options differ from the run in {str(out)!r}: "
+            + ", ".join(f"{k}={mine.get(k)!r} (saved {saved.get(k)!r})" for k in diff)
+        )
+
+
+class TrainLoop:
+    """One run's model, EMA, optimizer, data and step (improved-diffusion's TrainLoop); `run(end)` takes
+    optimizer steps up to `end`, logging every `log_every` and checkpointing every `save_every` steps."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, dev: torch.device, *, rank: int, world: int):
+        self.cfg, self.out, self.dev = cfg, out, dev
+        self.rank, self.world, self.main = rank, world, rank == 0
+        self.data = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels)
+        self.mcfg = _build_model_config(cfg, self.data.shape)
+        self.schedule = cfg.make_schedule()
+        self.buffers = {
+            k: getattr(self.schedule, k).to(dev, torch.float32)
+            for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        }
+        torch.manual_seed(_mix(cfg.seed, 0xF00D))  # initial weights, the same on every rank
+        self.model = UNet(self.mcfg).to(dev)
+        self.ema = UNet(self.mcfg).to(dev).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.optimizer = _adamw(self.model, cfg)
+        self.step = 0
+        self.running, self.last_loss = None, float("nan")
+
+    def resume(self) -> None:
+        meta, tensors = load_state(self.out)
+        _check_resumable(meta, self.cfg, self.out)
+        _restore(meta, tensors, self.model, self.ema, self.optimizer)
+        self.step = int(meta["step"])
+        if self.main:
+            log.info("resumed %s at step %d", self.out, self.step)
+
+    def run(
+        self, end: int, *, compile: bool, progress: bool, log_every: int, save_every: int, sample_steps: int
+    ):
+        net = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(
+                self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
+            )
+        fwd = torch.compile(net) if compile else net
+        scheduler = _warmup(self.cfg, self.optimizer, self.step)
+        bar = progress_bar(
+            self.cfg.steps,
+            "train",
+            "step",
+            enabled=progress and self.main,
+            initial=self.step,
+            dynamic_ncols=True,
+        )
+        gen = torch.Generator(device=self.dev)
+        t_start = time.perf_counter()
+        self.model.train()
+        while self.step < end:
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss = self.train_step(fwd, gen)
+            scheduler.step()
+            # .item() synchronises a GPU: read the loss every 10 steps only.
+            if self.step % 10 == 0 or self.step % log_every == 0 or self.step == end:
+                self.read_loss(loss, lr, bar)
+            if bar is not None:
+                bar.update(1)
+            if self.main and (self.step % log_every == 0 or self.step == end):
+                rec = {"step": self.step, "loss": self.last_loss, "loss_avg": self.running, "lr": lr}
+                rec["time_s"] = round(time.perf_counter() - t_start, 2)
+                with open(self.out / LOG_JSONL, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if self.step % save_every == 0 or self.step == end:
+                self.checkpoint(sample_steps)
+        if bar is not None:
+            bar.close()
+
+    def train_step(self, fwd, gen: torch.Generator) -> torch.Tensor:
+        """One optimizer step on the batch of step `self.step` (its draws keyed by (seed, step, rank))."""
+        cfg, dev, step = self.cfg, self.dev, self.step
+        idx = batch_indices(self.data.shape[0], step, cfg.batch_size * self.world, cfg.seed)[
+            self.rank :: self.world
+        ]
+        x0 = to_model_space(self.data[idx]).to(dev, non_blocking=True)
+        gen.manual_seed(_mix(cfg.seed, step, self.rank, 2))  # t, eps, flips
+        torch.manual_seed(_mix(cfg.seed, step, self.rank, 3))  # dropout
+        if cfg.hflip:
+            flip = torch.rand(x0.shape[0], generator=gen, device=dev) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = diffusion_loss(fwd, x0, self.buffers, gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        _ema_update(self.ema, self.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        self.step += 1
+        return loss
+
+    def read_loss(self, loss: torch.Tensor, lr: float, bar) -> None:
+        self.last_loss = loss.item()
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(f"loss became {self.last_loss} at step {self.step}; lower --lr")
+        self.running = self.last_loss if self.running is None else 0.9 * self.running + 0.1 * self.last_loss
+        if bar is not None:
+            bar.set_postfix(loss=f"{self.running:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+    def checkpoint(self, sample_steps: int) -> None:
+        """state, EMA model and (sample_steps > 0) a sample grid, on rank 0; every rank waits for it."""
+        if self.main:
+            save_state(
+                self.out,
+                step=self.step,
+                model=self.model,
+                ema=self.ema,
+                optimizer=self.optimizer,
+                config=self.cfg,
+                extra={
+                    "loss_avg": self.running,
+                    "world_size": self.world,
+                    "model_config": self.mcfg.to_dict(),
+                },
+            )
+            _save_model(self.ema, self.out, self.cfg, self.schedule)
+            if sample_steps:
+                path = self.out / "samples" / f"step-{self.step:08d}.png"
+                _save_grid(self.ema, self.schedule, self.cfg, path, sample_steps)
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
 def train(
     cfg: TrainConfig,
     out,
@@ -456,9 +616,8 @@ def train(
     use it to cut a run short).
     """
     cfg.validate()
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise ValueError(f"save_every must be a positive int; got {save_every!r}")
-    if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 0:
+    check_int(save_every, "save_every")
+    if not is_int(sample_steps) or sample_steps < 0:
         raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
     out = Path(out)
     _check_out(out, resume=resume, force=force)
@@ -469,128 +628,28 @@ def train(
     if world > 1:
         join(dev)  # the group stays for DistributedDataParallel; the process ends with it
         torch.distributed.barrier()  # every rank has checked --out before rank 0 changes it
-    main = rank == 0
-    if force and main:
+    if force and rank == 0:
         _remove_run(out)
-
-    from ddpm_fast.unet import UNet
-
-    data = load_dataset(cfg.data, image_size=cfg.image_size, channels=cfg.channels)
-    mcfg = _build_model_config(cfg, data.shape)
-    schedule = cfg.make_schedule()
-    buffers = {
-        k: getattr(schedule, k).to(dev, torch.float32)
-        for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-    }
-
-    torch.manual_seed(_mix(cfg.seed, 0xF00D))  # initial weights, the same on every rank
-    model = UNet(mcfg).to(dev)
-    ema = UNet(mcfg).to(dev).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm gains
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
-    step = 0
+    loop = TrainLoop(cfg, out, dev, rank=rank, world=world)
     if resume:
-        meta, tensors = load_state(out)
-        saved = dict(meta["config"])
-        mine = dict(cfg.__dict__)
-        saved.pop("steps", None), mine.pop("steps", None)  # a resume may extend the run
-        if saved != mine:
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-            raise ValueError(
-                f"--resume: options differ from the run in {str(out)!r}: "
-                + ", ".join(f"{k}={mine.get(k)!r} (saved {saved.get(k)!r})" for k in diff)
-            )
-        _restore(meta, tensors, model, ema, optimizer)
-        step = int(meta["step"])
-        if main:
-            log.info("resumed %s at step %d", out, step)
-
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / TRAIN_CONFIG_JSON).write_text(json.dumps(cfg.__dict__, indent=1) + "\n")
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    fwd = torch.compile(net) if compile else net
-
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    gen = torch.Generator(device=dev)
-    global_batch = cfg.batch_size * world
-    running, t_start, last_loss = None, time.perf_counter(), float("nan")
-    model.train()
-    while step < end:
-        idx = batch_indices(data.shape[0], step, global_batch, cfg.seed)[rank::world]
-        x0 = to_model_space(data[idx]).to(dev, non_blocking=True)
-        gen.manual_seed(_mix(cfg.seed, step, rank, 2))  # t, eps, flips
-        torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout
-        if cfg.hflip:
-            flip = torch.rand(x0.shape[0], generator=gen, device=dev) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = diffusion_loss(fwd, x0, buffers, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-
-        # .item() synchronises a GPU: read the loss every 10 steps only.
-        if step % 10 == 0 or step % log_every == 0 or step == end:
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss became {last_loss} at step {step}; lower --lr")
-            running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
-            if bar is not None:
-                bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if bar is not None:
-            bar.update(1)
-        if main and (step % log_every == 0 or step == end):
-            rec = {"step": step, "loss": last_loss, "loss_avg": running, "lr": lr}
-            rec["time_s"] = round(time.perf_counter() - t_start, 2)
-            with open(out / LOG_JSONL, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if step % save_every == 0 or step == end:
-            if main:
-                save_state(
-                    out,
-                    step=step,
-                    model=model,
-                    ema=ema,
-                    optimizer=optimizer,
-                    config=cfg,
-                    extra={"loss_avg": running, "world_size": world, "model_config": mcfg.to_dict()},
-                )
-                _save_model(ema, out, cfg, schedule)
-                if sample_steps:
-                    _save_grid(ema, schedule, cfg, out / "samples" / f"step-{step:08d}.png", sample_steps)
-            if world > 1:
-                torch.distributed.barrier()
-    if bar is not None:
-        bar.close()
-    return ema
+        loop.resume()
+    if rank == 0:
+        _atomic_write_bytes(out / TRAIN_CONFIG_JSON, (json.dumps(cfg.__dict__, indent=1) + "\n").encode())
+    end = cfg.steps if stop_after is None else min(cfg.steps, loop.step + stop_after)
+    loop.run(
+        end,
+        compile=compile,
+        progress=progress,
+        log_every=log_every,
+        save_every=save_every,
+        sample_steps=sample_steps,
+    )
+    return loop.ema
 
 
 @torch.no_grad()
 def _ema_update(ema, model, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
+    """ema <- decay * ema + (1 - decay) * model for the parameters; buffers are copied from the model."""
     ep, mp = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(ep, mp, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_fast.attention import attention
+from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
 
 __all__ = ["UNetConfig", "UNet", "diffusers_key", "timestep_embedding"]
@@ -65,14 +66,12 @@ class UNetConfig(ConfigRecord):
 
     def _validate(self):
         def pos_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive int; got {v!r}")
+            check_int(getattr(self, name), f"UNetConfig.{name}")
 
         for name in ("in_channels", "out_channels", "sample_size", "layers_per_block", "norm_num_groups"):
             pos_int(name)
         ch = self.block_out_channels
-        if not ch or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch):
+        if not ch or any(not is_int(c) or c < 1 for c in ch):
             raise ValueError(f"UNetConfig.block_out_channels must be positive ints; got {ch!r}")
         L = len(ch)
         for c in ch:
@@ -82,11 +81,11 @@ class UNetConfig(ConfigRecord):
                     f"entry; got {c}"
                 )
         for lv in self.attn_levels:
-            if isinstance(lv, bool) or not isinstance(lv, int) or not 0 <= lv < L:
+            if not is_int(lv) or not 0 <= lv < L:
                 raise ValueError(f"UNetConfig.attn_levels must be level indices in [0, {L - 1}]; got {lv!r}")
         hd = self.attention_head_dim
         if hd is not None:
-            if isinstance(hd, bool) or not isinstance(hd, int) or hd < 1:
+            if not is_int(hd) or hd < 1:
                 raise ValueError(f"UNetConfig.attention_head_dim must be a positive int or None; got {hd!r}")
             for c in [ch[lv] for lv in self.attn_levels] + ([ch[-1]] if self.mid_attention else []):
                 if c % hd:
@@ -94,9 +93,7 @@ class UNetConfig(ConfigRecord):
                         f"UNetConfig.attention_head_dim ({hd}) must divide attention channels {c}"
                     )
         mg = self.mid_attn_norm_groups
-        if mg is not None and (
-            isinstance(mg, bool) or not isinstance(mg, int) or mg < 0 or (mg and ch[-1] % mg)
-        ):
+        if mg is not None and (not is_int(mg) or mg < 0 or (mg and ch[-1] % mg)):
             raise ValueError(
                 f"UNetConfig.mid_attn_norm_groups must be None, 0 or divide {ch[-1]}; got {mg!r}"
             )

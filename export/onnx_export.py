@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ddpm_fast import noise
+from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
@@ -199,7 +200,7 @@ def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, h
 
 
 def _check_opset(opset, exporter: str) -> int:
-    if isinstance(opset, bool) or not isinstance(opset, int):
+    if not is_int(opset):
         raise TypeError(f"opset must be an int; got {opset!r}")
     low = OPSET if exporter == "dynamo" else MIN_OPSET
     if not low <= opset <= MAX_OPSET:
@@ -263,93 +264,23 @@ def export_onnx(
     method, variance and clipping) instead of the noise model. The schedule, image shape and sampling
     defaults come from the model (`model.defaults`, `model.config`) unless given. Written atomically.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(fp16, bool):
-        raise TypeError(f"fp16 must be a bool; got fp16={fp16!r}")
+    path, exporter, opset, schedule, image_shape, defaults = _check_export(
+        model, path, plan, fp16, opset, exporter, schedule, image_shape
+    )
     step = plan is not None
-    if step and not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
-    history = plan.table.history if step else 0
-    cond = defaults_of(model).num_classes is not None  # a class-conditional model: labels y are an input
-    if step and cond:
-        raise Unavailable(
-            "a step graph of a class-conditional model is not exported: export its noise model (no plan), whose "
-            "graph takes the labels y, and sample it with backend='onnx'"
-        )
-    exporter = default_exporter() if exporter is None else exporter
-    if exporter not in ("dynamo", "torchscript"):
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
-    opset = _check_opset(opset, exporter)
-    path = Path(path)
-    if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx; got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(path.parent)!r} does not exist")
-    config = getattr(model, "config", None)
-    if schedule is None:
-        schedule = defaults_of(model).schedule
-    if schedule is not None and not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
-    if image_shape is None:
-        if config is None:
-            raise ValueError("image_shape must be given (C, H, W): the model has no .config to read it from")
-        image_shape = config.image_shape
-    image_shape = tuple(int(d) for d in image_shape)
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
-    defaults = _sampling_defaults(model, image_shape)
-    if step and schedule is None:
-        raise ValueError(
-            "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
-        )
-    if step and tuple(plan.shape[1:]) != image_shape:
-        raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "kind": "step" if step else "eps",
-        "inputs": list(io_names("step" if step else "eps", history, cond)[0]),
-        "output": OUTPUTS["step" if step else "eps"],
-        "image_shape": list(image_shape),
-        "weights_dtype": "float16" if fp16 else "float32",
-        "exporter": exporter,
-        "opset": opset,
-        "torch": torch.__version__,
-        "arch": defaults_of(model).arch,
-        "model": config.to_dict() if hasattr(config, "to_dict") else None,
-        # the exported Module's weights digest: a tuned table learned for it runs on this file too
-        "source_digest": model_digest(model) if isinstance(model, torch.nn.Module) else None,
-        "schedule": schedule.spec if schedule is not None else None,
-        "sampling": defaults,
-        "noise": NOISE_DOC,
-    }
-
+    meta = _metadata(model, plan, fp16, exporter, opset, schedule, image_shape, defaults)
     net = half_unet(model) if fp16 else model
     was_training = model.training
     model.eval()
     try:
         if step:
-            table = plan.table
-            clip_range = plan.clip_range if plan.clip else None
-            graph = StepGraph(net, table, clip_range).eval()
-            meta["step"] = {
-                "method": plan.method,
-                "eta": plan.eta,
-                "variance": plan.variance,
-                "clip": plan.clip,
-                "clip_range": plan.clip_range,
-                "num_steps": table.num_steps,
-                "history": table.history,  # earlier x0 the graph carries in and out (multistep solvers)
-                "timesteps": table.timesteps.tolist(),  # model timestep (and noise slot) of step 0, 1, ...
-                "xT_slot": noise.XT_SLOT,
-            }
+            table, history = plan.table, plan.table.history
+            graph = StepGraph(net, table, plan.clip_range if plan.clip else None).eval()
         else:
+            table, history = None, 0
             graph = EpsGraph(net).eval()
-            table = None
-        example = _trace_inputs(
-            "step" if step else "eps", image_shape, table.num_steps if table else 1, history, cond
-        )
+        cond = defaults_of(model).num_classes is not None  # a class-conditional model: labels y are an input
+        example = _trace_inputs(meta["kind"], image_shape, table.num_steps if step else 1, history, cond)
 
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -383,6 +314,92 @@ def export_onnx(
         return report
     finally:
         model.train(was_training)
+
+
+def _check_export(model, path, plan, fp16, opset, exporter, schedule, image_shape):
+    """export_onnx's arguments checked and completed from the model: (path, exporter, opset, schedule,
+    image_shape, sampling defaults)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(fp16, bool):
+        raise TypeError(f"fp16 must be a bool; got fp16={fp16!r}")
+    step = plan is not None
+    if step and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
+    if step and defaults_of(model).num_classes is not None:
+        raise Unavailable(
+            "a step graph of a class-conditional model is not exported: export its noise model (no plan), whose "
+            "graph takes the labels y, and sample it with backend='onnx'"
+        )
+    exporter = default_exporter() if exporter is None else exporter
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
+    opset = _check_opset(opset, exporter)
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx; got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(path.parent)!r} does not exist")
+    config = getattr(model, "config", None)
+    if schedule is None:
+        schedule = defaults_of(model).schedule
+    if schedule is not None and not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+    if image_shape is None:
+        if config is None:
+            raise ValueError("image_shape must be given (C, H, W): the model has no .config to read it from")
+        image_shape = config.image_shape
+    image_shape = tuple(int(d) for d in image_shape)
+    if len(image_shape) != 3 or min(image_shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
+    defaults = _sampling_defaults(model, image_shape)
+    if step and schedule is None:
+        raise ValueError(
+            "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
+        )
+    if step and tuple(plan.shape[1:]) != image_shape:
+        raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
+    return path, exporter, opset, schedule, image_shape, defaults
+
+
+def _metadata(model, plan, fp16, exporter, opset, schedule, image_shape, defaults) -> dict:
+    """What the file says about itself (`read_metadata`): graph kind and inputs, model, schedule, sampling
+    defaults, noise formula, and for a step graph the run it steps."""
+    kind = "eps" if plan is None else "step"
+    history = 0 if plan is None else plan.table.history
+    config = getattr(model, "config", None)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "inputs": list(io_names(kind, history, defaults_of(model).num_classes is not None)[0]),
+        "output": OUTPUTS[kind],
+        "image_shape": list(image_shape),
+        "weights_dtype": "float16" if fp16 else "float32",
+        "exporter": exporter,
+        "opset": opset,
+        "torch": torch.__version__,
+        "arch": defaults_of(model).arch,
+        "model": config.to_dict() if hasattr(config, "to_dict") else None,
+        # the exported Module's weights digest: a tuned table learned for it runs on this file too
+        "source_digest": model_digest(model) if isinstance(model, torch.nn.Module) else None,
+        "schedule": schedule.spec if schedule is not None else None,
+        "sampling": defaults,
+        "noise": NOISE_DOC,
+    }
+    if plan is not None:
+        table = plan.table
+        meta["step"] = {
+            "method": plan.method,
+            "eta": plan.eta,
+            "variance": plan.variance,
+            "clip": plan.clip,
+            "clip_range": plan.clip_range,
+            "num_steps": table.num_steps,
+            "history": table.history,  # earlier x0 the graph carries in and out (multistep solvers)
+            "timesteps": table.timesteps.tolist(),  # model timestep (and noise slot) of step 0, 1, ...
+            "xT_slot": noise.XT_SLOT,
+        }
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -29,6 +29,7 @@ import os
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.checks import is_int
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
 
 __all__ = [
@@ -49,7 +50,7 @@ MAX_HISTORY = 3  # earlier steps' predictions the kernel reads (DPM-Solver++(3M)
 
 def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
     """A device step counter for `advance=True`: int64, shape [1], value `start`."""
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**31:
+    if not is_int(start) or not 0 <= start < 2**31:
         raise ValueError(f"start must be an int in [0, 2**31); got {start!r}")
     return torch.full((1,), start, dtype=torch.int64, device=device)
 
@@ -73,6 +74,43 @@ def _check_step_args(
     for name, t in (("x", x), ("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    _check_model_out(x, model_out, learned)
+    S = _check_table(x, coefs, timesteps, history)
+    _check_step(step, S, advance)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
+    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
+    tensors += [("history", history)] if history is not None else []
+    tensors += [("step", step)] if isinstance(step, torch.Tensor) else []
+    for name, t in (*tensors, ("out", out)):
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+    for name, t in (
+        ("x", x),
+        ("model_out", model_out),
+        ("coefs", coefs),
+        ("timesteps", timesteps),
+        ("out", out),
+        *([("history", history)] if history is not None else []),
+    ):
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
+            )
+    _check_keys(x, seed, start_index)
+    if clip_range is not None:
+        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
+            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
+        if clip_range == float("inf"):
+            clip_range = None
+    return out, (None if clip_range is None else float(clip_range))
+
+
+def _check_model_out(x, model_out, learned) -> None:
     if x.ndim < 2 or x.numel() == 0:
         raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
     if x.dtype not in STORAGE_DTYPES:
@@ -90,6 +128,10 @@ def _check_step_args(
             f"model_out must have x's shape {tuple(x.shape)} (or {two_c} with a variance half); "
             f"got {tuple(model_out.shape)}"
         )
+
+
+def _check_table(x, coefs, timesteps, history) -> int:
+    """The coefficient table, its timesteps and the x0 history agree with each other and with x; returns S."""
     K = 0 if history is None else (history.shape[0] if isinstance(history, torch.Tensor) else -1)
     if history is not None:
         if not isinstance(history, torch.Tensor):
@@ -115,9 +157,10 @@ def _check_step_args(
         raise ValueError(
             f"timesteps must be int64 of shape ({S},); got {timesteps.dtype} {tuple(timesteps.shape)}"
         )
-    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
-    if history is not None:
-        tensors.append(("history", history))
+    return S
+
+
+def _check_step(step, S: int, advance: bool) -> None:
     if isinstance(step, torch.Tensor):
         if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
             raise ValueError(
@@ -127,7 +170,6 @@ def _check_step_args(
             raise ValueError(
                 f"advance=True needs an int64 step counter (make_step_counter); got {step.dtype}"
             )
-        tensors.append(("step", step))
     elif isinstance(step, int) and not isinstance(step, bool):
         if not 0 <= step < S:
             raise ValueError(f"step must lie in [0, {S}); got {step}")
@@ -135,35 +177,6 @@ def _check_step_args(
             raise ValueError("advance=True needs a step tensor to advance; got an int step")
     else:
         raise TypeError(f"step must be an int or an int tensor; got {type(step).__name__}")
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    elif not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
-    elif out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
-    tensors.append(("out", out))
-    for name, t in tensors:
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-    for name, t in (
-        ("x", x),
-        ("model_out", model_out),
-        ("coefs", coefs),
-        ("timesteps", timesteps),
-        ("out", out),
-        *([("history", history)] if history is not None else []),
-    ):
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
-            )
-    _check_keys(x, seed, start_index)
-    if clip_range is not None:
-        if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
-        if clip_range == float("inf"):
-            clip_range = None
-    return out, (None if clip_range is None else float(clip_range))
 
 
 def _check_keys(x, seed, start_index) -> None:
@@ -174,7 +187,7 @@ def _check_keys(x, seed, start_index) -> None:
     """
     if not (isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor)):
         noise.check_seed(seed)
-        if isinstance(start_index, bool) or not isinstance(start_index, int) or not 0 <= start_index:
+        if not is_int(start_index) or not 0 <= start_index:
             raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
         if start_index + x.shape[0] > 2**63:
             raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")

@@ -121,25 +121,14 @@ def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
     import ddpm_fast as df
     from ddpm_fast.export.graphs import EpsGraph, half_unet
     from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.export.runtime import OnnxModel, import_onnxruntime, reference_tolerance
+    from ddpm_fast.export.runtime import OnnxModel, reference_tolerance
     from ddpm_fast.plan import make_plan
     from ddpm_fast.reference import run as sample_reference
     from ddpm_fast.unet import UNet, UNetConfig
 
     result = {"status": "skipped", "torch": torch.__version__}
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        result["reason"] = "CUDA is not available to torch"
-        return result
-    try:
-        ort = import_onnxruntime()
-    except RuntimeError as e:
-        result["reason"] = str(e)
-        return result
-    result.update(onnxruntime=ort.__version__, providers=ort.get_available_providers())
-    result["device_name"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    if dev.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        result["reason"] = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu for this CUDA)"
+    if not _onnx_ready(dev, result):
         return result
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="ddpm_fast_gpu_check_"))
@@ -197,6 +186,26 @@ def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["status"] = "ok" if ok else "failed"
     return result
+
+
+def _onnx_ready(dev: torch.device, result: dict) -> bool:
+    """Whether ONNX Runtime can run on `dev`; records its version and providers, or the reason it cannot."""
+    from ddpm_fast.export.runtime import import_onnxruntime
+
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        result["reason"] = "CUDA is not available to torch"
+        return False
+    try:
+        ort = import_onnxruntime()
+    except RuntimeError as e:
+        result["reason"] = str(e)
+        return False
+    result.update(onnxruntime=ort.__version__, providers=ort.get_available_providers())
+    result["device_name"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    if dev.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        result["reason"] = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu for this CUDA)"
+        return False
+    return True
 
 
 def _cifar10_speed(work: Path, dev: torch.device, batch: int = 64, steps: int = 10) -> dict:

@@ -41,7 +41,13 @@ DTYPES = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
+    """The options in --help order: what to sample and how, where to, with what guidance."""
+    _sampler_arguments(p.add_argument)
+    _output_arguments(p.add_argument)
+    _guidance_arguments(p.add_argument)
+
+
+def _sampler_arguments(a) -> None:
     a(
         "--model",
         metavar="DIR|FILE.onnx",
@@ -93,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch device (default: cuda if available, else cpu; cuda:LOCAL_RANK under torchrun)",
     )
     a("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+
+
+def _output_arguments(a) -> None:
     a(
         "--out",
         default="samples.png",
@@ -112,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="shards of a DIR run (default npz)",
     )
     a("--no-merge", action="store_true", help="DIR run: do not write DIR/samples.npz at the end")
+
+
+def _guidance_arguments(a) -> None:
     a(
         "--labels",
         metavar="random|K|FILE.npy",

@@ -13,7 +13,6 @@ A metric the inputs cannot give is null in the report, with a note saying why.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ddpm_fast import shards
+from ddpm_fast.checks import check_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.metrics.features import FeatureSet, extract
 from ddpm_fast.metrics.frechet import SQRTM_METHODS, Statistics, check_rank, frechet_distance, resolve_sqrtm
@@ -55,8 +55,7 @@ class FIDConfig:
             v = getattr(self, name)
             if v is None and name == "batch_size":
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
+            check_int(v, name)
         if self.sqrtm not in SQRTM_METHODS:
             raise ValueError(f"sqrtm must be one of {SQRTM_METHODS}; got {self.sqrtm!r}")
         for name in ("inception", "cache_dir", "device"):
@@ -146,9 +145,7 @@ def _write_stats(path: str, fs: FeatureSet, net: InceptionNet, source: ImageSour
     if fs.spatial is not None:
         arrays.update(mu_s=fs.spatial.mu, sigma_s=fs.spatial.sigma)
     arrays.update(inception_sha256=np.str_(net.sha256), images_sha256=np.str_(source.digest()))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    shards.atomic_write_bytes(path, buf.getvalue())
+    shards.atomic_write_npz(path, arrays)
 
 
 def save_stats(images, out, **options) -> Statistics:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from ddpm_fast import shards
 from ddpm_fast.metrics import iscore
 from ddpm_fast.metrics.frechet import MomentAccumulator, Statistics
 from ddpm_fast.metrics.sources import ImageSource
+from ddpm_fast.progress import progress_bar
 
 __all__ = ["FeatureSet", "extract", "feature_key", "cache_root", "CACHE_VERSION"]
 
@@ -91,9 +91,7 @@ def _save_chunk(path: str, c: _Chunk) -> None:
         arrays["spatial"] = c.spatial
     if c.terms is not None:
         arrays.update(is_n=np.int64(c.terms.n), is_p_sum=c.terms.p_sum, is_plogp=np.float64(c.terms.plogp))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    shards.atomic_write_bytes(path, buf.getvalue())
+    shards.atomic_write_npz(path, arrays)
 
 
 def _load_chunk(path: str, count: int, dim: int) -> _Chunk | None:
@@ -168,9 +166,7 @@ def _finish(d: str, fs: FeatureSet, n_chunks: int, dim: int) -> None:
         arrays.update(mu_s=fs.spatial.mu, sigma_s=fs.spatial.sigma)
     arrays["inception_score"] = np.float64(np.nan if fs.inception_score is None else fs.inception_score)
     arrays["notes"] = np.str_(json.dumps(fs.notes))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    shards.atomic_write_bytes(os.path.join(d, STATS), buf.getvalue())
+    shards.atomic_write_npz(os.path.join(d, STATS), arrays)
     for c in range(n_chunks):
         with contextlib.suppress(OSError):
             os.unlink(chunk(c))
@@ -216,11 +212,7 @@ def extract(
     ranges = shards.shard_ranges(source.num, split_size)
     acc, acc_s = MomentAccumulator(device), MomentAccumulator(device)
     spatial_ok, terms, pools = True, [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=source.num, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(source.num, desc, "img", enabled=progress, dynamic_ncols=True, smoothing=0.1)
     try:
         for c, (start, count) in enumerate(ranges):
             path = os.path.join(d, f"chunk_{c:06d}.npz") if d is not None else None

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ddpm_fast.checks import check_int
+
 __all__ = ["SplitTerms", "split_terms", "score", "inception_score"]
 
 
@@ -50,6 +52,5 @@ def inception_score(probs, split_size: int = 5000) -> float:
     p = torch.as_tensor(probs)
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"probs must be [N, K] with N >= 1; got shape {list(p.shape)}")
-    if isinstance(split_size, bool) or not isinstance(split_size, int) or split_size < 1:
-        raise ValueError(f"split_size must be a positive int; got {split_size!r}")
+    check_int(split_size, "split_size")
     return score([split_terms(p[i : i + split_size]) for i in range(0, p.shape[0], split_size)])

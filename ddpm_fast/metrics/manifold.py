@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ddpm_fast.checks import check_int
+
 __all__ = ["pairwise_sq_distances", "manifold_radii", "coverage", "precision_recall"]
 
 _BLOCK = 1 << 24  # distances per block: 64 MB of float32
@@ -61,8 +63,7 @@ def coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -
 
 def precision_recall(ref, samples, *, k: int = 3, device=None) -> tuple[float, float]:
     """(precision, recall) of `samples` [N, D] against `ref` [M, D] feature vectors (module docstring)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int; got {k!r}")
+    check_int(k, "k")
     device = torch.device(device) if device is not None else torch.device("cpu")
     r = _as_features(ref, "ref", device)
     s = _as_features(samples, "samples", device)

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddpm_fast import shards
+from ddpm_fast.images import IMAGE_SUFFIXES
 from ddpm_fast.metrics.frechet import Statistics
+from ddpm_fast.shards import file_sha256
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -38,16 +40,6 @@ __all__ = [
     "rebatch",
     "file_sha256",
 ]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rebatch(pieces, batch_size: int) -> Iterator[np.ndarray]:
