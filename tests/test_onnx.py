@@ -488,3 +488,14 @@ def test_class_conditional_noise_model_takes_labels_as_an_input(tmp_path):
         df.sample(str(rep.path), backend="onnx", shape=(3, 3, 8, 8), steps=4)
     with pytest.raises(Unavailable, match="step graph of a class-conditional model"):
         export_onnx(model, tmp_path / "s.onnx", plan=make_plan(model, None, (1, 3, 8, 8), steps=3, labels=0))
+
+
+def test_the_gpu_checks_onnx_section_runs_its_logic_on_the_cpu_provider():
+    """The body of the onnx section of benchmarks/gpu_check.py, on CPU: each of its three exports (eps, float16
+    eps, step graph) samples and passes its bound, so a lent GPU's run can fail only on what is CUDA's."""
+    from ddpm_fast.bench.onnx import _gpu_check
+
+    r = _gpu_check(False, 60.0, device="cpu")
+    assert r["status"] == "ok", r.get("error") or r["checks"]
+    assert [(c["graph"], c["fp16"]) for c in r["checks"]] == [("eps", False), ("eps", True), ("step", False)]
+    assert all(c["pass"] and c["checked_error"] <= c["bound"] for c in r["checks"])

@@ -145,8 +145,9 @@ def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
         )
         for kind, fp16 in (("eps", False), ("eps", True), ("step", False)):
             path = work / f"tiny_{kind}{'_fp16' if fp16 else ''}.onnx"
-            rep = export_onnx(tiny, path, step=kind == "step", fp16=fp16, steps=20)
             plan = make_plan(tiny, None, shape, steps=20, device=dev)
+            step_plan = make_plan(tiny, None, shape, steps=20) if kind == "step" else None  # exported on CPU
+            rep = export_onnx(tiny, path, plan=step_plan, fp16=fp16)
             got = df.sample(str(path), shape=shape, steps=20, backend="onnx", device=dev)
             with torch.no_grad():
                 want = sample_reference(copy.deepcopy(tiny).to(dev), plan)
