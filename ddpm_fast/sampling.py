@@ -20,21 +20,41 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ddpm_fast.plan import Plan, make_plan
 from ddpm_fast.schedule import Schedule
 
-__all__ = ["sample", "run", "choose_backend", "is_onnx_model", "BACKENDS"]
+__all__ = ["sample", "run", "choose_backend", "is_onnx_model", "Backend", "BACKENDS", "GRAPH_BACKENDS"]
 
-# name -> "module:function", imported on first use; every function is run(model, plan) -> Tensor.
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table: where its `run(model, plan) -> Tensor` lives and what it accepts."""
+
+    target: str  # "module:function", imported on first use
+    graph: bool = False  # runs an exported graph: takes an .onnx file, no guidance (no classifier gradient)
+    generator: bool = False  # takes generator= (diffusers-order noise)
+    check: str | None = None  # "module:function" raising Unavailable before a model loads (a missing extra)
+
+    def load(self, attr: str = "target") -> Callable:
+        module, name = getattr(self, attr).split(":")
+        return getattr(importlib.import_module(module), name)
+
+
 BACKENDS = {
-    "reference": "ddpm_fast.reference:run",
-    "fast": "ddpm_fast.engine:run",
-    "onnx": "ddpm_fast.export.runtime:run",
-    "openvino": "ddpm_fast.export.openvino_runtime:run",
+    "reference": Backend("ddpm_fast.reference:run", generator=True),
+    "fast": Backend("ddpm_fast.engine:run"),
+    "onnx": Backend("ddpm_fast.export.runtime:run", graph=True),
+    "openvino": Backend(
+        "ddpm_fast.export.openvino_runtime:run",
+        graph=True,
+        check="ddpm_fast.export.openvino_runtime:import_openvino",
+    ),
 }
+GRAPH_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.graph)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -68,18 +88,17 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
         backend = choose_backend(model, plan)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
-    if plan.guidance is not None and backend in ("onnx", "openvino"):
+    if plan.guidance is not None and BACKENDS[backend].graph:
         raise ValueError(
             "guidance needs the classifier's gradient at every step, which an ONNX step graph cannot take; "
             "use backend='reference' or 'fast'"
         )
-    if plan.generator is not None and backend != "reference":
+    if plan.generator is not None and not BACKENDS[backend].generator:
         raise ValueError(
             f"generator works with backend='reference' only (diffusers-order noise); got backend={backend!r}. "
             "Use seed= for counter-based noise on other backends."
         )
-    module, name = BACKENDS[backend].split(":")
-    out = getattr(importlib.import_module(module), name)(model, plan)
+    out = BACKENDS[backend].load()(model, plan)
     # every backend's samples, in this one place (the onnx backend checks nothing itself): never garbage, exit 0
     if not torch.isfinite(out).all():
         raise ValueError(
@@ -130,7 +149,7 @@ def sample(
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if shape is None:
         raise ValueError("shape must be given as (B, C, H, W)")
-    if backend in ("auto", "onnx", "openvino") and is_onnx_model(model):
+    if (backend == "auto" or BACKENDS[backend].graph) and is_onnx_model(model):
         from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
 
         model = as_onnx_model(model)
