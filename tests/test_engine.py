@@ -22,10 +22,10 @@ from _rounding import max_diff, propagated_budget
 from analytic_model import GaussianEps
 
 import ddpm_fast as df
-from ddpm_fast import engine
+from ddpm_fast import engine, sampling
 from ddpm_fast.plan import make_plan
 from ddpm_fast.reference import run as sample_reference
-from ddpm_fast.sampling import choose_backend
+from ddpm_fast.sampling import auto_rule, choose_backend
 
 CPU = torch.device("cpu")
 
@@ -465,6 +465,50 @@ def test_auto_rule(monkeypatch):
     assert choose_backend(net, plan(net)) == "fast" and engine.resolve_options(plan(net), net).compile
     # pure: the same answer every time for the same inputs (every torchrun rank agrees without a broadcast)
     assert len({choose_backend(net, plan(net)) for _ in range(5)}) == 1
+
+
+def test_auto_rule_openvino(monkeypatch):
+    """CPU bfloat16 on our U-Net goes to openvino when the extra is installed with bf16 kernels and the run pays
+    for the export; the machine's two facts are arguments, so every case runs on any machine."""
+    s = df.Schedule.linear(20)
+    net = unet(df.UNetConfig.tiny())
+
+    def plan(m=net, **kw):
+        return make_plan(m, s, (2, 3, 16, 16), device="cpu", **dict(dict(dtype=torch.bfloat16), **kw))
+
+    both = dict(openvino=True, openvino_bf16=True)
+    assert auto_rule(net, plan(), **both) == (
+        "fast",
+        None,
+    )  # 20 steps of a tiny U-Net: the export would not pay
+    monkeypatch.setattr(sampling, "OPENVINO_PAYS", 0.0)  # any run pays
+    assert auto_rule(net, plan(), **both) == ("openvino", None)
+    assert auto_rule(net, plan(), openvino=False, openvino_bf16=False) == (
+        "fast",
+        None,
+    )  # no extra: as before
+    backend, note = auto_rule(net, plan(), openvino=True, openvino_bf16=False)
+    assert backend == "fast" and "no bf16 instructions" in note  # a fallback to log
+    assert auto_rule(net, plan(dtype=torch.float32), **both) == ("reference", None)  # float32: unchanged
+    assert auto_rule(net, plan(dtype=torch.float16), **both) == ("fast", None)
+    assert auto_rule(net, plan(options={"compile": False}), **both) == ("fast", None)  # fast options: fast
+    assert auto_rule(GaussianEps(s, 0.0, 1.0), plan(GaussianEps(s, 0.0, 1.0)), **both) == ("fast", None)
+    assert auto_rule(net, plan(generator=torch.Generator(), dtype=torch.float32), **both)[0] == "reference"
+    assert auto_rule("model.onnx", plan(), **both) == ("onnx", None)
+
+
+def test_auto_bf16_without_cpu_bf16_is_a_logged_fallback(monkeypatch, caplog):
+    s = df.Schedule.linear(20)
+    net = unet(df.UNetConfig.tiny())
+    monkeypatch.setattr(sampling, "OPENVINO_PAYS", 0.0)
+    monkeypatch.setattr(sampling, "_openvino_facts", lambda m, p: dict(openvino=True, openvino_bf16=False))
+    monkeypatch.setattr(sampling, "_logged", set())
+    kw = dict(shape=(2, 3, 16, 16), steps=2, seed=1, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        out = df.sample(net, s, **kw)  # backend="auto"
+        df.sample(net, s, **kw)
+    assert sum("no bf16 instructions" in r.getMessage() for r in caplog.records) == 1  # once per process
+    assert torch.equal(out, df.sample(net, s, backend="fast", **kw))
 
 
 def test_auto_end_to_end_short_cpu_job_is_the_reference():
