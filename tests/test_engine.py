@@ -174,19 +174,26 @@ def test_runner_step_is_an_ordinary_function_of_static_buffers():
 # ---------------------------------------------------------------------------------------------- half precision
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_is_the_float32_chain_moved_by_the_autocast_forward(dtype):
+@pytest.mark.parametrize(
+    "dtype, opts", [(torch.bfloat16, {}), (torch.float16, {}), (torch.bfloat16, {"channels_last": True})]
+)
+def test_half_is_the_float32_chain_moved_by_the_autocast_forward(dtype, opts):
     """U-Net under autocast, update and state in float32: the float32 reference's chain, moved by what the
     autocast forward changes at each of its states (the budget's forward part: bf16 and fp16 keep 8 and 11
-    mantissa bits, so that difference is 1e-3..1e-2 and dwarfs the update's rounding)."""
+    mantissa bits, so that difference is 1e-3..1e-2 and dwarfs the update's rounding). The conv and linear
+    weights run from a private copy cast once; channels_last, asked for, also on CPU."""
     model = unet(df.UNetConfig.tiny())
     s = df.Schedule.linear(1000)
     shape = (1, 3, 16, 16)
     kw = dict(steps=8, seed=2)
     truth = reference(model, s, shape, torch.float64, **kw)
     ref32 = reference(model, s, shape, **kw)
-    out = fast(model, s, shape, dtype=dtype, triton=False, **kw)
+    out = fast(model, s, shape, dtype=dtype, triton=False, **opts, **kw)
     assert out.dtype == torch.float32
+    (call,) = engine._engine_for(model).calls.values()
+    conv = next(m for m in call.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.dtype == dtype and next(model.parameters()).dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == bool(opts.get("channels_last"))
     assert_twin(out, ref32, model, s, shape, truth, engine_minus_eager(model), share=0.3, **kw)
     assert max_err(out, truth) > 10 * max_err(ref32, truth)  # autocast really ran in `dtype`
 
