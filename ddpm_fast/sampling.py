@@ -9,8 +9,8 @@ broadcast; nothing is timed:
     an ONNX file, session or OnnxModel            -> onnx
     generator= given, or dtype float64             -> reference (the only backend that does either)
     CPU bfloat16, our U-Net or ADM, no guidance,   -> openvino where the [openvino] extra is installed and its
-    no fast options, parameters x pixels x steps      CPU plugin has bf16 here (1.20x / 1.89x fast-bf16 at
-    x batch > OPENVINO_PAYS (the export pays)         batch 1 / 8 on the cifar10 U-Net); no bf16 on this CPU:
+    no fast options, parameters x pixels x steps      CPU plugin has bf16 here (1.04x-1.89x fast-bf16 per
+    x batch > OPENVINO_PAYS (the export pays)         step on the cifar10 U-Net, two CPUs); no bf16 on this CPU:
                                                       fast, logged once; no extra: the rows below
     CUDA, CPU bfloat16/float16, or fast options    -> fast (CPU half: it autocasts; the reference would need
                                                       the model itself cast)
@@ -113,15 +113,17 @@ def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tupl
     return ("fast" if compile_pays(model, plan) else "reference"), None
 
 
-# CPU bfloat16, cifar10 U-Net (35.7M parameters, 3x32x32), 2-core Xeon with AVX512_BF16, ms per step,
-# `ddpm-fast bench --device cpu --model cifar10`: batch 1 fast-bf16 66.5, openvino-bf16 55.4 (1.20x);
-# batch 8 357.4 and 189.6 (1.89x). Exporting the model once (validated by ONNX Runtime) took 13.8 s and
-# compiling it for OpenVINO 0.7 s, so at the smaller gain (1 - 55.4/66.5 = 0.167 of each step) the export
-# pays for a fast-bf16 run above 14.5 / 0.167 = 87 s. Fast-bf16 ran 35.7e6 x 1024 parameters x pixels per
-# 66.5 ms at batch 1 (5.5e11 per s), so 87 s is 4.8e13 of compile_pays' measure parameters x pixels x steps
-# x batch. Float32 stays as it was: openvino f32 ran 109.8 ms at batch 1 and 748.6 at batch 8 against the
-# reference's 107.7 and 775.9 (within 4%, not worth an export).
-OPENVINO_PAYS = 4.8e13
+# CPU bfloat16, cifar10 U-Net (35.7M parameters, 3x32x32), ms per step, fast-bf16 (eager, weights cast once)
+# against openvino-bf16, `ddpm-fast bench --device cpu --model cifar10`: on a 2-core Xeon with AMX 66.5 / 55.4
+# at batch 1 and 357.4 / 189.6 at batch 8; on a 2-core EPYC with avx512_bf16 and no AMX 57.2 / 40.0 and
+# 304.6 / 294.1 (3 steps; another run 318.2 / 298.3). Exporting the model once (validated by ONNX Runtime)
+# took 13.8 s and compiling it for OpenVINO 0.7 s (EPYC). The export pays for a run of w = parameters x
+# pixels x steps x batch (compile_pays' measure) when w > 14.5 s x rate / gain, rate = w per second of
+# fast-bf16, gain = 1 - openvino/fast: Xeon 4.8e13 (batch 1) and 2.5e13 (8), EPYC 3.1e13 (1) and 4.0e14
+# (8: rate 9.6e11, gain 0.034). The largest: it pays on both machines at every batch measured (a 50k-sample
+# run is 1.8e18). Float32 stays as it was: openvino f32 ran 109.8 ms at batch 1 and 748.6 at batch 8 against
+# the reference's 107.7 and 775.9 on the Xeon (within 4%, not worth an export).
+OPENVINO_PAYS = 4.0e14
 
 
 def _openvino_pays(model, plan: Plan) -> bool:
