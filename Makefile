@@ -62,9 +62,11 @@ test: lint
 # The tests whose bounds are about float32 rounding, again under another ATen vector kernel set (another
 # summation order): `default`, the scalar kernels, the farthest from any vector ISA. A bound that holds only
 # for one processor's kernels fails here, on the developer's machine, before CI meets another CPU; more sets:
-# `make test-isa ISA_CAPS="default avx2"` (about 3.5 min each on 2 cores).
+# `make test-isa ISA_CAPS="default avx2"` (about 3.5 min each on 2 cores, plus test_openvino.py's 13 s; the
+# schedule tests hold the linear betas to one set of bits, which a tuned table's schedule digest names).
 ISA_TESTS ?= tests/test_kernels.py tests/test_engine.py tests/test_guidance.py tests/test_solvers.py \
-	tests/test_adm.py tests/test_unet_diffusers.py tests/test_onnx.py tests/test_cuda_proofs.py
+	tests/test_adm.py tests/test_unet_diffusers.py tests/test_onnx.py tests/test_cuda_proofs.py \
+	tests/test_openvino.py tests/test_schedule.py
 ISA_CAPS ?= default
 test-isa: $(VENV)/.dev
 	set -e; for cap in $(ISA_CAPS); do echo "== ATEN_CPU_CAPABILITY=$$cap"; \

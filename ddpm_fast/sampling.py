@@ -1,12 +1,17 @@
 """`sample`: one entry point for every backend. A request becomes a `Plan` (`ddpm_fast.plan`); the backend
 named in `BACKENDS` runs it as `run(model, plan) -> Tensor`.
 
-Backend "auto" (`choose_backend`) is a pure function of the model's kind and size, the device, the dtype,
-the step count, the batch and whether this process already compiled the model, so every torchrun rank
-reaches the same answer without a broadcast:
+Backend "auto" (`choose_backend`, the rule `auto_rule`) is a pure function of the model's kind and size, the
+device, the dtype, the step count, the batch, whether this process already compiled the model, and whether
+OpenVINO is installed with bf16 kernels on this CPU, so every torchrun rank reaches the same answer without a
+broadcast; nothing is timed:
 
     an ONNX file, session or OnnxModel            -> onnx
     generator= given, or dtype float64             -> reference (the only backend that does either)
+    CPU bfloat16, our U-Net or ADM, no guidance,   -> openvino where the [openvino] extra is installed and its
+    no fast options, parameters x pixels x steps      CPU plugin has bf16 here (1.04x-1.89x fast-bf16 per
+    x batch > OPENVINO_PAYS (the export pays)         step on the cifar10 U-Net, two CPUs); no bf16 on this CPU:
+                                                      fast, logged once; no extra: the rows below
     CUDA, CPU bfloat16/float16, or fast options    -> fast (CPU half: it autocasts; the reference would need
                                                       the model itself cast)
     CPU float32                                    -> fast when compiling pays (`ddpm_fast.engine.compile_pays`:
@@ -17,25 +22,57 @@ reaches the same answer without a broadcast:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ddpm_fast.plan import Plan, make_plan
 from ddpm_fast.schedule import Schedule
 
-__all__ = ["sample", "run", "choose_backend", "is_onnx_model", "BACKENDS"]
+__all__ = [
+    "sample",
+    "run",
+    "choose_backend",
+    "auto_rule",
+    "OPENVINO_PAYS",
+    "is_onnx_model",
+    "Backend",
+    "BACKENDS",
+    "GRAPH_BACKENDS",
+]
 
-# name -> "module:function", imported on first use; every function is run(model, plan) -> Tensor.
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table: where its `run(model, plan) -> Tensor` lives and what it accepts."""
+
+    target: str  # "module:function", imported on first use
+    graph: bool = False  # runs an exported graph: takes an .onnx file, no guidance (no classifier gradient)
+    generator: bool = False  # takes generator= (diffusers-order noise)
+    check: str | None = None  # "module:function" raising Unavailable before a model loads (a missing extra)
+
+    def load(self, attr: str = "target") -> Callable:
+        module, name = getattr(self, attr).split(":")
+        return getattr(importlib.import_module(module), name)
+
+
 BACKENDS = {
-    "reference": "ddpm_fast.reference:run",
-    "fast": "ddpm_fast.engine:run",
-    "onnx": "ddpm_fast.export.runtime:run",
-    "openvino": "ddpm_fast.export.openvino_runtime:run",
+    "reference": Backend("ddpm_fast.reference:run", generator=True),
+    "fast": Backend("ddpm_fast.engine:run"),
+    "onnx": Backend("ddpm_fast.export.runtime:run", graph=True),
+    "openvino": Backend(
+        "ddpm_fast.export.openvino_runtime:run",
+        graph=True,
+        check="ddpm_fast.export.openvino_runtime:import_openvino",
+    ),
 }
+GRAPH_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.graph)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+log = logging.getLogger("ddpm_fast")
 
 
 def is_onnx_model(model) -> bool:
@@ -51,35 +88,94 @@ def is_onnx_model(model) -> bool:
 
 def choose_backend(model, plan: Plan) -> str:
     """The backend "auto" runs `plan` on (module docstring); no timing, no side effect."""
+    return auto_rule(model, plan, **_openvino_facts(model, plan))[0]
+
+
+def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tuple[str, str | None]:
+    """(backend, a fallback to log or None): the rule of the module docstring, a pure function of the request
+    and two facts about this machine: whether the [openvino] extra is installed (`openvino`) and whether its
+    CPU plugin has bf16 kernels here (`openvino_bf16`)."""
     if is_onnx_model(model):
-        return "onnx"
+        return "onnx", None
     if plan.generator is not None or plan.dtype == torch.float64:
-        return "reference"
+        return "reference", None
+    if openvino and _openvino_pays(model, plan):
+        if openvino_bf16:
+            return "openvino", None
+        return "fast", (
+            "dtype=bfloat16: this CPU has no bf16 instructions, which backend 'openvino' needs; auto runs "
+            "backend 'fast' (autocast, bf16 emulated in float32 arithmetic)"
+        )
     if plan.device.type == "cuda" or plan.dtype in HALF_DTYPES or plan.options:
-        return "fast"
+        return "fast", None
     from ddpm_fast.engine import compile_pays  # torch only; no Triton, no compile
 
-    return "fast" if compile_pays(model, plan) else "reference"
+    return ("fast" if compile_pays(model, plan) else "reference"), None
+
+
+# CPU bfloat16, cifar10 U-Net (35.7M parameters, 3x32x32), ms per step, fast-bf16 (eager, weights cast once)
+# against openvino-bf16, `ddpm-fast bench --device cpu --model cifar10`: on a 2-core Xeon with AMX 66.5 / 55.4
+# at batch 1 and 357.4 / 189.6 at batch 8; on a 2-core EPYC with avx512_bf16 and no AMX 57.2 / 40.0 and
+# 304.6 / 294.1 (3 steps; another run 318.2 / 298.3). Exporting the model once (validated by ONNX Runtime)
+# took 13.8 s and compiling it for OpenVINO 0.7 s (EPYC). The export pays for a run of w = parameters x
+# pixels x steps x batch (compile_pays' measure) when w > 14.5 s x rate / gain, rate = w per second of
+# fast-bf16, gain = 1 - openvino/fast: Xeon 4.8e13 (batch 1) and 2.5e13 (8), EPYC 3.1e13 (1) and 4.0e14
+# (8: rate 9.6e11, gain 0.034). The largest: it pays on both machines at every batch measured (a 50k-sample
+# run is 1.8e18). Float32 stays as it was: openvino f32 ran 109.8 ms at batch 1 and 748.6 at batch 8 against
+# the reference's 107.7 and 775.9 on the Xeon (within 4%, not worth an export).
+OPENVINO_PAYS = 4.0e14
+
+
+def _openvino_pays(model, plan: Plan) -> bool:
+    """A CPU bfloat16 run of one of our architectures (their export is tested), without guidance or fast
+    options, long enough to pay for the one export of its weights (OPENVINO_PAYS)."""
+    if plan.device.type != "cpu" or plan.dtype != torch.bfloat16 or plan.options or plan.guidance is not None:
+        return False
+    from ddpm_fast.adm import ADM
+    from ddpm_fast.unet import UNet
+
+    if not isinstance(model, (UNet, ADM)):
+        return False
+    params = sum(p.numel() for p in model.parameters())
+    B, _, H, W = plan.shape
+    return params * H * W * plan.table.num_steps * B > OPENVINO_PAYS
+
+
+def _openvino_facts(model, plan: Plan) -> dict:
+    """What `auto_rule` reads about this machine, looked up only where the rule would ask (importing
+    OpenVINO to read its CPU plugin's capabilities costs a fraction of a second, once)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None or not _openvino_pays(model, plan):
+        return {"openvino": False, "openvino_bf16": False}
+    from ddpm_fast.export.openvino_runtime import bf16_supported
+
+    return {"openvino": True, "openvino_bf16": bf16_supported()}
+
+
+_logged: set = set()
 
 
 def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
     """Run a validated plan on `backend` ("auto": `choose_backend`)."""
     if backend == "auto":
-        backend = choose_backend(model, plan)
+        backend, note = auto_rule(model, plan, **_openvino_facts(model, plan))
+        if note is not None and note not in _logged:  # once per process
+            _logged.add(note)
+            log.warning("%s", note)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
-    if plan.guidance is not None and backend in ("onnx", "openvino"):
+    if plan.guidance is not None and BACKENDS[backend].graph:
         raise ValueError(
             "guidance needs the classifier's gradient at every step, which an ONNX step graph cannot take; "
             "use backend='reference' or 'fast'"
         )
-    if plan.generator is not None and backend != "reference":
+    if plan.generator is not None and not BACKENDS[backend].generator:
         raise ValueError(
             f"generator works with backend='reference' only (diffusers-order noise); got backend={backend!r}. "
             "Use seed= for counter-based noise on other backends."
         )
-    module, name = BACKENDS[backend].split(":")
-    out = getattr(importlib.import_module(module), name)(model, plan)
+    out = BACKENDS[backend].load()(model, plan)
     # every backend's samples, in this one place (the onnx backend checks nothing itself): never garbage, exit 0
     if not torch.isfinite(out).all():
         raise ValueError(
@@ -130,7 +226,7 @@ def sample(
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if shape is None:
         raise ValueError("shape must be given as (B, C, H, W)")
-    if backend in ("auto", "onnx", "openvino") and is_onnx_model(model):
+    if (backend == "auto" or BACKENDS[backend].graph) and is_onnx_model(model):
         from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
 
         model = as_onnx_model(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class Schedule:
         T = _check_T(num_timesteps)
         if not (0 < beta_start < 1 and 0 < beta_end < 1):
             raise ValueError(f"beta_start and beta_end must lie in (0, 1); got {beta_start}, {beta_end}")
-        betas = torch.linspace(beta_start, beta_end, T, dtype=_F64)
+        betas = _linspace(beta_start, beta_end, T)
         spec = {"kind": "linear", "num_timesteps": T, "beta_start": beta_start, "beta_end": beta_end}
         return cls(betas, spec=spec)
 
@@ -132,6 +133,23 @@ class Schedule:
         prev = torch.cat([torch.ones(1, dtype=_F64), abar[:-1]])
         betas = 1.0 - abar / prev
         return Schedule(betas, timesteps=self.timesteps[kept], spec=self.spec)
+
+
+def _linspace(start: float, end: float, n: int) -> torch.Tensor:
+    """torch.linspace(start, end, n, dtype=float64) as its vectorized CPU kernels (AVX2, AVX-512) compute it,
+    the same bits on every machine: step = (end - start) / (n - 1), then fma(step, i, start) for i < n // 2
+    and fma(-step, n - 1 - i, end) above, each rounded once (exact rationals here). ATen's scalar kernel
+    (ATEN_CPU_CAPABILITY=default, a CPU without AVX2) rounds the product and the sum apart and gave 216 of
+    DDPM's 1000 linear betas another last bit: another schedule digest, so the bundled tuned tables, learned
+    where the vector kernels ran, were refused as "learned for another schedule"."""
+    if n == 1:
+        return torch.tensor([start], dtype=_F64)
+    step = (end - start) / (n - 1)
+    a, b, d = Fraction(start), Fraction(end), Fraction(step)
+    half = n // 2
+    return torch.tensor(
+        [float(a + d * i) if i < half else float(b - d * (n - 1 - i)) for i in range(n)], dtype=_F64
+    )
 
 
 def _check_T(T) -> int:

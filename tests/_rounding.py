@@ -29,7 +29,10 @@ How a later step carries an earlier difference forward depends on the model:
   two forwards' difference at the chain's own state, and the state moves by it with eps's weight in the
   step: the float64 chain then follows the other forward, to first order. A multistep table also keeps
   that difference in its history (as x0 or eps_hat), so there the float64 model's own output moves by it,
-  and the table's every column carries it on.
+  and the table's every column carries it on. That holds where the difference is smooth at the scale by
+  which the chains part; a bf16 forward is piecewise constant at its inputs' rounding, so there the moved
+  chain meets another draw of the same error, which the factor 2 covers while the chain contracts (few
+  steps) and not beyond first order (tests/test_openvino.py, 20 bf16 steps).
 """
 
 from __future__ import annotations

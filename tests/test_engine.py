@@ -22,10 +22,10 @@ from _rounding import max_diff, propagated_budget
 from analytic_model import GaussianEps
 
 import ddpm_fast as df
-from ddpm_fast import engine
+from ddpm_fast import engine, sampling
 from ddpm_fast.plan import make_plan
 from ddpm_fast.reference import run as sample_reference
-from ddpm_fast.sampling import choose_backend
+from ddpm_fast.sampling import auto_rule, choose_backend
 
 CPU = torch.device("cpu")
 
@@ -174,19 +174,26 @@ def test_runner_step_is_an_ordinary_function_of_static_buffers():
 # ---------------------------------------------------------------------------------------------- half precision
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_is_the_float32_chain_moved_by_the_autocast_forward(dtype):
+@pytest.mark.parametrize(
+    "dtype, opts", [(torch.bfloat16, {}), (torch.float16, {}), (torch.bfloat16, {"channels_last": True})]
+)
+def test_half_is_the_float32_chain_moved_by_the_autocast_forward(dtype, opts):
     """U-Net under autocast, update and state in float32: the float32 reference's chain, moved by what the
     autocast forward changes at each of its states (the budget's forward part: bf16 and fp16 keep 8 and 11
-    mantissa bits, so that difference is 1e-3..1e-2 and dwarfs the update's rounding)."""
+    mantissa bits, so that difference is 1e-3..1e-2 and dwarfs the update's rounding). The conv and linear
+    weights run from a private copy cast once; channels_last, asked for, also on CPU."""
     model = unet(df.UNetConfig.tiny())
     s = df.Schedule.linear(1000)
     shape = (1, 3, 16, 16)
     kw = dict(steps=8, seed=2)
     truth = reference(model, s, shape, torch.float64, **kw)
     ref32 = reference(model, s, shape, **kw)
-    out = fast(model, s, shape, dtype=dtype, triton=False, **kw)
+    out = fast(model, s, shape, dtype=dtype, triton=False, **opts, **kw)
     assert out.dtype == torch.float32
+    (call,) = engine._engine_for(model).calls.values()
+    conv = next(m for m in call.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.dtype == dtype and next(model.parameters()).dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == bool(opts.get("channels_last"))
     assert_twin(out, ref32, model, s, shape, truth, engine_minus_eager(model), share=0.3, **kw)
     assert max_err(out, truth) > 10 * max_err(ref32, truth)  # autocast really ran in `dtype`
 
@@ -465,6 +472,50 @@ def test_auto_rule(monkeypatch):
     assert choose_backend(net, plan(net)) == "fast" and engine.resolve_options(plan(net), net).compile
     # pure: the same answer every time for the same inputs (every torchrun rank agrees without a broadcast)
     assert len({choose_backend(net, plan(net)) for _ in range(5)}) == 1
+
+
+def test_auto_rule_openvino(monkeypatch):
+    """CPU bfloat16 on our U-Net goes to openvino when the extra is installed with bf16 kernels and the run pays
+    for the export; the machine's two facts are arguments, so every case runs on any machine."""
+    s = df.Schedule.linear(20)
+    net = unet(df.UNetConfig.tiny())
+
+    def plan(m=net, **kw):
+        return make_plan(m, s, (2, 3, 16, 16), device="cpu", **dict(dict(dtype=torch.bfloat16), **kw))
+
+    both = dict(openvino=True, openvino_bf16=True)
+    assert auto_rule(net, plan(), **both) == (
+        "fast",
+        None,
+    )  # 20 steps of a tiny U-Net: the export would not pay
+    monkeypatch.setattr(sampling, "OPENVINO_PAYS", 0.0)  # any run pays
+    assert auto_rule(net, plan(), **both) == ("openvino", None)
+    assert auto_rule(net, plan(), openvino=False, openvino_bf16=False) == (
+        "fast",
+        None,
+    )  # no extra: as before
+    backend, note = auto_rule(net, plan(), openvino=True, openvino_bf16=False)
+    assert backend == "fast" and "no bf16 instructions" in note  # a fallback to log
+    assert auto_rule(net, plan(dtype=torch.float32), **both) == ("reference", None)  # float32: unchanged
+    assert auto_rule(net, plan(dtype=torch.float16), **both) == ("fast", None)
+    assert auto_rule(net, plan(options={"compile": False}), **both) == ("fast", None)  # fast options: fast
+    assert auto_rule(GaussianEps(s, 0.0, 1.0), plan(GaussianEps(s, 0.0, 1.0)), **both) == ("fast", None)
+    assert auto_rule(net, plan(generator=torch.Generator(), dtype=torch.float32), **both)[0] == "reference"
+    assert auto_rule("model.onnx", plan(), **both) == ("onnx", None)
+
+
+def test_auto_bf16_without_cpu_bf16_is_a_logged_fallback(monkeypatch, caplog):
+    s = df.Schedule.linear(20)
+    net = unet(df.UNetConfig.tiny())
+    monkeypatch.setattr(sampling, "OPENVINO_PAYS", 0.0)
+    monkeypatch.setattr(sampling, "_openvino_facts", lambda m, p: dict(openvino=True, openvino_bf16=False))
+    monkeypatch.setattr(sampling, "_logged", set())
+    kw = dict(shape=(2, 3, 16, 16), steps=2, seed=1, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        out = df.sample(net, s, **kw)  # backend="auto"
+        df.sample(net, s, **kw)
+    assert sum("no bf16 instructions" in r.getMessage() for r in caplog.records) == 1  # once per process
+    assert torch.equal(out, df.sample(net, s, backend="fast", **kw))
 
 
 def test_auto_end_to_end_short_cpu_job_is_the_reference():

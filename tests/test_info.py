@@ -23,16 +23,28 @@ def _version(dist):
 def test_collect_reports_versions_devices_and_backends():
     d = info.collect()
     assert d["versions"]["torch"] == torch.__version__
-    for dist in ("triton", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "diffusers", "numpy"):
+    for dist in (
+        "triton",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxscript",
+        "openvino",
+        "diffusers",
+        "numpy",
+    ):
         assert d["versions"][dist] == _version(dist), dist  # the resolved versions, None when absent
     assert d["devices"]["cuda"]["available"] == torch.cuda.is_available()
     if not torch.cuda.is_available():
         assert d["devices"]["cuda"]["why"]
     assert d["backends"]["reference"]["available"] is True
-    for name in ("fast", "onnx", "diffusers"):
+    for name in ("fast", "onnx", "openvino", "diffusers"):
         b = d["backends"][name]
         assert b["available"] or b["why"] or b["note"], b  # unavailable always says why
     assert d["backends"]["diffusers"]["available"] == (_version("diffusers") is not None)
+    ov = d["backends"]["openvino"]
+    assert ov["available"] == (_version("openvino") is not None)
+    assert ov.get("note") if ov["available"] else "[openvino]" in ov["why"]
     assert d["bundled_model"]["available"] and d["bundled_model"]["image_shape"] == [1, 8, 8]
 
 
@@ -64,5 +76,5 @@ def test_cli_text_and_json(capsys):
     assert set(d) == {"python", "platform", "versions", "devices", "backends", "bundled_model"}
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
-    for word in ("versions", "devices", "backends", "reference", "fast", "onnx", "bundled model"):
+    for word in ("versions", "devices", "backends", "reference", "fast", "onnx", "openvino", "bundled model"):
         assert word in text

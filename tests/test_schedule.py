@@ -1,6 +1,7 @@
 """Schedule tables against hand computations in Python floats (float64), and respacing against improved-diffusion's rule."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -48,6 +49,36 @@ def test_linear_tables_match_hand_computation(T):
         assert s.posterior_variance[0] == 0
         assert s.posterior_log_variance_clipped[0] == pytest.approx(math.log(h["pv"][1]), rel=1e-12)
         assert s.posterior_log_variance_clipped[5] == pytest.approx(math.log(h["pv"][5]), rel=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 999, 1000, 1001])
+def test_linear_betas_are_the_same_bits_on_every_kernel_set(T):
+    """The vector kernels' linspace (fused multiply-adds from both ends), whatever ATen runs here: a tuned
+    table records the betas' digest, and ATEN_CPU_CAPABILITY=default's scalar linspace moved 216 of 1000."""
+    exact = [1e-4] if T == 1 else []  # one timestep: linspace gives the start
+    step = (0.02 - 1e-4) / (T - 1) if T > 1 else 0.0
+    for i in range(
+        T if T > 1 else 0
+    ):  # fma(step, i, start) below the middle, fma(-step, T - 1 - i, end) from it, exactly
+        f = (
+            Fraction(1e-4) + Fraction(step) * i
+            if i < T // 2
+            else Fraction(0.02) - Fraction(step) * (T - 1 - i)
+        )
+        exact.append(float(f))
+    assert torch.equal(Schedule.linear(T).betas, torch.tensor(exact, dtype=torch.float64))
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert torch.equal(Schedule.linear(T).betas, torch.linspace(1e-4, 0.02, T, dtype=torch.float64))
+
+
+def test_bundled_tuned_tables_fit_the_linear_schedule_here():
+    from ddpm_fast.checkpoint import DEFAULT_MODEL_DIR
+    from ddpm_fast.tuned import load_tuned, schedule_digest
+
+    files = sorted((DEFAULT_MODEL_DIR / "tuned").glob("*.safetensors"))
+    assert files
+    for f in files:
+        assert load_tuned(f).schedule == schedule_digest(Schedule.linear(1000)), f.name
 
 
 def test_cosine_matches_improved_ddpm_formula_with_cap():

@@ -4,7 +4,8 @@
     ddpm-fast bench --device cuda --model cifar10 --batch-sizes 1,16,64,256 --steps 20 --out bench/
 
 Providers (`PROVIDERS`, name -> factory(model, schedule, shape, steps, device) -> callable; add one there):
-reference (eager oracle), fast (compile + CUDA graph + Triton), fast-* (each option off; -bf16: autocast),
+reference (eager oracle), fast (compile + CUDA graph + Triton), fast-* (each option off; -bf16: conv and linear
+weights cast to bf16 once, the rest under autocast; -cl: channels_last; -compile: torch.compile forced on),
 diffusers (DDPMPipeline, float32, eager, the same weights and schedule), onnx (ddpm_fast.export), openvino
 and openvino-bf16 (backend "openvino", precision hint f32 / bf16).
 
@@ -173,6 +174,9 @@ PROVIDERS: dict[str, Callable] = {
     "fast-notriton": _sampler(backend="fast", triton=False),
     "fast-bf16": _sampler(backend="fast", dtype=torch.bfloat16),
     "fast-bf16-nocompile": _sampler(backend="fast", dtype=torch.bfloat16, compile=False),
+    "fast-bf16-compile": _sampler(backend="fast", dtype=torch.bfloat16, compile=True),
+    "fast-bf16-cl": _sampler(backend="fast", dtype=torch.bfloat16, compile=False, channels_last=True),
+    "fast-bf16-cl-compile": _sampler(backend="fast", dtype=torch.bfloat16, compile=True, channels_last=True),
     "diffusers": _diffusers_factory,
     "diffusers-dpmpp_2m": _diffusers_solver(
         "dpmpp_2m", "DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2
@@ -407,7 +411,7 @@ def benchmark(
             rows.append(row)
             log(
                 f"  {name:<20} B={shape[0]:<4} {row['images_per_s']:10.2f} img/s {row['ms_per_step']:9.3f} ms/step"
-                f"  setup {row['setup_s']:6.1f} s  max|diff| {row['max_abs_diff']:.2e}"
+                f"  setup {row['setup_s']:6.1f} s  max|diff| {_fmt(row['max_abs_diff'], '.2e')}"
             )
     _add_ratios(rows)
     return rows

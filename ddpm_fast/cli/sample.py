@@ -21,7 +21,7 @@ from ddpm_fast.errors import Unavailable, UserError
 from ddpm_fast.plan import make_plan
 from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, default_batch_size, generate
 from ddpm_fast.samplers import METHODS, taking
-from ddpm_fast.sampling import BACKENDS
+from ddpm_fast.sampling import BACKENDS, GRAPH_BACKENDS
 from ddpm_fast.schedule import SPACINGS
 from ddpm_fast.shards import SHARD_FORMATS
 
@@ -268,19 +268,18 @@ def _check(args) -> str:
         raise ValueError(
             f"--backend onnx needs --model FILE.onnx; got --model {args.model or '(the bundled model)'}"
         )
-    if args.backend == "openvino":  # before a model loads: the missing extra is the one line
-        from ddpm_fast.export.openvino_runtime import import_openvino
-
-        import_openvino()
+    backend = BACKENDS.get(args.backend)  # None: auto
+    if backend is not None and backend.check:  # before a model loads: a missing extra is the one line
+        backend.load("check")()
     runs_onnxruntime = args.backend == "onnx" or (onnx_file and args.backend == "auto")
     if runs_onnxruntime and DTYPES[args.dtype] != torch.float32:
         raise ValueError(
             f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
         )
-    if onnx_file and args.backend not in ("auto", "onnx", "openvino"):
+    if onnx_file and backend is not None and not backend.graph:
         raise ValueError(
-            f"--model {args.model} is an ONNX file: use --backend onnx or openvino (or auto); got --backend "
-            f"{args.backend}"
+            f"--model {args.model} is an ONNX file: use --backend {' or '.join(GRAPH_BACKENDS)} (or auto); got "
+            f"--backend {args.backend}"
         )
     if args.classifier is None and (args.classifier_flags is not None or args.classifier_scale is not None):
         raise ValueError("--classifier-flags and --classifier-scale need --classifier FILE.pt")
