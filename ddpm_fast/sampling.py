@@ -6,7 +6,8 @@ device, the dtype, the step count, the batch, whether this process already compi
 OpenVINO is installed with bf16 kernels on this CPU, so every torchrun rank reaches the same answer without a
 broadcast; nothing is timed:
 
-    an ONNX file, session or OnnxModel            -> onnx
+    an ONNX file, session or OnnxModel            -> onnx; openvino for CPU bfloat16 where the extra has bf16
+                                                      kernels here (onnx computes in float32 only)
     generator= given, or dtype float64             -> reference (the only backend that does either)
     CPU bfloat16, our U-Net or ADM, no guidance,   -> openvino where the [openvino] extra is installed and its
     no fast options, parameters x pixels x steps      CPU plugin has bf16 here (1.04x-1.89x fast-bf16 per
@@ -96,6 +97,8 @@ def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tupl
     and two facts about this machine: whether the [openvino] extra is installed (`openvino`) and whether its
     CPU plugin has bf16 kernels here (`openvino_bf16`)."""
     if is_onnx_model(model):
+        if _cpu_bf16(plan) and openvino and openvino_bf16:
+            return "openvino", None  # onnx computes in float32 only; OpenVINO runs the file in bf16, no export
         return "onnx", None
     if plan.generator is not None or plan.dtype == torch.float64:
         return "reference", None
@@ -129,7 +132,7 @@ OPENVINO_PAYS = 4.0e14
 def _openvino_pays(model, plan: Plan) -> bool:
     """A CPU bfloat16 run of one of our architectures (their export is tested), without guidance or fast
     options, long enough to pay for the one export of its weights (OPENVINO_PAYS)."""
-    if plan.device.type != "cpu" or plan.dtype != torch.bfloat16 or plan.options or plan.guidance is not None:
+    if not _cpu_bf16(plan) or plan.options or plan.guidance is not None:
         return False
     from ddpm_fast.adm import ADM
     from ddpm_fast.unet import UNet
@@ -141,12 +144,17 @@ def _openvino_pays(model, plan: Plan) -> bool:
     return params * H * W * plan.table.num_steps * B > OPENVINO_PAYS
 
 
+def _cpu_bf16(plan: Plan) -> bool:
+    return plan.device.type == "cpu" and plan.dtype == torch.bfloat16
+
+
 def _openvino_facts(model, plan: Plan) -> dict:
     """What `auto_rule` reads about this machine, looked up only where the rule would ask (importing
     OpenVINO to read its CPU plugin's capabilities costs a fraction of a second, once)."""
     import importlib.util
 
-    if importlib.util.find_spec("openvino") is None or not _openvino_pays(model, plan):
+    asks = _cpu_bf16(plan) and is_onnx_model(model) or _openvino_pays(model, plan)
+    if importlib.util.find_spec("openvino") is None or not asks:
         return {"openvino": False, "openvino_bf16": False}
     from ddpm_fast.export.openvino_runtime import bf16_supported
 

@@ -501,7 +501,9 @@ def test_auto_rule_openvino(monkeypatch):
     assert auto_rule(net, plan(options={"compile": False}), **both) == ("fast", None)  # fast options: fast
     assert auto_rule(GaussianEps(s, 0.0, 1.0), plan(GaussianEps(s, 0.0, 1.0)), **both) == ("fast", None)
     assert auto_rule(net, plan(generator=torch.Generator(), dtype=torch.float32), **both)[0] == "reference"
-    assert auto_rule("model.onnx", plan(), **both) == ("onnx", None)
+    assert auto_rule("model.onnx", plan(), **both) == ("openvino", None)  # bf16: onnx runs float32 only
+    assert auto_rule("model.onnx", plan(), openvino=True, openvino_bf16=False) == ("onnx", None)
+    assert auto_rule("model.onnx", plan(dtype=torch.float32), **both) == ("onnx", None)
 
 
 def test_auto_bf16_without_cpu_bf16_is_a_logged_fallback(monkeypatch, caplog):

@@ -274,3 +274,13 @@ def test_bf16_without_bf16_instructions_and_other_dtypes_are_refused(eps_file, m
         df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", dtype=torch.float16)
     with pytest.raises(TypeError, match="takes options"):
         df.sample(str(eps_file), shape=SHAPE, steps=2, backend="openvino", compile=False)
+
+
+def test_auto_runs_an_onnx_file_in_bf16_on_openvino(eps_file):
+    """backend='onnx' computes in float32 only, so auto sends a CPU bf16 request for an .onnx file to openvino
+    where its CPU plugin has bf16: the same samples as naming the backend."""
+    if not ovr.bf16_supported():
+        pytest.skip("this CPU has no bf16 instructions")
+    kw = dict(shape=(2, 3, 16, 16), steps=3, seed=4, dtype=torch.bfloat16)
+    auto = df.sample(str(eps_file), **kw)
+    assert torch.equal(auto, df.sample(str(eps_file), backend="openvino", **kw))
