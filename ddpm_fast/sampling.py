@@ -97,8 +97,8 @@ def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tupl
     and two facts about this machine: whether the [openvino] extra is installed (`openvino`) and whether its
     CPU plugin has bf16 kernels here (`openvino_bf16`)."""
     if is_onnx_model(model):
-        if _cpu_bf16(plan) and openvino and openvino_bf16:
-            return "openvino", None  # onnx computes in float32 only; OpenVINO runs the file in bf16, no export
+        if _cpu_bf16(plan) and openvino and openvino_bf16:  # onnx computes in float32 only
+            return "openvino", None  # OpenVINO runs the file in bf16, with no export to pay for
         return "onnx", None
     if plan.generator is not None or plan.dtype == torch.float64:
         return "reference", None
