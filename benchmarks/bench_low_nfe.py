@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.bench import cpu_model
 from ddpm_fast.samplers import FAMILIES, build_step_table, family
 from ddpm_fast.schedule import SPACINGS, spacing_timesteps
 from ddpm_fast.shards import atomic_write_bytes
@@ -190,12 +190,7 @@ def main(argv=None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.machine()
-    return f"{name}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _best(rows, prefix, nfe):

@@ -244,7 +244,7 @@ def device_info(device: torch.device) -> dict:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     if device.type == "cpu":
-        name = f"{_cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
+        name = f"{cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
     versions = {"python": platform.python_version(), "torch": torch.__version__, "ddpm_fast": df.__version__}
     for pkg in ("triton", "diffusers", "onnxruntime", "onnxruntime-gpu", "openvino"):
         try:
@@ -256,7 +256,7 @@ def device_info(device: torch.device) -> dict:
     return {"device": str(device), "device_name": name, "versions": versions}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
