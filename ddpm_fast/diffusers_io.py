@@ -20,7 +20,6 @@ __all__ = [
     "diffusers_schedule",
     "load_diffusers_unet",
     "load_diffusers_pipeline",
-    "is_diffusers_dir",
     "CONFIG_FILE",
     "DIFFUSERS_WEIGHTS",
     "SCHEDULER_FILE",
@@ -29,13 +28,6 @@ __all__ = [
 CONFIG_FILE = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
-
-
-def is_diffusers_dir(path: Path) -> bool:
-    """A UNet2DModel directory (config.json with _class_name) or a pipeline directory with unet/."""
-    if (path / "unet" / CONFIG_FILE).exists() and not (path / CONFIG_FILE).exists():
-        return True
-    return (path / CONFIG_FILE).exists() and "_class_name" in read_json(path / CONFIG_FILE)
 
 
 # UNet2DModel.__init__ defaults (diffusers 0.27 - 0.42): a key absent from a config.json takes these.

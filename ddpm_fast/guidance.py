@@ -148,11 +148,10 @@ def guidance_columns(table: StepTable, form: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Guide:
-    """ClassifierGuidance bound to one run (`bind`, called by make_plan): its form and per-step columns."""
+    """ClassifierGuidance bound to one run (`bind`, called by make_plan): its per-step columns."""
 
     classifier: Callable
     scale: float
-    form: str  # "mean" | "eps"
     coefs: torch.Tensor  # the run's StepTable coefs, float64 [S, 8 + history]
     columns: torch.Tensor  # float64 [S, 2], run order (guidance_columns)
     learned: bool  # K_t from the model's variance half (ddpm with learned_range)
@@ -230,7 +229,6 @@ def bind(guidance: ClassifierGuidance, table: StepTable, clip_range: float | Non
     return Guide(
         classifier=guidance.classifier,
         scale=guidance.scale,
-        form=form,
         coefs=table.coefs,
         columns=guidance_columns(table, form),
         learned=table.learned,

@@ -34,10 +34,7 @@ class Plan:
 
     shape: tuple[int, int, int, int]
     schedule: Schedule  # respaced to the kept timesteps
-    table: StepTable
-    method: str
-    eta: float
-    variance: str
+    table: StepTable  # its method, variance and eta are the run's (the properties below)
     clip: bool
     clip_range: float
     seed: int
@@ -55,6 +52,18 @@ class Plan:
     num_classes: int | None = None
     label_model: bool = True  # labels go to the model (False: unconditional; they serve the guidance only)
     guidance: Guide | None = None  # classifier guidance bound to this run's table (ddpm_fast.guidance)
+
+    @property
+    def method(self) -> str:
+        return self.table.method
+
+    @property
+    def variance(self) -> str:
+        return self.table.variance
+
+    @property
+    def eta(self) -> float:
+        return self.table.eta
 
     @property
     def out_channels(self) -> int:
@@ -186,9 +195,6 @@ def make_plan(
         shape=shape,
         schedule=run_schedule,
         table=table,
-        method=method,
-        eta=float(eta),
-        variance=variance,
         clip=clip,
         clip_range=float(clip_range),
         seed=seed,

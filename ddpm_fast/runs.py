@@ -41,6 +41,7 @@ __all__ = [
     "generate",
     "model_digest",
     "check_out",
+    "check_world_out",
     "output_kind",
     "Progress",
     "DEFAULT_SHARD_SIZE",
@@ -282,8 +283,7 @@ def generate(
                 )  # fmt: skip
             finally:
                 dist.close()
-    if kind != "dir" and max(dist.world, env_world()[1]) > 1:
-        raise UserError(f"under torchrun, out must be a directory (a sharded run); got {out!r}")
+    check_world_out(kind, out, max(dist.world, env_world()[1]))
     data_range = defaults_of(model).data_range
     labels = None if plan.labels is None else plan.rows(num, 0).labels.cpu().numpy()  # every sample's class
     backend, plan = resolve_backend(model, plan, backend, num)
@@ -295,6 +295,12 @@ def generate(
         return _write_npz(sampler, out, num, progress, labels)
     settings = _dir_settings(model, out, plan, model_id, classifier_id, shard_size, shard_format, labels)
     return _run_sharded(sampler, out, num, settings, dist, progress, merge, labels)
+
+
+def check_world_out(kind: str, out, world: int) -> None:
+    """Under torchrun (world > 1) only a directory run (`check_out`'s kind "dir") is shared out by shards."""
+    if kind != "dir" and world > 1:
+        raise UserError(f"under torchrun, out must be a directory (a sharded run); got {out!r}")
 
 
 def _write_grid(sampler: Sampler, out: str, num: int, progress: bool) -> dict:

@@ -71,11 +71,11 @@ class StepTable:
         return self.coefs.to(device=device, dtype=dtype).contiguous(), self.timesteps.to(device).contiguous()
 
 
-def base_columns(schedule: Schedule, history: int = 0) -> torch.Tensor:
-    """float64 [S, 8 + history] in schedule order (index 0 = cleanest) with the x0 and log-variance columns
-    filled; the family fills C_X0, C_XT, C_EPS, SIGMA and the history weights, then `finish` orders it."""
+def base_columns(schedule: Schedule) -> torch.Tensor:
+    """float64 [S, 8] in schedule order (index 0 = cleanest) with the x0 and log-variance columns filled; the
+    family fills C_X0, C_XT, C_EPS and SIGMA, then `finish` orders it."""
     s = schedule
-    c = torch.zeros(s.num_timesteps, len(COLUMNS) + history, dtype=torch.float64)
+    c = torch.zeros(s.num_timesteps, len(COLUMNS), dtype=torch.float64)
     # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
     c[:, SRA] = s.sqrt_recip_alphas_cumprod
     c[:, SRM1] = s.sqrt_recipm1_alphas_cumprod
@@ -86,7 +86,7 @@ def base_columns(schedule: Schedule, history: int = 0) -> torch.Tensor:
 
 
 def finish(
-    c: torch.Tensor, schedule: Schedule, *, method, variance, eta, history=0, learned=False, draws=None
+    c: torch.Tensor, schedule: Schedule, *, method, variance, eta, learned=False, draws=None
 ) -> StepTable:
     """Zero the last step's noise, put rows in run order (noisiest first) and wrap them in a StepTable."""
     S = schedule.num_timesteps
@@ -98,7 +98,6 @@ def finish(
         method=method,
         variance=variance,
         eta=float(eta),
-        history=history,
         learned=learned,
         draws=tuple(draws) if draws is not None else (False,) * S,
     )

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.samplers import build_step_table, family
 from ddpm_fast.schedule import Schedule, spacing_timesteps
@@ -161,6 +162,75 @@ def fit_columns(cols: _Columns, model, kept, delta, train, val, *, iters: int, p
     return best, best_v, done
 
 
+def _check(model, base: str, nfe: int, schedule, counts: dict):
+    """(family, schedule, image shape, variance) of a tuning request, or the one-line error of its first
+    bad argument."""
+    if not is_int(nfe) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
+    fam = family(base)
+    if fam.params or fam.name in ("ddpm", "dpmpp_2m_sde"):
+        raise ValueError(
+            f"base must be a deterministic solver (ddim or a multistep ODE solver); got {base!r}"
+        )
+    if nfe < fam.min_steps:
+        raise ValueError(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
+    if build_step_table(Schedule.linear(fam.min_steps), method=base).history_of != "x0":
+        # run_table and the tuned file's header read the history as x0 predictions
+        raise ValueError(f"base must keep x0 predictions in its history (not ipndm or deis); got {base!r}")
+    for name, v in counts.items():
+        if not is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+    d = defaults_of(model)
+    schedule = schedule or d.schedule
+    if schedule is None:
+        raise ValueError("schedule must be given (the model carries none)")
+    if d.image_shape is None:
+        raise ValueError("model must carry its image shape (a checkpoint's sampling.image_shape)")
+    return fam, schedule, d.image_shape, d.variance
+
+
+def _teacher(model, schedule, base, variance, shape, *, train, val, teacher_steps, seed):
+    """(float32 working copy of the model, (x_T, teacher x_0) of the training noise, the same of the
+    validation noise): noise from torch.Generator(seed) and (seed + 1)."""
+    gen_t, gen_v = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    # float32 model calls: the chain's float32 rounding (~1e-5) is far below the distances learned (~1e-1),
+    # and a CPU runs them several times faster than float64; the tables and the optimiser stay float64
+    xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64).float()
+    xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64).float()
+    if isinstance(model, torch.nn.Module):
+        model = copy.deepcopy(model).to(torch.float32).eval().requires_grad_(False)
+    teacher = _base_table(schedule, base, teacher_steps, variance)
+    with torch.no_grad():
+        y_train = run_table(model, xt_train, teacher.coefs, teacher.timesteps, teacher.history)
+        y_val = run_table(model, xt_val, teacher.coefs, teacher.timesteps, teacher.history)
+    return model, (xt_train, y_train), (xt_val, y_val)
+
+
+def _rounds(cols: _Columns, model, plain, train, val, *, rounds, iters, patience, search, log, t0):
+    """`rounds` alternations of a timestep search and a column fit from the base's timesteps `plain`:
+    (RMSE before, RMSE after the start search, (best RMSE, its kept timesteps, its offsets), iterations)."""
+    (xt_train, y_train), (xt_val, y_val) = train, val
+    zero = torch.zeros_like(cols.mask)
+    before = cols.rmse(model, plain, zero, xt_val, y_val)
+    n = min(len(xt_train), 128)  # the searches see part of the training noise: each move is one no-grad walk
+    kept = start_timesteps(cols, model, plain, xt_train[:n], y_train[:n]) if search else list(plain)
+    best = (cols.rmse(model, kept, zero, xt_val, y_val), kept, zero)
+    if best[0] > before:  # the starting timesteps do not carry over to held-out noise: keep the base's
+        best = (before, list(plain), zero)
+    searched, delta, it = best[0], zero, 0
+    for r in range(rounds):
+        if search:
+            kept, _ = search_timesteps(cols, model, kept, delta, xt_train[:n], y_train[:n])
+        delta, v, k = fit_columns(cols, model, kept, delta, train, val, iters=iters, patience=patience)
+        it += k
+        log(f"round {r + 1}: timesteps {kept[::-1]}, held-out RMSE {v:.4f}, {time.perf_counter() - t0:.1f} s")
+        if v < best[0]:
+            best = (v, list(kept), delta)
+        if not search:
+            break
+    return before, searched, best, it
+
+
 def tune(
     model,
     *,
@@ -182,73 +252,23 @@ def tune(
     docstring): `rounds` alternations of a timestep search and an L-BFGS fit of the columns (at most `iters`
     iterations each). Noise comes from torch.Generator(seed) (training) and (seed + 1) (validation), seeds
     the benchmarks do not use."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
-    fam = family(base)
-    if fam.params or fam.name in ("ddpm", "dpmpp_2m_sde"):
-        raise ValueError(
-            f"base must be a deterministic solver (ddim or a multistep ODE solver); got {base!r}"
-        )
-    if nfe < fam.min_steps:
-        raise ValueError(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
-    if build_step_table(Schedule.linear(fam.min_steps), method=base).history_of != "x0":
-        # run_table and the tuned file's header read the history as x0 predictions
-        raise ValueError(f"base must keep x0 predictions in its history (not ipndm or deis); got {base!r}")
-    for name, v in (
-        ("train", train), ("val", val), ("iters", iters), ("teacher_steps", teacher_steps), ("rounds", rounds)
-    ):  # fmt: skip
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
-    d = defaults_of(model)
-    schedule = schedule or d.schedule
-    if schedule is None:
-        raise ValueError("schedule must be given (the model carries none)")
-    shape = d.image_shape
-    if shape is None:
-        raise ValueError("model must carry its image shape (a checkpoint's sampling.image_shape)")
-    variance = d.variance
+    counts = dict(train=train, val=val, iters=iters, teacher_steps=teacher_steps, rounds=rounds)
+    fam, schedule, shape, variance = _check(model, base, nfe, schedule, counts)
     t0 = time.perf_counter()
-    gen_t, gen_v = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    # float32 model calls: the chain's float32 rounding (~1e-5) is far below the distances learned (~1e-1),
-    # and a CPU runs them several times faster than float64; the tables and the optimiser stay float64
-    xt_train = torch.randn((train, *shape), generator=gen_t, dtype=torch.float64).float()
-    xt_val = torch.randn((val, *shape), generator=gen_v, dtype=torch.float64).float()
     digest = tuned_digest_of(model)  # of the model as given, before the working copy
-    if isinstance(model, torch.nn.Module):
-        model = copy.deepcopy(model).to(torch.float32).eval().requires_grad_(False)
-    teacher = _base_table(schedule, base, teacher_steps, variance)
-    with torch.no_grad():
-        y_train = run_table(model, xt_train, teacher.coefs, teacher.timesteps, teacher.history)
-        y_val = run_table(model, xt_val, teacher.coefs, teacher.timesteps, teacher.history)
+    model, train_set, val_set = _teacher(
+        model, schedule, base, variance, shape, train=train, val=val, teacher_steps=teacher_steps, seed=seed
+    )
     log(
         f"teacher: {teacher_steps} steps of {base} on {train} + {val} noise draws, {time.perf_counter() - t0:.1f} s"
     )
     cols = _Columns(schedule, base, variance, nfe)
     plain = spacing_timesteps(schedule, nfe, fam.spacing)
-    zero = torch.zeros_like(cols.mask)
-    before = cols.rmse(model, plain, zero, xt_val, y_val)
-    n = min(train, 128)  # the searches see part of the training noise: each move is one no-grad walk
-    kept = start_timesteps(cols, model, plain, xt_train[:n], y_train[:n]) if search else list(plain)
-    best = (cols.rmse(model, kept, zero, xt_val, y_val), kept, zero)
-    if best[0] > before:  # the starting timesteps do not carry over to held-out noise: keep the base's
-        best = (before, list(plain), zero)
-    searched, delta, it = best[0], zero, 0
-    for r in range(rounds):
-        if search:
-            kept, _ = search_timesteps(cols, model, kept, delta, xt_train[:n], y_train[:n])
-        delta, v, k = fit_columns(
-            cols, model, kept, delta, (xt_train, y_train), (xt_val, y_val), iters=iters, patience=patience
-        )
-        it += k
-        log(f"round {r + 1}: timesteps {kept[::-1]}, held-out RMSE {v:.4f}, {time.perf_counter() - t0:.1f} s")
-        if v < best[0]:
-            best = (v, list(kept), delta)
-        if not search:
-            break
-    best_v, kept, best_delta = best
+    before, searched, (best_v, kept, best_delta), it = _rounds(
+        cols, model, plain, train_set, val_set,
+        rounds=rounds, iters=iters, patience=patience, search=search, log=log, t0=t0,
+    )  # fmt: skip
     start = cols.table(kept)
-    H = cols.H
-    coefs = cols.coefs(start, best_delta).detach()
     took = time.perf_counter() - t0
     info = {
         "rmse_before": before,
@@ -265,12 +285,12 @@ def tune(
         f"{best_v:.4f} ({best_v / before:.2f}x) in {took:.1f} s"
     )
     table = StepTable(
-        coefs=coefs,
+        coefs=cols.coefs(start, best_delta).detach(),
         timesteps=start.timesteps.clone(),
         method="tuned",
         variance=variance,
         eta=0.0,
-        history=H,
+        history=cols.H,
         draws=(False,) * nfe,
     )
     tuned = TunedTable(table, model=digest, schedule=schedule_digest(schedule), base=base, nfe=nfe, info=info)

@@ -338,7 +338,7 @@ def test_cli_default_grid_npz_and_bad_options(model_dir, tmp_path, monkeypatch, 
         (["--method", "dpm"], "argument --method: invalid choice: 'dpm'"),
         (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
         (["--num", "0"], "argument --num: must be >= 1"),
-        (["--eta", "0.5"], "--eta applies to --method ddim"),
+        (["--eta", "0.5"], "eta applies to method='ddim' only"),
         (["--out", "x.jpg"], "must end in .png"),
         (["--device", "tpu:9"], "--device must name a torch device"),
     ):

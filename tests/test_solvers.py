@@ -199,7 +199,7 @@ def test_cli_methods_and_bad_options(tmp_path, capsys):
     assert main([*argv, "--method", "unipc", "--steps", "5", "--spacing", "logsnr"]) == 0
     assert main([*argv, "--method", "dpmpp_2m", "--steps", "5", "--spacing", "karras"]) == 0
     for bad, words in (
-        (["--method", "dpmpp_2m", "--eta", "0.3"], "--eta applies to --method ddim only"),
+        (["--method", "dpmpp_2m", "--eta", "0.3"], "eta applies to method='ddim' only"),
         (["--method", "dpmpp_3m", "--steps", "2"], "steps must be >= 3"),
         (["--method", "euler"], "argument --method: invalid choice: 'euler'"),
         (["--spacing", "leading"], "argument --spacing: invalid choice"),

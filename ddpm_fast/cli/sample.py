@@ -17,10 +17,10 @@ from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
 from ddpm_fast.cli import int_at_least
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
-from ddpm_fast.errors import Unavailable, UserError
+from ddpm_fast.errors import Unavailable
 from ddpm_fast.plan import make_plan
-from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, default_batch_size, generate
-from ddpm_fast.samplers import METHODS, taking
+from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, check_world_out, default_batch_size, generate
+from ddpm_fast.samplers import METHODS, check_params
 from ddpm_fast.sampling import BACKENDS, GRAPH_BACKENDS
 from ddpm_fast.schedule import SPACINGS
 from ddpm_fast.shards import SHARD_FORMATS
@@ -254,10 +254,7 @@ def _guidance(args, classifier, dtype):
 
 def _check(args) -> str:
     """Everything that can be refused before a model is loaded; returns the output kind."""
-    if args.eta != 0 and args.method not in taking("eta"):  # the registry's rule, in option terms
-        raise ValueError(
-            f"--eta applies to --method {' or '.join(taking('eta'))} only; got --eta {args.eta} with --method {args.method}"
-        )
+    check_params(args.method, eta=args.eta)  # the registry's rule, before a model loads
     if args.tuned is not None and args.method != "tuned":
         raise ValueError(f"--tuned applies to --method tuned; got --method {args.method}")
     if args.method == "tuned" and args.spacing is not None:
@@ -295,8 +292,7 @@ def _check(args) -> str:
                 raise ValueError(f"{flag} applies to --out DIR (a sharded run) only; got --out {args.out}")
     if args.nproc_per_node and kind != "dir":
         raise ValueError(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
-    if env_world()[1] > 1 and kind != "dir":
-        raise UserError(f"under torchrun, --out must be a directory (a sharded run); got {args.out!r}")
+    check_world_out(kind, args.out, env_world()[1])
     return kind
 
 

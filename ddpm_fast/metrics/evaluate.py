@@ -50,6 +50,9 @@ class FIDConfig:
     sqrtm: str = "auto"  # "scipy" | "eigh" | "auto" (see ddpm_fast.metrics.frechet)
     progress: bool = False
 
+    def __post_init__(self):
+        self.validate()  # once, where the config is made: fid and save_stats refuse it before any work
+
     def validate(self) -> None:
         for name in ("batch_size", "nearest_k", "split_size"):
             v = getattr(self, name)
@@ -100,7 +103,6 @@ class _Session:
     """The validated configuration, the device and the loaded network, shared by fid and save_stats."""
 
     def __init__(self, cfg: FIDConfig):
-        cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device, name="device")
         self.sqrtm = resolve_sqrtm(cfg.sqrtm)
@@ -181,7 +183,6 @@ def fid(samples, ref, *, out=None, stats_out=None, **options) -> FIDResult:
     out = _check_file_out(out, ".json", "out")
     stats_out = _check_file_out(stats_out, ".npz", "stats_out")
     cfg = FIDConfig(**options)
-    cfg.validate()
     source = open_images(samples, "samples")
     reference = open_reference(ref, "ref")
     session = _Session(cfg)

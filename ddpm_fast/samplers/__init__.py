@@ -1,6 +1,6 @@
 """The sampler registry: method name -> its family (reference loop, coefficient-table builder, what it takes).
 
-A family file holds a short reference loop in k-diffusion's style,
+A family file holds its update written out, a short reference loop in k-diffusion's style,
 
     loop(model, x, table, noise, *, sigma, clip, callback=None) -> x_0
 
@@ -9,7 +9,9 @@ over `model(x, t) -> (eps, v)` (v the variance half or None), the run's `StepTab
 table builder), `sigma(row, v)` and `clip(x0)` (both chosen before the loop),
 and its table builder `table(schedule, *, variance, eta) -> StepTable`. The fused kernel, its torch twin and
 the ONNX step graph read only the table, so they serve every family whose `history` they support.
-Adding a sampler is one file in this package plus one line in `FAMILIES`.
+How many earlier predictions a step reads is the family file's `HISTORY`, written once: the registry and
+the table builder (`StepTable.history`) read it. Adding a sampler is one file in this package plus one line
+in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ddpm_fast.samplers import deis, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, ipndm, tuned, unipc
+from ddpm_fast.samplers import deis, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, ipndm, unipc
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
+from ddpm_fast.samplers.tuned import sample_tuned, tuned_table
 from ddpm_fast.schedule import SPACINGS, Schedule
 from ddpm_fast.steps import VARIANCES, StepTable
 
@@ -33,50 +36,44 @@ class Family:
     name: str
     loop: Callable
     table: Callable
-    history: int  # x0 predictions of earlier steps a step reads (0: one-step)
+    history: int = 0  # x0 (or eps) predictions of earlier steps a step reads: the family file's HISTORY
     params: tuple[str, ...] = ()  # keyword arguments besides variance that the method takes, e.g. ("eta",)
     spacing: str = "uniform"  # the default rule for steps=N (ddpm_fast.schedule.spacing_timesteps)
     spacings: tuple[str, ...] = ("uniform",)
-    min_steps: int = 1  # a multistep solver of order k needs k steps
+    # None: history + 1 (a multistep solver of order k reads k - 1 earlier steps and needs k steps)
+    min_steps: int | None = None
+
+    def __post_init__(self):
+        if self.min_steps is None:
+            object.__setattr__(self, "min_steps", self.history + 1)
 
 
-# steps=N: ddpm/ddim keep improved-diffusion's uniform spacing; the solvers default to diffusers' "linspace",
-# so steps=N walks the timesteps diffusers' scheduler.set_timesteps(N) gives.
-_SOLVER = dict(spacing="linspace", spacings=SPACINGS)
+def _solver(name: str, loop: Callable, table: Callable, history: int, **kw) -> Family:
+    """A solver family. steps=N defaults to diffusers' "linspace", so steps=N walks the timesteps diffusers'
+    scheduler.set_timesteps(N) gives (ddpm/ddim keep improved-diffusion's uniform spacing)."""
+    return Family(name, loop, table, history, spacing="linspace", spacings=SPACINGS, **kw)
+
+
 FAMILIES: dict[str, Family] = {
-    "ddpm": Family("ddpm", sample_ddpm, ddpm_table, history=0),
-    "ddim": Family("ddim", sample_ddim, ddim_table, history=0, params=("eta",)),
-    "dpmpp_2m": Family(
-        "dpmpp_2m",
-        dpmpp_2m.sample_dpmpp_2m,
-        dpmpp_2m.dpmpp_2m_table,
-        dpmpp_2m.HISTORY,
-        min_steps=2,
-        **_SOLVER,
-    ),
-    "dpmpp_3m": Family(
-        "dpmpp_3m",
-        dpmpp_3m.sample_dpmpp_3m,
-        dpmpp_3m.dpmpp_3m_table,
-        dpmpp_3m.HISTORY,
-        min_steps=3,
-        **_SOLVER,
-    ),
-    "dpmpp_2m_sde": Family(
+    "ddpm": Family("ddpm", sample_ddpm, ddpm_table),
+    "ddim": Family("ddim", sample_ddim, ddim_table, params=("eta",)),
+    "dpmpp_2m": _solver("dpmpp_2m", dpmpp_2m.sample_dpmpp_2m, dpmpp_2m.dpmpp_2m_table, dpmpp_2m.HISTORY),
+    "dpmpp_3m": _solver("dpmpp_3m", dpmpp_3m.sample_dpmpp_3m, dpmpp_3m.dpmpp_3m_table, dpmpp_3m.HISTORY),
+    "dpmpp_2m_sde": _solver(
         "dpmpp_2m_sde",
         dpmpp_2m_sde.sample_dpmpp_2m_sde,
         dpmpp_2m_sde.dpmpp_2m_sde_table,
         dpmpp_2m_sde.HISTORY,
-        min_steps=2,
-        **_SOLVER,
     ),
-    "unipc": Family("unipc", unipc.sample_unipc, unipc.unipc_table, unipc.HISTORY, min_steps=2, **_SOLVER),
-    "ipndm": Family("ipndm", ipndm.sample_ipndm, ipndm.ipndm_table, ipndm.HISTORY, min_steps=4, **_SOLVER),
+    "unipc": _solver(
+        "unipc", unipc.sample_unipc, unipc.unipc_table, unipc.HISTORY, min_steps=unipc.MIN_STEPS
+    ),
+    "ipndm": _solver("ipndm", ipndm.sample_ipndm, ipndm.ipndm_table, ipndm.HISTORY),
     # DEIS as two names, like dpmpp_2m/dpmpp_3m: an order is a different table and history width, and a
     # request's params are the sampling knobs every backend reads (eta), which an order is not
-    "deis": Family("deis", deis.sample_deis, deis.deis_table, 2, min_steps=3, **_SOLVER),
-    "deis_2": Family("deis_2", deis.sample_deis_2, deis.deis_2_table, 1, min_steps=2, **_SOLVER),
-    "tuned": Family("tuned", tuned.sample_tuned, tuned.tuned_table, history=0),  # the table's own history
+    "deis": _solver("deis", deis.sample_deis, deis.deis_table, deis.HISTORY),
+    "deis_2": _solver("deis_2", deis.sample_deis_2, deis.deis_2_table, deis.HISTORY_2),
+    "tuned": Family("tuned", sample_tuned, tuned_table),  # history: the table's own (StepTable.history)
 }
 METHODS = tuple(FAMILIES)
 

@@ -1,9 +1,9 @@
-"""What the multistep solvers share: the (alpha, sigma, lambda) walk of a table, and the reduction of a
-solver's natural update to the fused step's columns.
+"""What the multistep solvers share: the (alpha, sigma, lambda) walk of a table, the reference loops, and the
+reduction of a solver's natural update to the fused step's columns. Each solver's update lives in its own file.
 
 A table row i holds SRA = 1/alpha_i and SRM1 = sigma_i/alpha_i (alpha_i = sqrt(abar_i), sigma_i =
 sqrt(1 - abar_i)); the walk ends at alpha = 1, sigma = 0 (diffusers' final sigma "zero"), where
-lambda = log(alpha/sigma) is +inf and every update below reduces to returning the last x0 prediction.
+lambda = log(alpha/sigma) is +inf and every update reduces to returning the last x0 prediction.
 
 `linear_columns` runs a solver's natural update on coefficient vectors instead of images (the basis is x_T
 and the x0 predictions m_0 .. m_{S-1}); since every update is linear in the state and the m's, step i then
@@ -25,13 +25,12 @@ from ddpm_fast.steps import C_EPS, C_X0, C_XT, SIGMA, SRA, SRM1, StepTable
 __all__ = [
     "walk",
     "linear_columns",
-    "dpm_order",
-    "dpmpp_update",
-    "DPMSolverPP",
-    "UniPC",
-    "multistep_family",
+    "Solver",
+    "sample_multistep",
+    "multistep_table",
     "EpsMultistep",
-    "eps_multistep_family",
+    "sample_eps_multistep",
+    "eps_multistep_table",
 ]
 
 
@@ -69,168 +68,26 @@ def linear_columns(num_steps: int, history: int, run) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- DPM-Solver++
+# ---------------------------------------------------------------------------------------------- multistep on x0
 
 
-def dpm_order(i: int, S: int, order: int) -> int:
-    """The order of step i of S as diffusers' DPMSolverMultistepScheduler takes it: warm-up from first
-    order, first order at the last step (final sigma zero), second order at the one before when S < 15."""
-    if order == 1 or i < 1 or i == S - 1:
-        return 1
-    if order == 2 or i < 2 or (i == S - 2 and S < 15):
-        return 2
-    return 3
+class Solver:
+    """Per-run state of a multistep walk on x0 predictions: `solver(x, ms, i) -> x_{i+1}` (ms newest first) is
+    the solver file's update; `noise_scale(i)` the scale of step i's z (0: an ODE solver)."""
 
-
-def dpmpp_update(x, ms, i, w, order, sde=False):
-    """x_{i+1} from x_i and the x0 predictions ms (newest first), DPM-Solver++ (Lu et al. 2022,
-    arXiv:2211.01095) in data-prediction form; w = walk(table). Multistep order 1: eq. (9)-(10) (= DDIM);
-    order 2: Algorithm 2 (midpoint form D1 = (m0 - m1) / r0); order 3: the third-order multistep update;
-    sde: the SDE-DPM-Solver++ variant (section 5) without its noise term (x gains sigma_t sqrt(1 - e^{-2h}) z)."""
-    alpha, sigma, lam = w
-    a_t, s_t, s_0 = alpha[i + 1], sigma[i + 1], sigma[i]
-    h = lam[i + 1] - lam[i]
-    e = math.exp(-h)  # 0 at the last step (h = +inf)
-    m0 = ms[0]
-    if order == 1:
-        d = m0
-    else:
-        h0 = lam[i] - lam[i - 1]
-        r0 = h0 / h
-        d1_0 = (m0 - ms[1]) / r0
-        if order == 2:
-            d = m0 + 0.5 * d1_0
-        else:
-            r1 = (lam[i - 1] - lam[i - 2]) / h
-            d1_1 = (ms[1] - ms[2]) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-            return (
-                (s_t / s_0) * x
-                - (a_t * (e - 1.0)) * m0
-                + (a_t * ((e - 1.0) / h + 1.0)) * d1
-                - (a_t * ((e - 1.0 + h) / h**2 - 0.5)) * d2
-            )
-    if sde:
-        return (s_t / s_0 * e) * x + (a_t * (1.0 - e * e)) * d
-    return (s_t / s_0) * x - (a_t * (e - 1.0)) * d
-
-
-class DPMSolverPP:
-    """Per-run state of a DPM-Solver++ walk: its order, whether it is the SDE variant."""
-
-    def __init__(self, table: StepTable, order: int, sde: bool):
+    def __init__(self, table: StepTable):
         self.w = walk(table.coefs)
-        self.S, self.order, self.sde = table.num_steps, order, sde
-
-    def noise_scale(self, i: int) -> float:
-        """sigma_t sqrt(1 - e^{-2h}) for the SDE variant (0 at the last step), else 0."""
-        if not self.sde:
-            return 0.0
-        alpha, sigma, lam = self.w
-        return sigma[i + 1] * math.sqrt(1.0 - math.exp(-2.0 * (lam[i + 1] - lam[i])))
+        self.S = table.num_steps
 
     def __call__(self, x, ms, i):
-        return dpmpp_update(x, ms, i, self.w, dpm_order(i, self.S, self.order), self.sde)
-
-
-# ---------------------------------------------------------------------------------------------- UniPC
-
-
-def _unipc_coefficients(w, s0: int, t: int, prev: list[int], order: int, corrector: bool):
-    """(h_phi_1, B_h, r_k, rhos) of a UniPC bh2 update from index s0 to t in data-prediction form (Zhao et
-    al. 2023, arXiv:2302.04867, Algorithm 2 with B(h) = e^h - 1): rhos solve R rho = b with R_{nk} = r_k^(n-1),
-    b_n = h phi_{n+1}(h) n! / B(h); the predictor of order 2 uses rho = 1/2, the corrector of order 1 too."""
-    alpha, sigma, lam = w
-    h = lam[t] - lam[s0]
-    hh = -h
-    h_phi_1 = math.expm1(hh)
-    b_h = math.expm1(hh)
-    rks = [(lam[j] - lam[s0]) / h for j in prev]
-    if corrector:
-        if order == 1:
-            return h_phi_1, b_h, rks, [0.5]
-        rows = rks + [1.0]
-    else:
-        if order <= 1:
-            return h_phi_1, b_h, rks, []
-        if order == 2:
-            return h_phi_1, b_h, rks, [0.5]
-        rows = rks
-    n = len(rows)
-    h_phi_k, fact, b = h_phi_1 / hh - 1.0, 1, []
-    for k in range(1, n + 1):
-        b.append(h_phi_k * fact / b_h)
-        fact *= k + 1
-        h_phi_k = h_phi_k / hh - 1.0 / fact
-    R = np.array([[r ** (k - 1) for r in rows] for k in range(1, n + 1)])
-    return h_phi_1, b_h, rks, list(np.linalg.solve(R, np.array(b)))
-
-
-class UniPC:
-    """A UniPC bh2 walk (predictor order `order` with its corrector), diffusers' UniPCMultistepScheduler at its
-    defaults: order min(order, S - i, i + 1) at step i; the corrector of step i refines x_i with m_i using
-    the order of step i - 1, and x_i (not the corrected state) is what the model saw."""
-
-    def __init__(self, table: StepTable, order: int):
-        self.w = walk(table.coefs)
-        self.S, self.order = table.num_steps, order
-        self.last, self.prev_order = None, None
-
-    def corrector(self, x, ms, i):
-        """x_i corrected with m_i: UniC from last = x_{i-1} (corrected), ms = [m_i, m_{i-1}, ...]."""
-        alpha, sigma, lam = self.w
-        order = self.prev_order
-        prev = [i - 1 - k for k in range(1, order)]
-        h_phi_1, b_h, rks, rhos = _unipc_coefficients(self.w, i - 1, i, prev, order, corrector=True)
-        m0, a_t = ms[1], alpha[i]
-        res = rhos[-1] * (ms[0] - m0)
-        for k, (r, rho) in enumerate(zip(rks, rhos[:-1])):
-            res = res + rho * ((ms[2 + k] - m0) / r)
-        return (sigma[i] / sigma[i - 1]) * self.last - (a_t * h_phi_1) * m0 - (a_t * b_h) * res
-
-    def predictor(self, x, ms, i, order):
-        """x_{i+1}: UniP of `order` from x_i with ms = [m_i, m_{i-1}, ...]."""
-        alpha, sigma, lam = self.w
-        prev = [i - k for k in range(1, order)]
-        h_phi_1, b_h, rks, rhos = _unipc_coefficients(self.w, i, i + 1, prev, order, corrector=False)
-        m0, a_t = ms[0], alpha[i + 1]
-        out = (sigma[i + 1] / sigma[i]) * x - (a_t * h_phi_1) * m0
-        for k, (r, rho) in enumerate(zip(rks, rhos)):
-            out = out - (a_t * b_h * rho) * ((ms[1 + k] - m0) / r)
-        return out
+        raise NotImplementedError
 
     def noise_scale(self, i: int) -> float:
         return 0.0
 
-    def __call__(self, x, ms, i):
-        if i > 0:
-            x = self.corrector(x, ms, i)
-        order = min(self.order, self.S - i, i + 1)
-        self.last, self.prev_order = x, order
-        return self.predictor(x, ms, i, order)
 
-
-# ---------------------------------------------------------------------------------------------- the family parts
-
-
-def multistep_table(table: StepTable, solver, history: int) -> StepTable:
-    """`table` (base columns filled) with C_XT, C_X0, the history weights and SIGMA from the solver's updates."""
-    S = table.num_steps
-    cols = linear_columns(S, history, solver)
-    c = torch.zeros(S, table.coefs.shape[1] + history, dtype=torch.float64)
-    c[:, : table.coefs.shape[1]] = table.coefs
-    c[:, C_XT] = torch.from_numpy(cols[:, 0])
-    c[:, C_X0] = torch.from_numpy(cols[:, 1])
-    c[:, C_EPS] = 0.0
-    c[:, table.coefs.shape[1] :] = torch.from_numpy(cols[:, 2:])
-    c[:, SIGMA] = torch.tensor([solver.noise_scale(i) for i in range(S)], dtype=torch.float64)
-    return replace(table, coefs=c, history=history)
-
-
-def sample_multistep(make_solver, model, x, table: StepTable, noise, *, clip, callback=None):
+def sample_multistep(solver: Solver, model, x, table: StepTable, noise, *, clip, callback=None):
     """The reference loop every multistep family shares: m_i = clip(x0(x_i)), x_{i+1} = solver(x_i, m, i) + noise."""
-    solver = make_solver(table)
     c = table.coefs.to(x)
     scales = [solver.noise_scale(i) for i in range(table.num_steps)]
     ms = []
@@ -244,26 +101,21 @@ def sample_multistep(make_solver, model, x, table: StepTable, noise, *, clip, ca
     return x
 
 
-def multistep_family(name: str, make_solver, history: int, *, noise: bool = False, doc: str = ""):
-    """(reference loop, table builder) of a multistep family whose step is `make_solver(table)`'s update.
-
-    noise=True: the solver draws z at every step (diffusers' SDE order: a draw at each step, the last one
-    multiplied by 0)."""
-
-    def loop(model, x, table: StepTable, noise_fn, *, sigma, clip, callback=None) -> torch.Tensor:
-        return sample_multistep(make_solver, model, x, table, noise_fn, clip=clip, callback=callback)
-
-    def build(schedule, *, variance: str, eta: float = 0.0) -> StepTable:
-        base = ddim_table(schedule, variance=variance)  # the x0 columns (SRA, SRM1) in run order
-        table = multistep_table(base, make_solver(base), history)
-        return replace(table, method=name, draws=(noise,) * table.num_steps)
-
-    loop.__name__, loop.__qualname__, loop.__doc__ = f"sample_{name}", f"sample_{name}", doc
-    build.__name__, build.__qualname__ = f"{name}_table", f"{name}_table"
-    build.__doc__ = (
-        "x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k m_{i-1-k} + SIGMA z: the update as table columns."
-    )
-    return loop, build
+def multistep_table(schedule, make_solver, history: int, *, method: str, variance: str, noise: bool = False):
+    """x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k m_{i-1-k} + SIGMA z: `make_solver(table)`'s update as table
+    columns. noise=True: a draw at every step (diffusers' SDE order: the last one multiplied by 0)."""
+    table = ddim_table(schedule, variance=variance)  # the x0 columns (SRA, SRM1) in run order
+    solver = make_solver(table)
+    S, W = table.num_steps, table.coefs.shape[1]
+    cols = linear_columns(S, history, solver)
+    c = torch.zeros(S, W + history, dtype=torch.float64)
+    c[:, :W] = table.coefs
+    c[:, C_XT] = torch.from_numpy(cols[:, 0])
+    c[:, C_X0] = torch.from_numpy(cols[:, 1])
+    c[:, C_EPS] = 0.0
+    c[:, W:] = torch.from_numpy(cols[:, 2:])
+    c[:, SIGMA] = torch.tensor([solver.noise_scale(i) for i in range(S)], dtype=torch.float64)
+    return replace(table, coefs=c, history=history, method=method, draws=(noise,) * S)
 
 
 # ---------------------------------------------------------------------------------------------- multistep on eps
@@ -292,10 +144,30 @@ class EpsMultistep:
         return self.alpha[i + 1] * y
 
 
-def eps_multistep_table(table: StepTable, solver: EpsMultistep, history: int) -> StepTable:
-    """`table` (base columns filled) with the columns of `solver`'s steps: eps_i = (x_i - alpha_i m_i) / sigma_i
-    gives C_XT = alpha_{i+1} (1 / alpha_i + b_0 / sigma_i), C_X0 = -alpha_{i+1} b_0 alpha_i / sigma_i, and the
+def sample_eps_multistep(solver: EpsMultistep, model, x, table: StepTable, *, clip, callback=None):
+    """The reference loop of the multistep-on-eps families: eps_i of the clipped x0, x_{i+1} = solver.step."""
+    c = table.coefs.to(x)
+    es = []
+    for i, t in enumerate(table.timesteps.tolist()):
+        eps, _ = model(x, t)
+        x0 = clip(c[i, SRA] * x - c[i, SRM1] * eps)
+        es.insert(0, (c[i, SRA] * x - x0) / c[i, SRM1])  # eps of the clipped x0 (= eps when unclipped)
+        del es[table.history + 1 :]
+        x = solver.step(x, es, i)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def eps_multistep_table(schedule, make_solver, history: int, *, method: str, variance: str, final_abar=None):
+    """x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k eps_{i-1-k}: `make_solver(table)`'s steps as table columns
+    (final_abar: the abar the last step lands on, default 1). eps_i = (x_i - alpha_i m_i) / sigma_i gives
+    C_XT = alpha_{i+1} (1 / alpha_i + b_0 / sigma_i), C_X0 = -alpha_{i+1} b_0 alpha_i / sigma_i, and the
     earlier eps_{i-k}, kept in the history (history_of = "eps"), H_{k-1} = alpha_{i+1} b_k."""
+    table = ddim_table(schedule, variance=variance)  # the x0 columns (SRA, SRM1) in run order
+    if final_abar is not None:
+        table = replace(table, final_abar=float(final_abar))
+    solver = make_solver(table)
     S, W = table.num_steps, table.coefs.shape[1]
     c = torch.zeros(S, W + history, dtype=torch.float64)
     c[:, :W] = table.coefs
@@ -310,35 +182,4 @@ def eps_multistep_table(table: StepTable, solver: EpsMultistep, history: int) ->
         c[i, C_X0] = -a_t * b[0] * a / s
         for k in range(1, len(b)):
             c[i, W + k - 1] = a_t * b[k]
-    return replace(table, coefs=c, history=history, history_of="eps")
-
-
-def eps_multistep_family(name: str, make_solver, history: int, *, final_abar=None, doc: str = ""):
-    """(reference loop, table builder) of a deterministic multistep-on-eps family (`EpsMultistep`);
-    final_abar(schedule): the abar its last step lands on (default 1, x_0)."""
-
-    def loop(model, x, table: StepTable, noise_fn, *, sigma, clip, callback=None) -> torch.Tensor:
-        solver = make_solver(table)
-        c = table.coefs.to(x)
-        es = []
-        for i, t in enumerate(table.timesteps.tolist()):
-            eps, _ = model(x, t)
-            x0 = clip(c[i, SRA] * x - c[i, SRM1] * eps)
-            es.insert(0, (c[i, SRA] * x - x0) / c[i, SRM1])  # eps of the clipped x0 (= eps when unclipped)
-            del es[history + 1 :]
-            x = solver.step(x, es, i)
-            if callback is not None:
-                callback(i, t, x)
-        return x
-
-    def build(schedule, *, variance: str, eta: float = 0.0) -> StepTable:
-        base = ddim_table(schedule, variance=variance)  # the x0 columns (SRA, SRM1) in run order
-        if final_abar is not None:
-            base = replace(base, final_abar=float(final_abar(schedule)))
-        table = eps_multistep_table(base, make_solver(base), history)
-        return replace(table, method=name, draws=(False,) * table.num_steps)
-
-    loop.__name__, loop.__qualname__, loop.__doc__ = f"sample_{name}", f"sample_{name}", doc
-    build.__name__, build.__qualname__ = f"{name}_table", f"{name}_table"
-    build.__doc__ = "x_{i+1} = C_XT x_i + C_X0 m_i + sum_k H_k eps_{i-1-k}: the update as table columns."
-    return loop, build
+    return replace(table, coefs=c, history=history, history_of="eps", method=method, draws=(False,) * S)

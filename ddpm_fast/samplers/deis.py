@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 
-from ddpm_fast.samplers._multistep import EpsMultistep, eps_multistep_family
+from ddpm_fast.samplers._multistep import EpsMultistep, eps_multistep_table, sample_eps_multistep
 from ddpm_fast.schedule import Schedule
 
-__all__ = ["sample_deis", "deis_table", "sample_deis_2", "deis_2_table", "DEIS"]
+__all__ = ["sample_deis", "deis_table", "sample_deis_2", "deis_2_table", "DEIS", "HISTORY", "HISTORY_2"]
+
+HISTORY = 2  # earlier eps a step of deis (order 3) reads
+HISTORY_2 = 1  # and of deis_2 (order 2)
 
 
 def deis_order(i: int, S: int, order: int) -> int:
@@ -59,9 +62,33 @@ def timestep_zero_abar(schedule: Schedule) -> float:
     return float(Schedule.from_spec(schedule.spec).alphas_cumprod[0])
 
 
-sample_deis, deis_table = eps_multistep_family(
-    "deis", lambda table: DEIS(table, 3), 2, final_abar=timestep_zero_abar, doc=__doc__
-)
-sample_deis_2, deis_2_table = eps_multistep_family(
-    "deis_2", lambda table: DEIS(table, 2), 1, final_abar=timestep_zero_abar, doc=__doc__
-)
+def sample_deis(model, x, table, noise, *, sigma, clip, callback=None):
+    """DEIS-tAB of order 3 (module docstring) walked over the table's timesteps."""
+    return sample_eps_multistep(DEIS(table, 3), model, x, table, clip=clip, callback=callback)
+
+
+def deis_table(schedule, *, variance: str, eta: float = 0.0):
+    return eps_multistep_table(
+        schedule,
+        lambda t: DEIS(t, 3),
+        HISTORY,
+        method="deis",
+        variance=variance,
+        final_abar=timestep_zero_abar(schedule),
+    )
+
+
+def sample_deis_2(model, x, table, noise, *, sigma, clip, callback=None):
+    """DEIS-tAB of order 2 (module docstring) walked over the table's timesteps."""
+    return sample_eps_multistep(DEIS(table, 2), model, x, table, clip=clip, callback=callback)
+
+
+def deis_2_table(schedule, *, variance: str, eta: float = 0.0):
+    return eps_multistep_table(
+        schedule,
+        lambda t: DEIS(t, 2),
+        HISTORY_2,
+        method="deis_2",
+        variance=variance,
+        final_abar=timestep_zero_abar(schedule),
+    )

@@ -4,7 +4,7 @@ min(4, i + 1): 1; (3, -1)/2; (23, -16, 5)/12; (55, -59, 37, -9)/24 (k-diffusion'
 
 from __future__ import annotations
 
-from ddpm_fast.samplers._multistep import EpsMultistep, eps_multistep_family
+from ddpm_fast.samplers._multistep import EpsMultistep, eps_multistep_table, sample_eps_multistep
 
 __all__ = ["sample_ipndm", "ipndm_table", "HISTORY", "ORDER"]
 
@@ -19,4 +19,10 @@ class IPNDM(EpsMultistep):
         return [d * c for c in ADAMS_BASHFORTH[min(ORDER, i + 1) - 1]]
 
 
-sample_ipndm, ipndm_table = eps_multistep_family("ipndm", IPNDM, HISTORY, doc=__doc__)
+def sample_ipndm(model, x, table, noise, *, sigma, clip, callback=None):
+    """The iPNDM step (module docstring) walked over the table's timesteps."""
+    return sample_eps_multistep(IPNDM(table), model, x, table, clip=clip, callback=callback)
+
+
+def ipndm_table(schedule, *, variance: str, eta: float = 0.0):
+    return eps_multistep_table(schedule, IPNDM, HISTORY, method="ipndm", variance=variance)
