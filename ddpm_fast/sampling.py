@@ -40,6 +40,7 @@ __all__ = [
     "choose_backend",
     "auto_rule",
     "OPENVINO_PAYS",
+    "openvino_bf16_here",
     "is_onnx_model",
     "Backend",
     "BACKENDS",
@@ -156,9 +157,18 @@ def _openvino_facts(model, plan: Plan) -> dict:
     asks = _cpu_bf16(plan) and is_onnx_model(model) or _openvino_pays(model, plan)
     if importlib.util.find_spec("openvino") is None or not asks:
         return {"openvino": False, "openvino_bf16": False}
+    return {"openvino": True, "openvino_bf16": openvino_bf16_here()}
+
+
+def openvino_bf16_here() -> bool:
+    """Whether the [openvino] extra is installed and its CPU plugin has bf16 kernels on this machine."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return False
     from ddpm_fast.export.openvino_runtime import bf16_supported
 
-    return {"openvino": True, "openvino_bf16": bf16_supported()}
+    return bf16_supported()
 
 
 _logged: set = set()

@@ -66,12 +66,15 @@ def test_bad_out_is_refused_before_any_work(
     one_line_error(capsys, *words)
 
 
-def test_options_in_command_line_terms(model_dir, tmp_path, capsys, no_sampling):
+def test_options_in_command_line_terms(model_dir, tmp_path, capsys, no_sampling, monkeypatch):
     out = str(tmp_path / "x.png")
     assert main(["sample", "--model", model_dir, "--backend", "onnx", "--out", out]) == 2
     one_line_error(capsys, "--backend onnx needs --model FILE.onnx")
     assert main(["sample", "--model", "m.onnx", "--backend", "fast", "--out", out]) == 2
     one_line_error(capsys, "--model m.onnx is an ONNX file", "--backend onnx")
+    assert main(["sample", "--model", "m.onnx", "--dtype", "fp16", "--out", out]) == 2
+    one_line_error(capsys, "--dtype fp16")
+    monkeypatch.setattr(sample_cmd, "openvino_bf16_here", lambda: False)  # auto would run it on onnx
     assert main(["sample", "--model", "m.onnx", "--dtype", "bf16", "--out", out]) == 2
     one_line_error(capsys, "--dtype bf16")
     for cmd in ("sample", "merge", "convert", "export", "bench", "info", "train"):

@@ -21,7 +21,7 @@ from ddpm_fast.errors import Unavailable
 from ddpm_fast.plan import make_plan
 from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, check_world_out, default_batch_size, generate
 from ddpm_fast.samplers import METHODS, check_params
-from ddpm_fast.sampling import BACKENDS, GRAPH_BACKENDS
+from ddpm_fast.sampling import BACKENDS, GRAPH_BACKENDS, openvino_bf16_here
 from ddpm_fast.schedule import SPACINGS
 from ddpm_fast.shards import SHARD_FORMATS
 
@@ -268,8 +268,12 @@ def _check(args) -> str:
     backend = BACKENDS.get(args.backend)  # None: auto
     if backend is not None and backend.check:  # before a model loads: a missing extra is the one line
         backend.load("check")()
-    runs_onnxruntime = args.backend == "onnx" or (onnx_file and args.backend == "auto")
-    if runs_onnxruntime and DTYPES[args.dtype] != torch.float32:
+    dtype = DTYPES[args.dtype]
+    # auto runs an .onnx file in bf16 on openvino where its CPU plugin has bf16 (sampling.auto_rule)
+    auto_onnx = (
+        onnx_file and args.backend == "auto" and not (dtype == torch.bfloat16 and openvino_bf16_here())
+    )
+    if (args.backend == "onnx" or auto_onnx) and dtype != torch.float32:
         raise ValueError(
             f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
         )
