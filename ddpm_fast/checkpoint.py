@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast import adm_io, diffusers_io
 from ddpm_fast.defaults import defaults_of, record
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
@@ -166,8 +167,6 @@ def load_model(
             )
         model = _load_dir(path)
     else:
-        from ddpm_fast import adm_io
-
         if not openai and adm_io.preset_for_file(path.name) is None:
             raise ValueError(
                 f"model path must be a checkpoint directory, or an openai .pt file with adm_flags= or "
@@ -192,8 +191,6 @@ def _load_dir(path: Path):
     if raw.get("format") == FORMAT:
         model = _load_native(path, raw)
     elif "_class_name" in raw or not cfg_file.exists():
-        from ddpm_fast import diffusers_io
-
         model = (
             diffusers_io.load_diffusers_unet(path, raw) if raw else diffusers_io.load_diffusers_pipeline(path)
         )

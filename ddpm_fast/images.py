@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -37,8 +38,6 @@ def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.
 
 def save_grid(images: np.ndarray, path: str, nrow: int | None = None) -> None:
     """Write uint8 [N, H, W, C] images as one PNG grid, atomically; images smaller than 32 px are upscaled."""
-    import io
-
     from PIL import Image
 
     grid = image_grid(images, nrow)

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ddpm_fast import sampling, shards
+from ddpm_fast import __version__, sampling, shards
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import Dist, env_world, join
@@ -440,8 +441,6 @@ def _run_lock(run_dir: str):
 
 
 def _manifest(num: int, settings: dict, info: dict, done: dict) -> dict:
-    from ddpm_fast import __version__
-
     ranges = shards.shard_ranges(num, settings["shard_size"])
     C, H, W = settings["image_shape"]
     return {
@@ -466,8 +465,6 @@ def _prepare(
 
     Returns (done records {k: {count, sha256}}, shard ids still to draw).
     """
-    from ddpm_fast import __version__
-
     old = shards.read_manifest(run_dir)
     if old is not None:
         why = _settings_difference(settings, old["settings"])
@@ -525,8 +522,6 @@ def _prepare(
 
 
 def _remove(path: str) -> None:
-    import shutil
-
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):

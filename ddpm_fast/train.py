@@ -41,13 +41,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_model
 from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import env_world, join
-from ddpm_fast.images import IMAGE_SUFFIXES
+from ddpm_fast.images import IMAGE_SUFFIXES, save_grid, to_uint8
 from ddpm_fast.progress import progress_bar
+from ddpm_fast.sampling import sample
 from ddpm_fast.schedule import Schedule
-from ddpm_fast.unet import UNet
+from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.unet import UNet, UNetConfig
 
 __all__ = [
     "TrainConfig",
@@ -147,7 +150,7 @@ def load_dataset(source: str, *, image_size: int | None = None, channels: int | 
         raise ValueError(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
     if source == "digits":
         try:
-            from sklearn.datasets import load_digits
+            from sklearn.datasets import load_digits  # optional dependency: data="digits" only
         except ImportError as e:
             raise RuntimeError("data='digits' needs scikit-learn: pip install scikit-learn") from e
         x = torch.from_numpy(load_digits().images.astype(np.float32))[:, None]  # [1797, 1, 8, 8], 0..16
@@ -273,8 +276,6 @@ def diffusion_loss(
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    from ddpm_fast.shards import atomic_write_bytes
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(str(path), data)
 
@@ -355,8 +356,6 @@ def _run_files(out: Path) -> list[Path]:
     The files that name others (state.json, config.json) come first, so that deleting in this order never
     leaves one behind that names a deleted file.
     """
-    from ddpm_fast.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
     if not out.is_dir():
         return []
     named = [out / n for n in (STATE_JSON, CONFIG_FILE, WEIGHTS_FILE, LOG_JSONL, TRAIN_CONFIG_JSON)]
@@ -405,8 +404,6 @@ def _remove_run(out: Path) -> None:
 
 
 def _build_model_config(cfg: TrainConfig, data_shape):
-    from ddpm_fast.unet import UNetConfig
-
     C, H = data_shape[1], data_shape[-1]
     overrides = {"in_channels": C, "out_channels": C, "sample_size": H}
     if cfg.dropout is not None:
@@ -415,14 +412,10 @@ def _build_model_config(cfg: TrainConfig, data_shape):
 
 
 def _save_model(ema, out: Path, cfg: TrainConfig, schedule: Schedule) -> None:
-    from ddpm_fast.checkpoint import save_model
-
     save_model(ema, out, schedule=schedule, sampling={"variance": cfg.variance, "clip": True})
 
 
 def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int, n: int = 64) -> None:
-    from ddpm_fast.sampling import sample
-
     C, H = ema.config.in_channels, ema.config.sample_size
     x = sample(
         ema,
@@ -433,8 +426,6 @@ def _save_grid(ema, schedule: Schedule, cfg: TrainConfig, path: Path, steps: int
         seed=0,
         backend="reference",
     )
-    from ddpm_fast.images import save_grid, to_uint8
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(to_uint8(x), str(path))
 

@@ -38,6 +38,7 @@ from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
+from ddpm_fast.export.runtime import OnnxModel, forget
 from ddpm_fast.plan import Plan
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
@@ -124,7 +125,7 @@ def default_exporter() -> str:
     if _torch_version() < (2, 6):
         return "torchscript"
     try:
-        import onnxscript  # noqa: F401
+        import onnxscript  # noqa: F401  (optional dependency: only probed)
     except ImportError:
         return "torchscript"
     return "dynamo"
@@ -132,10 +133,8 @@ def default_exporter() -> str:
 
 def _import_onnx():
     try:
-        import onnx
+        import onnx  # optional dependency (the onnx extra): imported where used
     except ImportError as e:
-        from ddpm_fast.errors import Unavailable
-
         raise Unavailable("ONNX export needs the 'onnx' package: pip install 'ddpm-fast[onnx]'") from e
     return onnx
 
@@ -439,8 +438,6 @@ def validate_onnx(
     tolerance). Raises ValueError naming the batch, the difference and the bound. name: the file the messages
     name when `path` is a temporary (whose cached model and sessions are dropped afterwards).
     """
-    from ddpm_fast.export.runtime import forget
-
     if name is None:
         return _validate(path, graph, oracle, report, path)
     try:
@@ -450,8 +447,6 @@ def validate_onnx(
 
 
 def _validate(path, graph, oracle, report, name):
-    from ddpm_fast.export.runtime import OnnxModel
-
     m = OnnxModel.load(path)
     sess = m.session("cpu")
     C, H, W = m.image_shape

@@ -10,6 +10,7 @@ Export and session creation are set-up, reported apart from the timed runs (STYL
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,21 @@ from pathlib import Path
 
 import torch
 
+import ddpm_fast as df
+from ddpm_fast.export.graphs import EpsGraph, half_unet
+from ddpm_fast.export.onnx_export import export_onnx
+from ddpm_fast.export.runtime import (
+    OnnxModel,
+    as_onnx_model,
+    import_onnxruntime,
+    reference_tolerance,
+    sample_onnx,
+)
+from ddpm_fast.plan import make_plan
+from ddpm_fast.reference import run as sample_reference
+from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.unet import UNet, UNetConfig
+
 __all__ = ["OnnxProvider", "onnx_provider", "gpu_check"]
 
 
@@ -25,8 +41,6 @@ class OnnxProvider:
     """A zero-argument callable sampling `plan` with ONNX Runtime; see `onnx_provider`."""
 
     def __init__(self, onnx_model, plan, *, export_seconds: float = 0.0, tmpdir: str | None = None):
-        from ddpm_fast.export.runtime import as_onnx_model
-
         self.model = as_onnx_model(onnx_model)
         self.plan = plan
         self.export_seconds = export_seconds
@@ -37,8 +51,6 @@ class OnnxProvider:
         self.name = "onnx" + ("-step" if self.model.kind == "step" else "")
 
     def __call__(self) -> torch.Tensor:
-        from ddpm_fast.export.runtime import sample_onnx
-
         out = sample_onnx(self.model, self.plan)
         if out.is_cuda:
             torch.cuda.synchronize(out.device)
@@ -64,8 +76,6 @@ def onnx_provider(
     """
     if not isinstance(model, torch.nn.Module):
         return OnnxProvider(model, plan)
-    from ddpm_fast.export.onnx_export import export_onnx
-
     tmpdir = tempfile.mkdtemp(prefix="ddpm_fast_onnx_")
     path = Path(tmpdir) / ("step.onnx" if step_graph else "model.onnx")
     kw = dict(export_kwargs)
@@ -105,10 +115,6 @@ def gpu_check(out_dir=None, *, full: bool = True, budget_s: float = 60.0) -> dic
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     if out_dir is not None:
-        import json
-
-        from ddpm_fast.shards import atomic_write_bytes
-
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(
             Path(out_dir) / "onnx_gpu_check.json", json.dumps(result, indent=1, default=str).encode()
@@ -118,14 +124,6 @@ def gpu_check(out_dir=None, *, full: bool = True, budget_s: float = 60.0) -> dic
 
 def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
     """gpu_check's body; device='cpu' runs the same checks on the CPU provider (a dry run of its logic)."""
-    import ddpm_fast as df
-    from ddpm_fast.export.graphs import EpsGraph, half_unet
-    from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.export.runtime import OnnxModel, reference_tolerance
-    from ddpm_fast.plan import make_plan
-    from ddpm_fast.reference import run as sample_reference
-    from ddpm_fast.unet import UNet, UNetConfig
-
     result = {"status": "skipped", "torch": torch.__version__}
     dev = torch.device(device)
     if not _onnx_ready(dev, result):
@@ -191,8 +189,6 @@ def _gpu_check(full: bool, budget_s: float, device: str = "cuda") -> dict:
 
 def _onnx_ready(dev: torch.device, result: dict) -> bool:
     """Whether ONNX Runtime can run on `dev`; records its version and providers, or the reason it cannot."""
-    from ddpm_fast.export.runtime import import_onnxruntime
-
     if dev.type == "cuda" and not torch.cuda.is_available():
         result["reason"] = "CUDA is not available to torch"
         return False
@@ -211,12 +207,6 @@ def _onnx_ready(dev: torch.device, result: dict) -> bool:
 
 def _cifar10_speed(work: Path, dev: torch.device, batch: int = 64, steps: int = 10) -> dict:
     """images/s of a `steps`-step run at `batch` for onnx fp32 / fp16 and the reference, same CUDA device."""
-    import ddpm_fast as df
-    from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.plan import make_plan
-    from ddpm_fast.reference import run as sample_reference
-    from ddpm_fast.unet import UNet, UNetConfig
-
     torch.manual_seed(0)
     model = UNet(UNetConfig.cifar10()).eval()
     model.schedule = df.Schedule.linear(1000)

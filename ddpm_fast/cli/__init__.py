@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from ddpm_fast.devices import set_threads
 from ddpm_fast.errors import Unavailable, UserError
 
 # name -> (module, one-line help, examples)
@@ -172,8 +173,6 @@ def main(argv=None) -> int:
         print(f"ddpm-fast: error: {args._missing}", file=sys.stderr)
         return 2
     try:
-        from ddpm_fast.devices import set_threads
-
         set_threads(args.threads)
         _compile_cache_default()
         return int(args._run(args) or 0)

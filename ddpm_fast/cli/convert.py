@@ -7,6 +7,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from ddpm_fast.adm_io import preset_for_file
+from ddpm_fast.checkpoint import CONFIG_FILE, load_model, save_model
+
 log = logging.getLogger("ddpm_fast")
 
 
@@ -43,8 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ddpm_fast.checkpoint import CONFIG_FILE, load_model, save_model
-
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"dst must differ from src; got {dst} for both")
@@ -52,8 +53,6 @@ def run(args) -> int:
         raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
     openai = args.adm_flags is not None or args.adm_source is not None or args.adm_preset is not None
     if src.is_file() and not openai:
-        from ddpm_fast.adm_io import preset_for_file
-
         if preset_for_file(src.name) is None:
             raise ValueError(
                 f'{src} is a file: convert an openai ADM .pt file with --adm-flags "..." (its README\'s '

@@ -7,9 +7,14 @@ directory of that name).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
+from ddpm_fast.checkpoint import default_model, load_model
+from ddpm_fast.errors import Unavailable
+from ddpm_fast.export.onnx_export import OPSET, export_onnx
+from ddpm_fast.plan import make_plan
 from ddpm_fast.samplers import METHODS
 from ddpm_fast.steps import VARIANCES
 
@@ -17,8 +22,6 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ddpm_fast.export.onnx_export import OPSET
-
     p.add_argument(
         "model",
         metavar="MODEL",
@@ -54,11 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(spec: str):
     """The model MODEL names, on the CPU."""
-    import os
-
-    from ddpm_fast.checkpoint import default_model, load_model
-    from ddpm_fast.errors import Unavailable
-
     if spec == BUNDLED:
         try:
             return default_model(device="cpu")
@@ -72,9 +70,6 @@ def _load(spec: str):
 
 
 def run(args) -> int:
-    from ddpm_fast.export.onnx_export import export_onnx
-    from ddpm_fast.plan import make_plan
-
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1; got {args.steps}")
     if not args.step and (

@@ -11,18 +11,24 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 
+from ddpm_fast import adm_io
+from ddpm_fast.adm_io import classifier_preset_for_file, load_classifier
 from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
+from ddpm_fast.checkpoint import default_model, load_model
 from ddpm_fast.cli import int_at_least
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
 from ddpm_fast.errors import Unavailable
+from ddpm_fast.export.runtime import load_onnx
+from ddpm_fast.guidance import ClassifierGuidance
 from ddpm_fast.plan import make_plan
 from ddpm_fast.runs import DEFAULT_SHARD_SIZE, check_out, check_world_out, default_batch_size, generate
 from ddpm_fast.samplers import METHODS, check_params
 from ddpm_fast.sampling import BACKENDS, GRAPH_BACKENDS, openvino_bf16_here
-from ddpm_fast.schedule import SPACINGS
+from ddpm_fast.schedule import SPACINGS, Schedule
 from ddpm_fast.shards import SHARD_FORMATS
 
 __all__ = ["add_arguments", "run", "DTYPES"]
@@ -159,8 +165,6 @@ def _guidance_arguments(a) -> None:
 def _load_model(spec: str | None, device: torch.device):
     """(model, backend it requires or None)."""
     if spec is None or spec == BUNDLED:
-        from ddpm_fast.checkpoint import default_model
-
         try:
             return default_model(device=device), None
         except RuntimeError as e:
@@ -168,11 +172,7 @@ def _load_model(spec: str | None, device: torch.device):
     if spec.lower().endswith(".onnx"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"--model {spec}: no such file")
-        try:
-            from ddpm_fast.export.runtime import load_onnx
-        except ImportError as e:
-            raise Unavailable(f"--model {spec}: ONNX models need ddpm_fast.export.runtime ({e})") from e
-        model = load_onnx(spec)
+        model = load_onnx(spec)  # onnxruntime itself is imported there, where a session is made
         if model.defaults.image_shape is None:  # the command has no option for the shape the graph takes
             if not model.metadata:
                 raise ValueError(
@@ -182,9 +182,6 @@ def _load_model(spec: str | None, device: torch.device):
                 f"--model {spec}: its metadata names no image shape; export it with `ddpm-fast export`"
             )
         return model, "onnx"
-    from ddpm_fast import adm_io
-    from ddpm_fast.checkpoint import load_model
-
     if os.path.isfile(spec) and adm_io.preset_for_file(os.path.basename(spec)) is None:
         raise ValueError(
             f"--model {spec} is a file: sample takes a checkpoint directory or an .onnx file; convert an openai "
@@ -204,8 +201,6 @@ def _labels(spec: str | None, num: int):
         return int(spec)
     if not spec.endswith(".npy"):
         raise ValueError(f"--labels must be random, a class number or FILE.npy; got {spec!r}")
-    import numpy as np
-
     try:
         arr = np.load(spec, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -221,8 +216,6 @@ def _classifier(args, device: torch.device):
     """The --classifier file as an ADMClassifier on `device` (None without one); errors name --classifier."""
     if args.classifier is None:
         return None
-    from ddpm_fast.adm_io import classifier_preset_for_file, load_classifier
-
     file = args.classifier
     if not os.path.isfile(file):
         raise FileNotFoundError(f"--classifier {file}: no such file")
@@ -242,8 +235,6 @@ def _guidance(args, classifier, dtype):
     """--classifier as a ClassifierGuidance (None without one); the classifier in `dtype` when given."""
     if classifier is None:
         return None
-    from ddpm_fast.guidance import ClassifierGuidance
-
     if dtype is not None:
         classifier = classifier.to(dtype)
     scale = args.classifier_scale
@@ -333,8 +324,6 @@ def run(args) -> int:
         backend = required if required and args.backend == "auto" else args.backend
         schedule = None
         if model.defaults.schedule is None:
-            from ddpm_fast.schedule import Schedule
-
             schedule = Schedule.linear(1000)
             if dist.rank == 0:
                 log.warning("the model names no noise schedule: using DDPM's linear betas over 1000 steps")

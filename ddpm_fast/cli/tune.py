@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from ddpm_fast.checkpoint import default_model, load_model
+from ddpm_fast.samplers import family
+from ddpm_fast.tuning import tune
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -23,10 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ddpm_fast.checkpoint import default_model, load_model
-    from ddpm_fast.samplers import family
-    from ddpm_fast.tuning import tune
-
     family(args.base)  # an unknown base is one line before the model loads
     if not str(args.out).endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors; got {args.out!r}")

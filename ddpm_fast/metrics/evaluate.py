@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ddpm_fast import shards
+from ddpm_fast import __version__, shards
 from ddpm_fast.checks import check_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.metrics.features import FeatureSet, extract
@@ -220,8 +220,6 @@ def fid(samples, ref, *, out=None, stats_out=None, **options) -> FIDResult:
         notes["precision"] = notes["recall"] = f"ref {reference.path} holds no images (arr_0)"
 
     result = FIDResult(fid_value, sfid, precision, recall, feats.inception_score, {})
-    from ddpm_fast import __version__
-
     net, settings = session.describe(feats.spatial is not None)
     result.report = {
         "format": REPORT_FORMAT,

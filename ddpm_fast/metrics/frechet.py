@@ -124,7 +124,7 @@ class MomentAccumulator:
 
 
 def _trace_sqrt_scipy(s1: np.ndarray, s2: np.ndarray) -> float:
-    from scipy import linalg
+    from scipy import linalg  # optional dependency (the metrics extra): imported where used
 
     def sqrtm(a):
         root = linalg.sqrtm(a)
@@ -169,7 +169,7 @@ def resolve_sqrtm(method: str) -> str:
     if method == "eigh":
         return method
     try:
-        import scipy.linalg  # noqa: F401
+        import scipy.linalg  # noqa: F401  (optional dependency: only probed)
     except ImportError as e:
         if method == "scipy":
             raise RuntimeError("sqrtm='scipy' needs scipy: pip install 'ddpm-fast[metrics]'") from e
