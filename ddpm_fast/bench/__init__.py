@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.shards import atomic_write_bytes
@@ -343,21 +344,7 @@ def benchmark(
     log=print,
 ) -> list[dict]:
     """One row per (batch size, provider) that ran; a provider that cannot run here gives a row with `error`."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Unavailable("device cuda was asked for but CUDA is not available")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int; got {repeats!r}")
-    providers = list(providers or DEFAULT_PROVIDERS.get(device.type, DEFAULT_PROVIDERS["cpu"]))
-    for p in providers:
-        if p not in PROVIDERS:
-            raise ValueError(f"providers must be among {sorted(PROVIDERS)}; got {p!r}")
-        if p in CUDA_ONLY and device.type != "cuda":
-            raise ValueError(f"provider {p!r} needs a CUDA device; got {device}")
-    if "reference" in providers:  # the others are compared with it and their speed-ups are over it
-        providers = ["reference"] + [p for p in providers if p != "reference"]
+    device, providers = _check_request(device, steps, repeats, providers)
     schedule = df.Schedule.linear(steps)
     C, H, W = model.config.image_shape
     info = device_info(device)
@@ -382,26 +369,12 @@ def benchmark(
                 log(f"  {name:<20} B={shape[0]:<4} unavailable: {row['error']}")
                 rows.append(row)
                 continue
-            med = statistics.median(times)
             if name == "reference":
                 ref_out = out
             ref_for = fn.reference() if hasattr(fn, "reference") else ref_out
+            diff = _max_diff(out, ref_for) if name != "reference" else 0.0
             row.update(
-                median_s=med,
-                p20_s=_quantile(times, 0.2),
-                p80_s=_quantile(times, 0.8),
-                images_per_s=shape[0] / med,
-                ms_per_step=1e3 * med / steps,
-                setup_s=max(first - med, 0.0) + getattr(fn, "setup_s", 0.0),
-                max_abs_diff=_max_diff(out, ref_for) if name != "reference" else 0.0,
-                peak_mem_mb=(
-                    torch.cuda.max_memory_allocated(device) / 2**20
-                    if device.type == "cuda"
-                    else _peak_rss_mb()
-                ),
-                peak_mem_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
-                flops_per_image_step=flops,
-                gflops_per_s=flops * shape[0] * steps / med / 1e9,
+                _figures(times, first, shape[0], steps, device, flops, diff, getattr(fn, "setup_s", 0.0))
             )
             peak = peaks.get(provider_dtype(name))
             if peak:
@@ -415,6 +388,43 @@ def benchmark(
             )
     _add_ratios(rows)
     return rows
+
+
+def _check_request(device, steps, repeats, providers) -> tuple[torch.device, list[str]]:
+    """`benchmark`'s arguments checked (one line naming the argument); providers with the reference first."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Unavailable("device cuda was asked for but CUDA is not available")
+    check_int(steps, "steps")
+    check_int(repeats, "repeats")
+    providers = list(providers or DEFAULT_PROVIDERS.get(device.type, DEFAULT_PROVIDERS["cpu"]))
+    for p in providers:
+        if p not in PROVIDERS:
+            raise ValueError(f"providers must be among {sorted(PROVIDERS)}; got {p!r}")
+        if p in CUDA_ONLY and device.type != "cuda":
+            raise ValueError(f"provider {p!r} needs a CUDA device; got {device}")
+    if "reference" in providers:  # the others are compared with it and their speed-ups are over it
+        providers = ["reference"] + [p for p in providers if p != "reference"]
+    return device, providers
+
+
+def _figures(times, first, batch, steps, device, flops, diff, extra_setup) -> dict:
+    """A row's timing, memory and throughput figures from its timed runs (`first` includes the set-up)."""
+    med = statistics.median(times)
+    cuda = device.type == "cuda"
+    return dict(
+        median_s=med,
+        p20_s=_quantile(times, 0.2),
+        p80_s=_quantile(times, 0.8),
+        images_per_s=batch / med,
+        ms_per_step=1e3 * med / steps,
+        setup_s=max(first - med, 0.0) + extra_setup,
+        max_abs_diff=diff,
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb(),
+        peak_mem_kind="cuda max allocated" if cuda else "process peak RSS",
+        flops_per_image_step=flops,
+        gflops_per_s=flops * batch * steps / med / 1e9,
+    )
 
 
 def _add_ratios(rows: list[dict]) -> None:
