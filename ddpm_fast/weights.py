@@ -69,16 +69,18 @@ def load_state(model: torch.nn.Module, state: dict, file: Path, rename) -> None:
     model.load_state_dict({k: state[fk] for k, fk in wanted.items()}, strict=True)
 
 
-def model_digest(model) -> str:
+def model_digest(model, *, remember: bool = False) -> str:
     """sha256 naming the model's function: an ONNX file's bytes, or a Module's config and state_dict tensors.
 
-    A Module's digest is remembered (`_DIGESTS`, weakly keyed by the Module) with the state it was computed
+    With `remember` (the openvino backend's export cache, asked on every run) a Module's digest is remembered (`_DIGESTS`, weakly keyed by the Module) with the state it was computed
     from: every tensor's name, storage address, dtype, shape, device and version counter (which in-place ops,
     `copy_` and `load_state_dict` bump), plus `_PROBE` elements of each tensor, which also see whole-tensor
     writes through `.data` or a numpy view (an EMA written that way) that leave the counter as it was. While
     that state is unchanged the hash is not recomputed: hashing the cifar10 U-Net's 143 MB costs more than a
     sampling step, on every call that names the model (the openvino backend's export cache asks each run).
-    Inference tensors (made under `torch.inference_mode`) keep no version counter: always hashed anew."""
+    Inference tensors (made under `torch.inference_mode`) keep no version counter: always hashed anew. A
+    write through `.data` to some elements only (no counter moves) can miss the probes, so what records a
+    run (manifests, tuned tables, an export's metadata) hashes in full: the default."""
     path = model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
     if path is not None and not isinstance(model, torch.nn.Module):
         h = hashlib.sha256()
@@ -96,11 +98,11 @@ def model_digest(model) -> str:
     )
     state = sorted(model.state_dict(keep_vars=True).items())
     key = _state_key(cfg_text, state)
-    known = _DIGESTS.get(model)
+    known = _DIGESTS.get(model) if remember else None
     if key is not None and known is not None and known[0] == key and torch.equal(known[1], _probe(state)):
         return known[2]
     digest = _hash_state(cfg_text, state)
-    if key is not None:
+    if key is not None and remember:
         _DIGESTS[model] = (key, _probe(state), digest)
     return digest
 

@@ -154,7 +154,7 @@ def exported_model(model: torch.nn.Module, image_shape) -> OnnxModel:
     net = model
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         net = copy.deepcopy(model).float().cpu()  # the graph holds float32 weights; precision is the hint's
-    digest = model_digest(net)
+    digest = model_digest(net, remember=True)
     C, H, W = (int(d) for d in image_shape)
     path = export_dir(model) / f"eps-{digest[:16]}-{C}x{H}x{W}.onnx"
     if path.is_file():

@@ -1,5 +1,6 @@
-"""`model_digest` of a torch Module: remembered while its tensors are unchanged, hashed anew when any changes
-(an in-place edit, `load_state_dict`, a whole-tensor write through `.data`), and always the full hash's value."""
+"""`model_digest(m, remember=True)` of a torch Module: remembered while its tensors are unchanged, hashed
+anew when any changes (an in-place edit, `load_state_dict`, a whole-tensor write through `.data`), and always
+the full hash's value; without `remember`, every call hashes in full."""
 
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def model():
 
 def test_unchanged_module_is_not_hashed_again(counted):
     m = model()
-    first = model_digest(m)
-    assert model_digest(m) == first
+    first = model_digest(m, remember=True)
+    assert model_digest(m, remember=True) == first
     assert len(counted) == 1
-    assert model_digest(copy.deepcopy(m)) == first  # a copy (other storage): hashed again, the same digest
+    # a copy (other storage): hashed again, the same digest
+    assert model_digest(copy.deepcopy(m), remember=True) == first
     assert len(counted) == 2
 
 
@@ -59,16 +61,23 @@ def load_other_weights(m):
 @pytest.mark.parametrize("edit", [write_through_data, edit_one_element, load_other_weights])
 def test_digest_follows_a_weight_change(counted, edit):
     m = model()
-    before = model_digest(m)
+    before = model_digest(m, remember=True)
     edit(m)
-    after = model_digest(m)
+    after = model_digest(m, remember=True)
     assert after != before
     assert len(counted) == 2
-    assert after == model_digest(copy.deepcopy(m))  # what is remembered is the full hash of the new weights
+    # what is remembered is the full hash of the new weights
+    assert after == model_digest(copy.deepcopy(m), remember=True)
+
+
+def test_without_remember_every_call_hashes_in_full(counted):
+    m = model()
+    assert model_digest(m) == model_digest(m) == model_digest(m, remember=True)
+    assert len(counted) == 3
 
 
 def test_inference_tensors_are_hashed_every_time(counted):
     with torch.inference_mode():
         m = model()
-    assert model_digest(m) == model_digest(m)
+    assert model_digest(m, remember=True) == model_digest(m, remember=True)
     assert len(counted) == 2
