@@ -37,10 +37,14 @@ from pathlib import Path
 import torch
 
 import ddpm_fast as df
+from ddpm_fast.adm import ADM, ADMConfig
+from ddpm_fast.adm_io import preset_config
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
+from ddpm_fast.diffusers_io import diffusers_kwargs
 from ddpm_fast.errors import Unavailable
 from ddpm_fast.shards import atomic_write_bytes
+from ddpm_fast.unet import diffusers_key
 
 __all__ = [
     "PROVIDERS",
@@ -76,9 +80,6 @@ def diffusers_unet(model):
         from diffusers import UNet2DModel
     except ImportError as e:
         raise Unavailable("the diffusers provider needs diffusers (pip install diffusers)") from e
-    from ddpm_fast.diffusers_io import diffusers_kwargs
-    from ddpm_fast.unet import diffusers_key
-
     try:
         net = UNet2DModel(**diffusers_kwargs(model.config))
     except ValueError as e:
@@ -152,6 +153,7 @@ def _diffusers_solver(method: str, scheduler: str, **config) -> Callable:
 
 def _onnx_factory(model, schedule, shape, steps, device):
     try:
+        # lazy: bench.onnx imports the exporter, whose onnx is an optional dependency
         from ddpm_fast.bench.onnx import onnx_provider
         from ddpm_fast.plan import make_plan
     except ImportError as e:
@@ -313,14 +315,9 @@ def build_model(spec: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
     """A preset name (random weights: speed does not depend on them) or a checkpoint path; "adm-imagenet64"
     and "adm-cifar10" are openai's published ADM architectures (ddpm_fast.adm_io presets)."""
     if spec == "adm-tiny":  # a small class-conditional ADM: the CPU dry run of the ADM rows
-        from ddpm_fast.adm import ADM, ADMConfig
-
         torch.manual_seed(seed)
         return ADM(ADMConfig.tiny().replace(num_classes=10)).to(device).eval()
     if spec in ADM_PRESETS:
-        from ddpm_fast.adm import ADM
-        from ddpm_fast.adm_io import preset_config
-
         torch.manual_seed(seed)
         cfg, defaults = preset_config(ADM_PRESETS[spec])
         model = ADM(cfg.replace(dropout=0.0))
