@@ -176,12 +176,11 @@ def _openvino() -> dict:
     if not ok:
         return {"available": False, "why": why + " (pip install 'ddpm-fast[openvino]')"}
     try:
-        import openvino
+        from ddpm_fast.export.openvino_runtime import bf16_supported
 
-        caps = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        bf16 = bf16_supported()
     except Exception as e:  # a broken install, no CPU plugin: say so rather than fail
         return {"available": False, "why": f"OpenVINO's CPU plugin: {type(e).__name__}: {e}"}
-    bf16 = "BF16" in caps
     note = "CPU; float32, and bfloat16 " + (
         "(this CPU has bf16 kernels)" if bf16 else "refused: no bf16 on this CPU"
     )

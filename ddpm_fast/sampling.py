@@ -90,7 +90,15 @@ def is_onnx_model(model) -> bool:
 
 def choose_backend(model, plan: Plan) -> str:
     """The backend "auto" runs `plan` on (module docstring); no timing, no side effect."""
-    return auto_rule(model, plan, **_openvino_facts(model, plan))[0]
+    return _auto(model, plan)[0]
+
+
+def _auto(model, plan: Plan) -> tuple[str, str | None]:
+    """`auto_rule` with this machine's facts, looked up only where the rule would ask (importing OpenVINO to
+    read its CPU plugin's capabilities costs a fraction of a second, once)."""
+    asks = _cpu_bf16(plan) and is_onnx_model(model) or _openvino_pays(model, plan)
+    installed = asks and _openvino_installed()
+    return auto_rule(model, plan, openvino=installed, openvino_bf16=installed and openvino_bf16_here())
 
 
 def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tuple[str, str | None]:
@@ -149,24 +157,17 @@ def _cpu_bf16(plan: Plan) -> bool:
     return plan.device.type == "cpu" and plan.dtype == torch.bfloat16
 
 
-def _openvino_facts(model, plan: Plan) -> dict:
-    """What `auto_rule` reads about this machine, looked up only where the rule would ask (importing
-    OpenVINO to read its CPU plugin's capabilities costs a fraction of a second, once)."""
+def _openvino_installed() -> bool:
     import importlib.util
 
-    asks = _cpu_bf16(plan) and is_onnx_model(model) or _openvino_pays(model, plan)
-    if importlib.util.find_spec("openvino") is None or not asks:
-        return {"openvino": False, "openvino_bf16": False}
-    return {"openvino": True, "openvino_bf16": openvino_bf16_here()}
+    return importlib.util.find_spec("openvino") is not None
 
 
 def openvino_bf16_here() -> bool:
     """Whether the [openvino] extra is installed and its CPU plugin has bf16 kernels on this machine."""
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is None:
+    if not _openvino_installed():
         return False
-    from ddpm_fast.export.openvino_runtime import bf16_supported
+    from ddpm_fast.export.openvino_runtime import bf16_supported  # lazy: OpenVINO is an optional dependency
 
     return bf16_supported()
 
@@ -177,7 +178,7 @@ _logged: set = set()
 def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
     """Run a validated plan on `backend` ("auto": `choose_backend`)."""
     if backend == "auto":
-        backend, note = auto_rule(model, plan, **_openvino_facts(model, plan))
+        backend, note = _auto(model, plan)
         if note is not None and note not in _logged:  # once per process
             _logged.add(note)
             log.warning("%s", note)

@@ -510,7 +510,8 @@ def test_auto_bf16_without_cpu_bf16_is_a_logged_fallback(monkeypatch, caplog):
     s = df.Schedule.linear(20)
     net = unet(df.UNetConfig.tiny())
     monkeypatch.setattr(sampling, "OPENVINO_PAYS", 0.0)
-    monkeypatch.setattr(sampling, "_openvino_facts", lambda m, p: dict(openvino=True, openvino_bf16=False))
+    monkeypatch.setattr(sampling, "_openvino_installed", lambda: True)  # the extra, without bf16 kernels
+    monkeypatch.setattr(sampling, "openvino_bf16_here", lambda: False)
     monkeypatch.setattr(sampling, "_logged", set())
     kw = dict(shape=(2, 3, 16, 16), steps=2, seed=1, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
