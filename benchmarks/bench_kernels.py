@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ddpm_fast.kernels import step_torch, step_triton
+from ddpm_fast.kernels import step_args, step_torch, step_triton
 from ddpm_fast.samplers import build_step_table
 from ddpm_fast.schedule import Schedule
 
@@ -130,23 +130,23 @@ def step_callables(
     nbytes = 3 * x.numel() * x.element_size() + 2 * K * x.numel() * 4
     # [seed, start_index] as the engine passes them: a device tensor the launch reads
     keys = torch.zeros(2, dtype=torch.int64, device=device)
-    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, out=out, history=history)
+    run = step_args(x, coefs, ts, seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, history=history)
     eager = _eager_chain(s, STEP)
     fns = {
         "eager": lambda: eager(x, eps),
-        "twin": lambda: step_torch(x, eps, coefs, ts, step, **kw),
-        "triton": lambda: step_triton(x, eps, coefs, ts, step, **kw),
+        "twin": lambda: step_torch(x, eps, run, step, out=out),
+        "triton": lambda: step_triton(x, eps, run, step, out=out),
     }
     compile_s = {}
     if "compiled" in providers:
         torch._dynamo.reset()
         compiled = torch.compile(step_torch, fullgraph=True, dynamic=False)
         t0 = time.perf_counter()
-        compiled(x, eps, coefs, ts, step, **kw)
+        compiled(x, eps, run, step, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize()
         compile_s["compiled"] = time.perf_counter() - t0
-        fns["compiled"] = lambda: compiled(x, eps, coefs, ts, step, **kw)
+        fns["compiled"] = lambda: compiled(x, eps, run, step, out=out)
     if "triton_graph" in providers:
         # One replay of a captured launch: the kernel's device time without Python's per-call validation and
         # launch cost, which is how the engine runs it (one CUDA graph per step).

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_fast import noise
+from ddpm_fast import kernels, noise
 from ddpm_fast.plan import Plan, check_model_output
 from ddpm_fast.progress import progress_bar
 
@@ -193,10 +193,8 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
             "or use 'default' / 'max-autotune-no-cudagraphs'"
         )
     if on["triton"]:
-        from ddpm_fast.kernels import use_triton
-
         probe = torch.empty(0, device=plan.device)
-        if not use_triton(probe):  # logs its own reason when Triton is missing
+        if not kernels.use_triton(probe):  # logs its own reason when Triton is missing
             on["triton"] = False
     return EngineOptions(
         compile=on["compile"],
@@ -422,9 +420,7 @@ _TWINS: dict = {}
 def _compiled_twin(mode: str):
     """The torch twin of the update, compiled once per mode (it knows no model)."""
     if mode not in _TWINS:
-        from ddpm_fast.kernels import step_torch
-
-        _TWINS[mode] = _Compiled(step_torch, mode, "update", fullgraph=True)
+        _TWINS[mode] = _Compiled(kernels.step_torch, mode, "update", fullgraph=True)
     return _TWINS[mode]
 
 
@@ -435,8 +431,6 @@ class StepRunner:
     """Static buffers and the step for one batch size; `step()` is what a CUDA graph captures."""
 
     def __init__(self, engine: _Engine, plan: Plan, opts: EngineOptions, batch: int):
-        from ddpm_fast import kernels
-
         C, H, W = plan.shape[1:]
         dev = plan.device
         self.batch = batch
@@ -465,6 +459,7 @@ class StepRunner:
         # [seed, start_index], read on the device by the update (kernel or twin): one compiled update and one
         # captured graph serve every seed, shard and chunk; load() refills it.
         self.keys = torch.zeros(2, dtype=torch.int64, device=dev)
+        self.args = None  # the update's kernels.StepArgs over these buffers, made by load once per run
         self.forward = engine.forward(self.amp_dtype, opts, dev)
         if opts.triton:
             self.update = kernels.posterior_step
@@ -498,6 +493,17 @@ class StepRunner:
             self.guide_checked = False
             self.clip_range = None  # the guided output clips x0 itself, before its shift
         self.coefs[:S].copy_(coefs)
+        self.args = kernels.step_args(
+            self.x,
+            self.coefs,
+            self.timesteps,
+            seed=self.keys[0:1],
+            start_index=self.keys[1:2],
+            clip_range=self.clip_range,
+            learned=self.learned,
+            history=self.history,
+            eps_history=self.eps_history,
+        )
         self.x.copy_(noise.sample_noise(plan.seed, start_index, self.x.shape, noise.XT_SLOT, self.device))
         if self.labels is not None:
             self.labels.zero_()  # padded rows: any valid class (they never touch the real rows)
@@ -531,21 +537,7 @@ class StepRunner:
                     not self.guide_checked,
                 )
             self.guide_checked = True
-        self.update(
-            self.x,
-            out,
-            self.coefs,
-            self.timesteps,
-            self.counter,
-            seed=self.keys[0:1],
-            start_index=self.keys[1:2],
-            clip_range=self.clip_range,
-            learned=self.learned,
-            out=self.x,
-            advance=True,
-            history=self.history,
-            eps_history=self.eps_history,
-        )
+        self.update(self.x, out, self.args, self.counter, out=self.x, advance=True)
 
     # ---- CUDA graph
     def _graph_key(self):

@@ -35,6 +35,7 @@ import torch
 from ddpm_fast import noise
 from ddpm_fast.defaults import ModelDefaults
 from ddpm_fast.errors import Unavailable
+from ddpm_fast.kernels import posterior_step, step_args
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.steps import C_EPS, C_X0, COLUMNS, SIGMA, SRM1
 
@@ -529,17 +530,24 @@ def sample_session(m: OnnxModel, sess, plan, backend: str) -> torch.Tensor:
 
 
 def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps, backend) -> torch.Tensor:
-    """ORT computes eps; the posterior step (kernels: torch twin on CPU, fused Triton on CUDA) updates x in place."""
-    from ddpm_fast.kernels.step import posterior_step, step_torch
-
-    update = step_torch if x.device.type == "cpu" else posterior_step
+    """The runtime computes eps; the posterior step (kernels.posterior_step: the fused Triton kernel on CUDA, the
+    torch twin on CPU) updates x in place."""
     B = plan.shape[0]
-    clip_range = plan.clip_range if plan.clip else None
     ts = plan.table.timesteps.tolist()
     eps = torch.empty((B, plan.out_channels, *plan.shape[2:]), device=x.device)
     t_buf = torch.empty(B, dtype=torch.int64, device=x.device)
     K = plan.table.history  # a multistep solver's earlier x0 predictions, shifted by each update
-    history = torch.zeros((K, *x.shape), dtype=torch.float32, device=x.device) if K else None
+    args = step_args(
+        x,
+        coefs,
+        timesteps,
+        seed=plan.seed,
+        start_index=plan.start_index,
+        clip_range=plan.clip_range if plan.clip else None,
+        learned=plan.table.learned,
+        history=torch.zeros((K, *x.shape), dtype=torch.float32, device=x.device) if K else None,
+        eps_history=plan.table.history_of == "eps",
+    )
     y = None if not m.cond else plan.labels.to(device=x.device, dtype=torch.int64).contiguous()
     if x.device.type == "cuda":
         binding = sess.io_binding()
@@ -556,20 +564,7 @@ def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps, backend) -> torch.T
         else:
             feeds = {"x": x.numpy(), "t": t_buf.numpy(), **({"y": y.numpy()} if y is not None else {})}
             out = torch.from_numpy(sess.run([m.output_name], feeds)[0])
-        update(
-            x,
-            out,
-            coefs,
-            timesteps,
-            i,
-            seed=plan.seed,
-            start_index=plan.start_index,
-            clip_range=clip_range,
-            learned=plan.table.learned,
-            out=x,
-            history=history,
-            eps_history=plan.table.history_of == "eps",
-        )
+        posterior_step(x, out, args, i, out=x)
         if plan.callback is not None:
             plan.callback(i, ts[i], x)
     return x

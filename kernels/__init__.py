@@ -6,15 +6,18 @@ One step of a run, for row `step` of a `ddpm_fast.steps.StepTable` (DDPM fixed_s
 learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
 
     coefs, timesteps = table.to(device)               # float32 [S, 8], int64 [S], built once per run
+    args = step_args(x, coefs, timesteps, seed=seed, start_index=start_index, clip_range=1.0,
+                     learned=table.learned)           # the run's fixed arguments, checked once
     counter = make_step_counter(0, device)            # int64 [1], read on the device
     for _ in range(S):
         eps = model(x, timesteps.index_select(0, counter).expand(B))   # the engine's business
-        posterior_step(x, eps, coefs, timesteps, counter, seed=seed, start_index=start_index,
-                       clip_range=1.0, learned=table.learned, out=x, advance=True)
+        posterior_step(x, eps, args, counter, out=x, advance=True)
 
-- `posterior_step(...)`: the public entry. Triton when `use_triton(x)` (x on CUDA, or TRITON_INTERPRET=1),
+- `step_args(x, coefs, timesteps, *, seed, start_index, clip_range, learned, history, eps_history)`: the frozen
+  `StepArgs` record of what a run fixes, checked once; every step takes it whole.
+- `posterior_step(x, model_out, args, step, *, out, advance)`: the public entry. Triton when `use_triton(x)` (x on CUDA, or TRITON_INTERPRET=1),
   else the torch twin; a missing Triton falls back with one logged line.
-- `step_torch(...)`: the twin, same signature; compiles with torch.compile(fullgraph=True) (no `.item()`).
+- `step_torch(...)`: the twin, same signature (it checks only what may change per call); compiles with torch.compile(fullgraph=True) (no `.item()`).
 - `step_triton(...)`: the launcher of the fused kernel, forced (RuntimeError without Triton or a CUDA
   tensor); it launches on x's device.
 - seed and start_index: ints, or two one-element int64 tensors on x's device (`keys[0:1]`, `keys[1:2]` of one
@@ -25,9 +28,19 @@ learned_range and DDIM share the formula; see `ddpm_fast.kernels.step`):
   32 bits count the programs that have read it, and the last one writes (step + 1, 0): one launch, no race.
 """
 
-from ddpm_fast.kernels.step import make_step_counter, posterior_step, step_torch, step_triton, use_triton
+from ddpm_fast.kernels.step import (
+    StepArgs,
+    make_step_counter,
+    posterior_step,
+    step_args,
+    step_torch,
+    step_triton,
+    use_triton,
+)
 
 __all__ = [
+    "StepArgs",
+    "step_args",
     "posterior_step",
     "step_torch",
     "step_triton",

@@ -17,6 +17,14 @@ All arithmetic is float32 whatever the storage dtype; the result is rounded once
 
 The noise keys (seed, start_index) are two ints, or two one-element int64 tensors on x's device that both paths
 read on the device: a compiled twin or a captured kernel then serves every seed and shard unchanged.
+
+What a run fixes (the table and its timesteps, the keys, the clip range, learned, the history and what it keeps)
+is one frozen `StepArgs`, made and checked once per run by `step_args`; a step checks only what may change
+from call to call (x, model_out, step, out):
+
+    args = step_args(x, coefs, timesteps, seed=seed, start_index=start_index, clip_range=1.0)
+    for i in range(S):
+        posterior_step(x, model(x, timesteps[i]), args, i, out=x)
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +42,8 @@ from ddpm_fast.checks import is_int
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
 
 __all__ = [
+    "StepArgs",
+    "step_args",
     "posterior_step",
     "step_torch",
     "step_triton",
@@ -55,48 +66,53 @@ def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
     return torch.full((1,), start, dtype=torch.int64, device=device)
 
 
-def _check_step_args(
-    x,
-    model_out,
-    coefs,
-    timesteps,
-    step,
+@dataclass(frozen=True)
+class StepArgs:
+    """What every step of one run reads besides x, the model output and the step index (module docstring):
+    made and checked once per run by `step_args`, then passed whole to each step."""
+
+    coefs: torch.Tensor  # float32 [S, 8 + K], StepTable.to(device)
+    timesteps: torch.Tensor  # int64 [S]
+    seed: int | torch.Tensor  # ints, or one-element int64 tensors on the device (read there, unchecked)
+    start_index: int | torch.Tensor
+    clip_range: float | None  # None: no clamp (also what an infinite range becomes)
+    learned: bool  # model_out carries a variance half v (learned_range)
+    history: (
+        torch.Tensor | None
+    )  # float32 [K, *shape]: the K previous steps' x0 (or eps_hat), shifted in place
+    eps_history: bool  # history keeps eps_hat instead of x0 (StepTable.history_of == "eps"); False when K = 0
+    shape: tuple[int, ...]  # the x every step of the run takes
+    device: torch.device
+
+
+def step_args(
+    x: torch.Tensor,
+    coefs: torch.Tensor,
+    timesteps: torch.Tensor,
     *,
     seed,
-    start_index,
-    clip_range,
-    learned,
-    out,
-    advance,
-    history=None,
-) -> tuple[torch.Tensor, float | None]:
-    """Validate one step's arguments; returns (out tensor, clip_range or None). Errors name argument and value."""
-    for name, t in (("x", x), ("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)):
+    start_index=0,
+    clip_range: float | None = None,
+    learned: bool = False,
+    history: torch.Tensor | None = None,
+    eps_history: bool = False,
+) -> StepArgs:
+    """The checked `StepArgs` of a run whose steps take tensors shaped and placed like `x` (errors name the
+    argument and its value). The tensors are kept, not copied: a runner may refill them between runs."""
+    for name, t in (("x", x), ("coefs", coefs), ("timesteps", timesteps)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    _check_model_out(x, model_out, learned)
-    S = _check_table(x, coefs, timesteps, history)
-    _check_step(step, S, advance)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    elif not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
-    elif out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
-    tensors = [("model_out", model_out), ("coefs", coefs), ("timesteps", timesteps)]
-    tensors += [("history", history)] if history is not None else []
-    tensors += [("step", step)] if isinstance(step, torch.Tensor) else []
-    for name, t in (*tensors, ("out", out)):
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
-    for name, t in (
-        ("x", x),
-        ("model_out", model_out),
+    if x.ndim < 2 or x.numel() == 0:
+        raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
+    _check_table(x, coefs, timesteps, history)
+    tensors = [
         ("coefs", coefs),
         ("timesteps", timesteps),
-        ("out", out),
         *([("history", history)] if history is not None else []),
-    ):
+    ]
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
         if not t.is_contiguous():
             raise ValueError(
                 f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
@@ -105,14 +121,55 @@ def _check_step_args(
     if clip_range is not None:
         if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
             raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
-        if clip_range == float("inf"):
-            clip_range = None
-    return out, (None if clip_range is None else float(clip_range))
+        clip_range = None if clip_range == float("inf") else float(clip_range)
+    return StepArgs(
+        coefs=coefs,
+        timesteps=timesteps,
+        seed=seed,
+        start_index=start_index,
+        clip_range=clip_range,
+        learned=bool(learned),
+        history=history,
+        eps_history=bool(eps_history) and history is not None,
+        shape=tuple(x.shape),
+        device=x.device,
+    )
+
+
+def _check_call(x, model_out, args: StepArgs, step, out, advance: bool) -> torch.Tensor:
+    """What may change from one step of a run to the next: x, model_out, step and out, against the run's
+    `args`; returns the out tensor (a new one for None)."""
+    if not isinstance(args, StepArgs):
+        raise TypeError(f"args must be a StepArgs (kernels.step_args); got {type(args).__name__}")
+    for name, t in (("x", x), ("model_out", model_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if tuple(x.shape) != args.shape:
+        raise ValueError(
+            f"x must have the shape its step args were made for {args.shape}; got {tuple(x.shape)}"
+        )
+    _check_model_out(x, model_out, args.learned)
+    _check_step(step, args.coefs.shape[0], advance)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
+    tensors = [("x", x), ("model_out", model_out), ("out", out)]
+    tensors += [("step", step)] if isinstance(step, torch.Tensor) else []
+    for name, t in tensors:
+        if t.device != args.device:
+            raise ValueError(f"{name} must be on its step args' device {args.device}; got {t.device}")
+    for name, t in tensors[:3]:
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
+            )
+    return out
 
 
 def _check_model_out(x, model_out, learned) -> None:
-    if x.ndim < 2 or x.numel() == 0:
-        raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
     if x.dtype not in STORAGE_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if model_out.dtype not in STORAGE_DTYPES:
@@ -230,18 +287,11 @@ def update_formula(col, x, eps, v, z, clip_range: float | None, history=(), eps_
 def step_torch(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    coefs: torch.Tensor,
-    timesteps: torch.Tensor,
+    args: StepArgs,
     step,
     *,
-    seed,
-    start_index=0,
-    clip_range: float | None = None,
-    learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
-    history: torch.Tensor | None = None,
-    eps_history: bool = False,
 ) -> torch.Tensor:
     """The posterior step (module docstring) in plain torch ops: the CPU twin of the fused kernel.
 
@@ -250,43 +300,34 @@ def step_torch(
     twin serves every seed and shard without recompiling (ints would be specialised, then turned into
     symbols that Inductor's C++ backend mistypes in the Philox arithmetic).
     """
-    out, clip_range = _check_step_args(
-        x,
-        model_out,
-        coefs,
-        timesteps,
-        step,
-        seed=seed,
-        start_index=start_index,
-        clip_range=clip_range,
-        learned=learned,
-        out=out,
-        advance=advance,
-        history=history,
-    )
+    out = _check_call(x, model_out, args, step, out, advance)
     B = x.shape[0]
     N = x.numel() // B
     if isinstance(step, torch.Tensor):
         idx = step.reshape(1).to(torch.int64)
-        c = coefs.index_select(0, idx)  # [1, 8]
-        slot = timesteps.index_select(0, idx)
+        c = args.coefs.index_select(0, idx)  # [1, 8 + K]
+        slot = args.timesteps.index_select(0, idx)
     else:
-        c = coefs[step : step + 1]
-        slot = timesteps[step : step + 1]
+        c = args.coefs[step : step + 1]
+        slot = args.timesteps[step : step + 1]
 
     m = model_out.reshape(B, -1)
     xf = x.reshape(B, N).float()
     eps = m[:, :N].float()
-    v = m[:, N:].float() if learned else None
+    v = m[:, N:].float() if args.learned else None
     n = torch.arange(B, dtype=torch.int64, device=x.device)
+    seed = args.seed
     if isinstance(seed, torch.Tensor):  # tensor keys: a compiled twin serves every (seed, start_index)
-        seed, n = seed.reshape(()), n + start_index.reshape(())
+        seed, n = seed.reshape(()), n + args.start_index.reshape(())
     else:
-        n = n + start_index
+        n = n + args.start_index
     z = noise.normals(seed, n, slot, N)
+    history = args.history
     hist = () if history is None else history.reshape(history.shape[0], B, N)
     # c[:, k]: [1, 1] over [B, N]
-    y, entry = update_formula(lambda k: c[:, k : k + 1], xf, eps, v, z, clip_range, tuple(hist), eps_history)
+    y, entry = update_formula(
+        lambda k: c[:, k : k + 1], xf, eps, v, z, args.clip_range, tuple(hist), args.eps_history
+    )
     if history is not None:  # shift: history[k] <- history[k-1], history[0] <- x0 or eps_hat, after the reads
         hist.copy_(torch.cat([entry.unsqueeze(0), hist[:-1]]))
     out.copy_(y.reshape(x.shape))
@@ -329,22 +370,15 @@ def use_triton(x: torch.Tensor) -> bool:
 def step_triton(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    coefs: torch.Tensor,
-    timesteps: torch.Tensor,
+    args: StepArgs,
     step,
     *,
-    seed,
-    start_index=0,
-    clip_range: float | None = None,
-    learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
-    history: torch.Tensor | None = None,
-    eps_history: bool = False,
 ) -> torch.Tensor:
     """The posterior step (module docstring) as one fused Triton launch; the noise is drawn in registers.
 
-    The launcher of `_triton_step._step_kernel`: validates, allocates `out` and the one-element device
+    The launcher of `_triton_step._step_kernel`: checks the call, allocates `out` and the one-element device
     tensors the kernel reads an int step or int keys from, builds a 1-D grid of B * ceil(Q / BLOCK)
     programs (Q = ceil(N / 4) counter lanes per row) and launches on x's device.
     """
@@ -352,27 +386,15 @@ def step_triton(
         raise RuntimeError("step_triton needs triton, which is not installed")
     if not _triton_runs_on(x):
         raise RuntimeError(f"step_triton needs a CUDA tensor (or TRITON_INTERPRET=1); x is on {x.device}")
-    out, clip_range = _check_step_args(
-        x,
-        model_out,
-        coefs,
-        timesteps,
-        step,
-        seed=seed,
-        start_index=start_index,
-        clip_range=clip_range,
-        learned=learned,
-        out=out,
-        advance=advance,
-        history=history,
-    )
-    from ddpm_fast.kernels import _triton_step as tk
+    out = _check_call(x, model_out, args, step, out, advance)
+    from ddpm_fast.kernels import _triton_step as tk  # Triton is optional: loaded on the first fused launch
 
     dev = x.device
     # Int arguments, for convenience: torch.full is a fill kernel (no host copy), so this too can be captured,
     # with the values frozen in the graph; the engine passes tensors it refills instead.
     if not isinstance(step, torch.Tensor):
         step = torch.full((1,), step, dtype=torch.int64, device=dev)
+    seed, start_index = args.seed, args.start_index
     if not isinstance(seed, torch.Tensor):
         seed = torch.full((1,), seed, dtype=torch.int64, device=dev)
         start_index = torch.full((1,), start_index, dtype=torch.int64, device=dev)
@@ -382,17 +404,17 @@ def step_triton(
     BLOCK = tk.block_for(Q)
     blocks_per_row = (Q + BLOCK - 1) // BLOCK
     grid = (blocks_per_row * B,)
-    clip = clip_range is not None
-    K = 0 if history is None else history.shape[0]
-    hist = out if history is None else history  # never read when K = 0
+    clip = args.clip_range is not None
+    K = 0 if args.history is None else args.history.shape[0]
+    hist = out if args.history is None else args.history  # never read when K = 0
     # Triton launches on the current device; x may live on another GPU.
     with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
         tk._step_kernel[grid](
             x,
             model_out,
             out,
-            coefs,
-            timesteps,
+            args.coefs,
+            args.timesteps,
             step,
             seed,
             start_index,
@@ -400,15 +422,15 @@ def step_triton(
             Q,
             blocks_per_row,
             model_out.numel() // B,
-            clip_range if clip else 0.0,
+            args.clip_range if clip else 0.0,
             hist,
             B * N,
-            LEARNED=learned,
+            LEARNED=args.learned,
             CLIP=clip,
             OUT_BF16=out.dtype == torch.bfloat16,
             ADVANCE=advance,
             HIST=K,
-            EPS_HIST=bool(eps_history) and K > 0,
+            EPS_HIST=args.eps_history,
             BLOCK=BLOCK,
             num_warps=tk.NUM_WARPS,
         )
@@ -421,45 +443,21 @@ def step_triton(
 def posterior_step(
     x: torch.Tensor,
     model_out: torch.Tensor,
-    coefs: torch.Tensor,
-    timesteps: torch.Tensor,
+    args: StepArgs,
     step,
     *,
-    seed,
-    start_index=0,
-    clip_range: float | None = None,
-    learned: bool = False,
     out: torch.Tensor | None = None,
     advance: bool = False,
-    history: torch.Tensor | None = None,
-    eps_history: bool = False,
 ) -> torch.Tensor:
-    """x_{t-1} for row `step` of a StepTable (formula in the module docstring); Triton or the twin per `use_triton`.
+    """x_{t-1} for row `step` of the run's table (formula in the module docstring); Triton or the twin per
+    `use_triton`.
 
-    x: [B, C, ...] float32/float16/bfloat16; model_out: eps [B, C, ...] or (eps | v) [B, 2C, ...], any of those
-    dtypes; coefs: float32 [S, 8] and timesteps: int64 [S] from `StepTable.to(device)`; step: an int in
-    [0, S), or a one-element int tensor on x's device, read on the device and so not range-checked (that would
-    need a sync); advance=True adds 1 to it (int64 only). seed, start_index: ints (seed in [0, 2**63),
-    start_index >= 0), or both one-element int64 tensors on x's device, read on the device (unchecked, like a
-    step tensor). out: where to write (may be x), else a new tensor. history: float32 [K, *x.shape], the x0 of
-    the K previous steps of a multistep table (coefs then [S, 8 + K]), shifted in place; eps_history=True
-    (table.history_of == "eps") keeps eps_hat instead of x0 (module docstring). Any StepTable (DDPM
-    of every variance, DDIM, the multistep solvers); with learned=False a variance half of model_out is
-    ignored. Returns out.
+    x: [B, C, ...] float32/float16/bfloat16, shaped and placed as `args` (from `step_args`) was made for;
+    model_out: eps [B, C, ...] or (eps | v) [B, 2C, ...], any of those dtypes (a variance half is ignored
+    unless args.learned); step: an int in [0, S), or a one-element int tensor on x's device, read on the device
+    and so not range-checked (that would need a sync); advance=True adds 1 to it (int64 only). out: where to
+    write (may be x), else a new tensor. Any StepTable (DDPM of every variance, DDIM, the multistep solvers,
+    whose history args carries and this step shifts). Returns out.
     """
     fn = step_triton if use_triton(x) else step_torch
-    return fn(
-        x,
-        model_out,
-        coefs,
-        timesteps,
-        step,
-        seed=seed,
-        start_index=start_index,
-        clip_range=clip_range,
-        learned=learned,
-        out=out,
-        advance=advance,
-        history=history,
-        eps_history=eps_history,
-    )
+    return fn(x, model_out, args, step, out=out, advance=advance)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _rounding import chain_budget, max_diff, propagated_budget, step_budget
+from _steps import one_step
 from analytic_model import GaussianEps
 
 import ddpm_fast as df
@@ -40,11 +41,12 @@ def test_history_kernel_matches_twin_step_by_step(device, method):
     shape = (3, 1, 5, 7)  # odd: masked tail of the block
     x = torch.randn(shape, generator=g).to(device)
     hist = torch.zeros((table.history, *shape)).to(device)
+    tri, twin = one_step(step_triton), one_step(step_torch)  # a record per step: each has its own history
     for j in range(table.num_steps):
         m = torch.randn(shape, generator=g).to(device)
         h_a, h_b = hist.clone(), hist.clone()
-        a = step_triton(x, m, coefs, ts, j, seed=5, clip_range=1.0, history=h_a, eps_history=eps_history)
-        b = step_torch(x, m, coefs, ts, j, seed=5, clip_range=1.0, history=h_b, eps_history=eps_history)
+        a = tri(x, m, coefs, ts, j, seed=5, clip_range=1.0, history=h_a, eps_history=eps_history)
+        b = twin(x, m, coefs, ts, j, seed=5, clip_range=1.0, history=h_b, eps_history=eps_history)
         x_max, h_max = x.abs().max().item(), hist.abs().max().item()
         bound = step_budget(c, j, x_max, 1.0, [h_max] * table.history)
         assert (a - b).abs().max().item() <= bound, (j, (a - b).abs().max().item(), bound)

@@ -395,7 +395,7 @@ def test_the_compiled_twin_holds_no_host_constant(history):
     triton=False on CUDA), read off dynamo's FX graph on CPU: no tensor attribute (a constant the graph would
     carry on the device it was traced on) and no factory call without a device (a CPU tensor made at run time,
     a host-to-device copy under CUDA-graph capture). The noise's float32 scale and 2 pi are Python floats."""
-    from ddpm_fast.kernels import make_step_counter, step_torch
+    from ddpm_fast.kernels import make_step_counter, step_args, step_torch
     from ddpm_fast.steps import COLUMNS
 
     graphs = []
@@ -411,14 +411,16 @@ def test_the_compiled_twin_holds_no_host_constant(history):
     coefs = torch.rand(4, len(COLUMNS) + history) + 0.1
     ts = torch.tensor([7, 5, 3, 0])
     counter, keys = make_step_counter(1), torch.tensor([3, 2], dtype=torch.int64)
-    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, advance=True)
+    kw = dict(seed=keys[0:1], start_index=keys[1:2], clip_range=1.0)
     if history:
         kw["history"] = torch.zeros((history, *shape))
-    got = compiled(x, m, coefs, ts, counter, **kw)
+    got = compiled(x, m, step_args(x, coefs, ts, **kw), counter, advance=True)
     counter.fill_(1)
     if history:
         kw["history"] = torch.zeros((history, *shape))
-    assert torch.equal(got, step_torch(x, m, coefs, ts, counter, **kw))  # the traced graph is the twin
+    assert torch.equal(
+        got, step_torch(x, m, step_args(x, coefs, ts, **kw), counter, advance=True)
+    )  # the twin
     (gm,) = graphs
     consts = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     assert not consts, f"tensor constants in the compiled step: {consts}"

@@ -7,6 +7,7 @@ float64 as ground truth or in a storage dtype as the yardstick for low precision
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -15,10 +16,19 @@ import sys
 import pytest
 import torch
 from _rounding import propagated_budget
+from _steps import one_step
 
 import ddpm_fast as df
 from ddpm_fast import noise
-from ddpm_fast.kernels import make_step_counter, posterior_step, step_torch, step_triton, use_triton
+from ddpm_fast.kernels import (
+    StepArgs,
+    make_step_counter,
+    posterior_step,
+    step_args,
+    step_torch,
+    step_triton,
+    use_triton,
+)
 from ddpm_fast.kernels import step as step_mod
 from ddpm_fast.samplers import build_step_table
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
@@ -57,7 +67,8 @@ def reference_step(x, model_out, s: df.Schedule, j: int, *, method, variance, et
     return x
 
 
-IMPLS = {"triton": step_triton, "torch": step_torch}
+IMPLS = {"triton": one_step(step_triton), "torch": one_step(step_torch)}
+TRITON, TWIN = IMPLS["triton"], IMPLS["torch"]
 F32_EPS = torch.finfo(torch.float32).eps
 
 LINEAR = df.Schedule.linear(1000)
@@ -248,12 +259,12 @@ def test_tensor_keys_triton_agrees_with_twin():
         for seed, start in EXTREME_KEYS:
             _, kw = keys_tensor(seed, start)
             for i in range(2):
-                tri = step_triton(x, m, coefs, ts, i, **kw)
-                twin = step_torch(x, m, coefs, ts, i, **kw)
+                tri = TRITON(x, m, coefs, ts, i, **kw)
+                twin = TWIN(x, m, coefs, ts, i, **kw)
                 assert torch.equal(twin, noise.sample_noise(seed, start, shape, int(ts[i])))
                 # same Philox integers; numpy vs torch log/sqrt/cos/sin: a few ulps
                 torch.testing.assert_close(tri, twin, atol=4 * F32_EPS, rtol=4 * F32_EPS)
-                assert torch.equal(tri, step_triton(x, m, coefs, ts, i, seed=seed, start_index=start))
+                assert torch.equal(tri, TRITON(x, m, coefs, ts, i, seed=seed, start_index=start))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -363,10 +374,10 @@ def test_posterior_step_chain_matches_reference_sampler():
         coefs, ts = table.to("cpu")
         counter = make_step_counter(0)
         x = noise.sample_noise(seed, start, shape, noise.XT_SLOT).contiguous()
+        run = step_args(x, coefs, ts, seed=seed, start_index=start, clip_range=1.0, learned=table.learned)
         for _ in range(table.num_steps):
             t = ts.index_select(0, counter).expand(shape[0])
-            y = posterior_step(x, model(x, t), coefs, ts, counter, seed=seed, start_index=start, clip_range=1.0,
-                               learned=table.learned, out=x, advance=True)  # fmt: skip
+            y = posterior_step(x, model(x, t), run, counter, out=x, advance=True)
             assert y is x
         assert counter.item() == table.num_steps
         # Two float32 chains of one table that differ in the update's rounding order only: at most the
@@ -450,7 +461,36 @@ def test_device_mismatch_is_named():
     seed = a.pop("seed")
     a["coefs"] = a["coefs"].to("meta")
     with pytest.raises(ValueError, match="coefs must be on x's device cpu; got meta"):
-        step_torch(*a.values(), seed=seed)
+        TWIN(*a.values(), seed=seed)
+
+
+@pytest.mark.parametrize("fn", [step_triton, step_torch], ids=["triton", "torch"])
+def test_a_step_checks_only_the_call_against_its_run(fn):
+    """step_args checks a run's fixed arguments once; a step refuses what differs from the run it was made for."""
+    a = _good()
+    run = step_args(a["x"], a["coefs"], a["timesteps"], seed=0)
+    other = torch.zeros(3, 3, 4, 4)
+    with pytest.raises(
+        ValueError, match=r"^x must have the shape its step args were made for \(2, 3, 4, 4\); got"
+    ):
+        fn(other, other, run, 3)
+    with pytest.raises(TypeError, match="^args must be a StepArgs"):
+        fn(a["x"], a["model_out"], {"coefs": a["coefs"]}, 3)
+    meta = torch.zeros(2, 3, 4, 4, device="meta")
+    with pytest.raises(ValueError, match="^model_out must be on its step args' device cpu; got meta$"):
+        step_torch(a["x"], meta, run, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.clip_range = 2.0
+    assert torch.equal(fn(a["x"], a["model_out"], run, 3), fn(a["x"], a["model_out"], run, 3))
+
+
+def test_step_args_normalises_once():
+    """An infinite clip range is no clamp, an eps history needs a history, and int keys stay ints."""
+    a = _good()
+    run = step_args(a["x"], a["coefs"], a["timesteps"], seed=5, clip_range=float("inf"), eps_history=True)
+    assert (run.clip_range, run.eps_history, run.seed, run.start_index) == (None, False, 5, 0)
+    assert run.shape == (2, 3, 4, 4) and run.device == a["x"].device and isinstance(run, StepArgs)
+    assert step_args(a["x"], a["coefs"], a["timesteps"], seed=0, clip_range=2).clip_range == 2.0
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -474,12 +514,13 @@ def test_import_and_fallback_without_triton():
         "import sys, logging; sys.modules['triton'] = None\n"
         "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
         "import torch, ddpm_fast as df\n"
-        "from ddpm_fast.kernels import posterior_step, step_torch\n"
+        "from ddpm_fast.kernels import posterior_step, step_args, step_torch\n"
         "from ddpm_fast.samplers import build_step_table\n"
         "c, t = build_step_table(df.Schedule.linear(10)).to('cpu')\n"
         "x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)\n"
-        "for _ in range(2): y = posterior_step(x, m, c, t, 1, seed=0)\n"
-        "assert torch.equal(y, step_torch(x, m, c, t, 1, seed=0))\n"
+        "a = step_args(x, c, t, seed=0)\n"
+        "for _ in range(2): y = posterior_step(x, m, a, 1)\n"
+        "assert torch.equal(y, step_torch(x, m, a, 1))\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -494,15 +535,16 @@ def test_bf16_storage_keeps_nan_a_nan():
     x = torch.zeros(1, 1, 2, 3, dtype=torch.bfloat16)
     m = torch.zeros(1, 1, 2, 3, dtype=torch.float32)
     m.view(torch.int32)[0, 0, 0, 1] = 0x7FFFFFFF
-    y = step_triton(x, m, coefs, ts, 10, seed=0)
+    y = TRITON(x, m, coefs, ts, 10, seed=0)
     assert torch.isnan(y[0, 0, 0, 1]) and torch.isfinite(y).sum() == 5
-    assert torch.equal(torch.isnan(y), torch.isnan(step_torch(x, m, coefs, ts, 10, seed=0)))
+    assert torch.equal(torch.isnan(y), torch.isnan(TWIN(x, m, coefs, ts, 10, seed=0)))
 
 
 @pytest.mark.slow
 def test_twin_compiles_fullgraph():
     """torch.compile(fullgraph=True) of the twin with tensor keys, as the engine runs it: the device counter
-    advances inside the compiled graph, and new seeds and start indices reuse the graph (one compile)."""
+    advances inside the compiled graph, and new seeds, start indices and StepArgs records over the same buffers
+    reuse the graph (one compile)."""
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
     counts.clear()
@@ -513,19 +555,10 @@ def test_twin_compiles_fullgraph():
     keys = torch.zeros(2, dtype=torch.int64)
     for seed, start in [(3, 2), (3, 2), (2**40 + 7, 11), (0, 2**33)]:
         keys.copy_(torch.tensor([seed, start]))
-        a = compiled(
-            x,
-            m,
-            coefs,
-            ts,
-            counter,
-            seed=keys[0:1],
-            start_index=keys[1:2],
-            clip_range=1.0,
-            learned=True,
-            advance=True,
-        )
-        b = step_torch(
+        # a new record over the same buffers for every run, as the engine's load() makes one
+        run = step_args(x, coefs, ts, seed=keys[0:1], start_index=keys[1:2], clip_range=1.0, learned=True)
+        a = compiled(x, m, run, counter, advance=True)
+        b = TWIN(
             x,
             m,
             coefs,
@@ -587,12 +620,12 @@ def test_cuda_kernel_matches_twin(case):
         x, m = (t.cuda() for t in make_inputs(shape, learned))
         counter = make_step_counter(0, "cuda")
         for i in steps_of(case):
-            a = step_triton(x, m, coefs, ts, i, seed=5, clip_range=1.0, learned=learned)
-            b = step_torch(x, m, coefs, ts, i, seed=5, clip_range=1.0, learned=learned)
+            a = TRITON(x, m, coefs, ts, i, seed=5, clip_range=1.0, learned=learned)
+            b = TWIN(x, m, coefs, ts, i, seed=5, clip_range=1.0, learned=learned)
             # GPU libdevice/approximate exp, log, sin, cos: a few ulps on z and sigma
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         for k in range(3):
-            step_triton(x, m, coefs, ts, counter, seed=5, learned=learned, advance=True)
+            TRITON(x, m, coefs, ts, counter, seed=5, learned=learned, advance=True)
             assert counter.item() == k + 1
 
 
@@ -606,16 +639,17 @@ def test_cuda_graph_replay_reads_refilled_keys():
     keys, kw = keys_tensor(0, 0, "cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    run = step_args(x, coefs, ts, **kw)
     with torch.cuda.stream(side):
-        step_triton(x, m, coefs, ts, step, out=out, **kw)  # compile outside the capture
+        step_triton(x, m, run, step, out=out)  # compile outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step_triton(x, m, coefs, ts, step, out=out, **kw)
+        step_triton(x, m, run, step, out=out)
     for seed, start in [(1, 0), (1, 4), *EXTREME_KEYS]:
         keys.copy_(torch.tensor([seed, start]))
         graph.replay()
-        assert torch.equal(out, step_triton(x, m, coefs, ts, 10, seed=seed, start_index=start)), (seed, start)
+        assert torch.equal(out, TRITON(x, m, coefs, ts, 10, seed=seed, start_index=start)), (seed, start)
 
 
 def test_cpu_launch_enters_no_cuda_device(monkeypatch):
@@ -624,9 +658,9 @@ def test_cpu_launch_enters_no_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d))
     coefs, ts = build_step_table(LINEAR).to("cpu")
     x, m = make_inputs(SHAPES[0], learned=False)
-    y = step_triton(x, m, coefs, ts, 3, seed=1)
+    y = TRITON(x, m, coefs, ts, 3, seed=1)
     assert entered == []
-    torch.testing.assert_close(y, step_torch(x, m, coefs, ts, 3, seed=1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y, TWIN(x, m, coefs, ts, 3, seed=1), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.cuda
@@ -638,8 +672,8 @@ def test_cuda_launch_follows_x_device():
     coefs, ts = build_step_table(LINEAR).to(dev)
     x, m = (t.to(dev) for t in make_inputs(SHAPES[0], learned=False))
     with torch.cuda.device(0):
-        y = step_triton(x, m, coefs, ts, 3, seed=1)
-    torch.testing.assert_close(y, step_torch(x, m, coefs, ts, 3, seed=1), atol=1e-5, rtol=1e-5)
+        y = TRITON(x, m, coefs, ts, 3, seed=1)
+    torch.testing.assert_close(y, TWIN(x, m, coefs, ts, 3, seed=1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("eps_history", [False, True], ids=["x0", "eps"])
@@ -673,9 +707,7 @@ def test_history_beyond_max_is_refused():
     x = torch.zeros(1, 1, 2, 2)
     coefs = torch.zeros(1, len(COLUMNS) + 4)
     with pytest.raises(ValueError, match=r"history must be float32 \[K, \*x.shape\] with 1 <= K <= 3"):
-        step_torch(
-            x, x, coefs, torch.zeros(1, dtype=torch.int64), 0, seed=0, history=torch.zeros(4, 1, 1, 2, 2)
-        )
+        TWIN(x, x, coefs, torch.zeros(1, dtype=torch.int64), 0, seed=0, history=torch.zeros(4, 1, 1, 2, 2))
 
 
 _SM90_SCRIPT = """

@@ -23,7 +23,7 @@ from analytic_model import MU, S2, GaussianEps
 import ddpm_fast as df
 from ddpm_fast import noise
 from ddpm_fast.cli import main
-from ddpm_fast.kernels import make_step_counter, step_torch, step_triton
+from ddpm_fast.kernels import make_step_counter, step_args, step_torch, step_triton
 from ddpm_fast.plan import make_plan
 from ddpm_fast.samplers import FAMILIES
 
@@ -48,11 +48,19 @@ def fused_chain(update, model, plan):
     x = noise.sample_noise(plan.seed, 0, plan.shape, noise.XT_SLOT, "cpu").contiguous()
     history = torch.zeros((plan.table.history, *x.shape))
     counter = make_step_counter(0, "cpu")
+    run = step_args(
+        x,
+        coefs,
+        ts,
+        seed=plan.seed,
+        learned=plan.table.learned,
+        history=history,
+        clip_range=plan.clip_range if plan.clip else None,
+        eps_history=plan.table.history_of == "eps",
+    )
     for i in range(plan.table.num_steps):
         out = model(x, ts[i : i + 1].expand(x.shape[0]))
-        update(x, out, coefs, ts, counter, seed=plan.seed, start_index=0, out=x, advance=True,
-               learned=plan.table.learned, history=history, clip_range=plan.clip_range if plan.clip else None,
-               eps_history=plan.table.history_of == "eps")  # fmt: skip
+        update(x, out, run, counter, out=x, advance=True)
     return x
 
 
