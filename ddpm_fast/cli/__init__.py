@@ -14,7 +14,7 @@ import os
 import sys
 
 from ddpm_fast.devices import set_threads
-from ddpm_fast.errors import Unavailable, UserError
+from ddpm_fast.errors import BadValue, Unavailable, UserError
 
 # name -> (module, one-line help, examples)
 COMMANDS = {
@@ -91,14 +91,14 @@ def check_out_dir(path: str, name: str = "--out") -> None:
     """Refuse, before any work, an output directory the command could not make: `path` or an ancestor is a file."""
     full = os.path.abspath(path)
     if os.path.exists(full) and not os.path.isdir(full):
-        raise ValueError(
+        raise BadValue(
             f"{name} {path!r} is a file; it must name a directory (one that exists or can be made)"
         )
     parent = full
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"{name} {path!r}: {parent!r} is a file, so the directory cannot be made")
+        raise BadValue(f"{name} {path!r}: {parent!r} is a file, so the directory cannot be made")
 
 
 class _ArgumentError(Exception):
