@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,10 +189,14 @@ def load_dataset(source: str, *, image_size: int | None = None, channels: int | 
 
 
 def _load_npz(path: Path) -> torch.Tensor:
-    with np.load(path, allow_pickle=False) as f:
-        if "arr_0" not in f:
-            raise BadValue(f"{path} has no 'arr_0' array; found {list(f.keys())}")
-        a = f["arr_0"]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            held = list(f.keys())
+            a = f["arr_0"] if "arr_0" in held else None
+    except (ValueError, zipfile.BadZipFile) as e:  # numpy's words for a file that is not an .npz of arrays
+        raise BadValue(f"{path} is not a readable .npz file ({e})") from e
+    if a is None:
+        raise BadValue(f"{path} has no 'arr_0' array; found {held}")
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
