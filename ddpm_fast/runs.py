@@ -588,7 +588,7 @@ def _open_run(
             stack.enter_context(_run_lock(run_dir))
             done, todo = _prepare(run_dir, num, settings, info, labels)
             verdict = ("ok", todo)
-        except (UserError, ValueError, OSError) as e:
+        except (UserError, OSError) as e:
             verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
     verdict = dist.broadcast(verdict)
     if verdict[0] == "error":

@@ -1,8 +1,10 @@
 """`ddpm-fast` command line: one module per command in this package, each with `add_arguments(p)` and
 `run(args) -> int`; this module builds the parser, applies --threads and turns user errors into one line.
 
-A user error (bad option, missing file, unavailable device) prints one line to stderr and exits 2;
-set DDPM_FAST_DEBUG=1 to see the traceback instead.
+A user error prints one line to stderr and exits 2; a bug is a traceback. User errors are the
+`ddpm_fast.errors.UserError` family (a bad option or input is `BadValue` / `BadType`, a missing device or
+library `Unavailable`) and OSError (a file the user named); a plain ValueError or TypeError, from torch, numpy
+or our own code, is a bug. Set DDPM_FAST_DEBUG=1 to see a user error's traceback too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 
 from ddpm_fast.devices import set_threads
-from ddpm_fast.errors import BadValue, Unavailable, UserError
+from ddpm_fast.errors import BadValue, UserError
 
 # name -> (module, one-line help, examples)
 COMMANDS = {
@@ -69,7 +71,8 @@ COMMANDS = {
 }
 
 
-USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
+# What `main` reports in one line; anything else keeps its traceback (module docstring).
+USER_ERRORS = (UserError, OSError)
 
 
 def int_at_least(minimum: int = 1):

@@ -222,7 +222,7 @@ def _classifier(args, device: torch.device):
         )
     try:
         return load_classifier(file, flags=args.classifier_flags).to(device)
-    except ValueError as e:
+    except BadValue as e:
         why = str(e).removeprefix(f"{file}: ")
         raise BadValue(f"--classifier {file}: {why}") from e
 
