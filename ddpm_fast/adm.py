@@ -40,6 +40,7 @@ from torch import nn
 from ddpm_fast.attention import attention
 from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
+from ddpm_fast.errors import BadType, BadValue
 
 __all__ = [
     "ADMConfig",
@@ -92,7 +93,7 @@ class ADMConfig(ConfigRecord):
         object.__setattr__(self, "attention_resolutions", tuple(sorted(set(res), reverse=True)))
         if self.channel_mult is None:
             if self.image_size not in CHANNEL_MULT:
-                raise ValueError(
+                raise BadValue(
                     f"ADMConfig.channel_mult has no default for image_size {self.image_size} (only "
                     f"{sorted(CHANNEL_MULT)}); give channel_mult"
                 )
@@ -118,42 +119,42 @@ class ADMConfig(ConfigRecord):
             "rescale_timesteps",
         ):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ADMConfig.{name} must be a bool; got {getattr(self, name)!r}")
+                raise BadValue(f"ADMConfig.{name} must be a bool; got {getattr(self, name)!r}")
         mult = self.channel_mult
         if not mult or any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in mult):
-            raise ValueError(f"ADMConfig.channel_mult must be positive numbers; got {mult!r}")
+            raise BadValue(f"ADMConfig.channel_mult must be positive numbers; got {mult!r}")
         for c in self.level_channels:
             if c < 1 or c % GROUPS:
-                raise ValueError(
+                raise BadValue(
                     f"ADMConfig.model_channels ({self.model_channels}) times channel_mult {mult} must give "
                     f"multiples of {GROUPS} channels (the GroupNorm groups); got {c}"
                 )
         L = self.num_levels
         if self.image_size % (2 ** (L - 1)):
-            raise ValueError(
+            raise BadValue(
                 f"ADMConfig.image_size must be a multiple of 2**(levels-1) = {2 ** (L - 1)}; got {self.image_size}"
             )
         sizes = [self.image_size >> i for i in range(L)]
         for r in self.attention_resolutions:
             if not is_int(r) or r not in sizes:
-                raise ValueError(
+                raise BadValue(
                     f"ADMConfig.attention_resolutions must be resolutions of the levels {sizes}; got {r!r}"
                 )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ADMConfig.dropout must lie in [0, 1); got {self.dropout!r}")
+            raise BadValue(f"ADMConfig.dropout must lie in [0, 1); got {self.dropout!r}")
         # Every attention block's channels must split into whole heads.
         chans = self.level_channels
         for c in [c for i, c in enumerate(chans) if self.attends(i)] + [chans[-1]]:
             if self.num_head_channels is not None:
                 if c % self.num_head_channels:
-                    raise ValueError(
+                    raise BadValue(
                         f"ADMConfig.num_head_channels ({self.num_head_channels}) must divide attention channels {c}"
                     )
                 continue
             for name in ("num_heads", "num_heads_upsample"):
                 n = getattr(self, name)
                 if n is not None and c % n:
-                    raise ValueError(f"ADMConfig.{name} ({n}) must divide attention channels {c}")
+                    raise BadValue(f"ADMConfig.{name} ({n}) must divide attention channels {c}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -355,7 +356,7 @@ class ADM(nn.Module):
     def __init__(self, config: ADMConfig):
         super().__init__()
         if not isinstance(config, ADMConfig):
-            raise TypeError(f"config must be an ADMConfig; got {type(config).__name__}")
+            raise BadType(f"config must be an ADMConfig; got {type(config).__name__}")
         self.config = c = config
         # How to sample it (ddpm_fast.defaults); ddpm_fast.adm_io sets the checkpoint's own. openai's
         # default variance without a learned sigma is beta_t (their sigma_small=False).
@@ -411,10 +412,10 @@ class ADM(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"x must be [B, {c.in_channels}, H, W]; got shape {tuple(x.shape)}")
+            raise BadValue(f"x must be [B, {c.in_channels}, H, W]; got shape {tuple(x.shape)}")
         m = 2 ** (c.num_levels - 1)
         if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"x's height and width must be multiples of {m}; got shape {tuple(x.shape)}")
+            raise BadValue(f"x's height and width must be multiples of {m}; got shape {tuple(x.shape)}")
         B = x.shape[0]
         if not isinstance(t, torch.Tensor):
             t = torch.tensor(t, device=x.device)
@@ -425,11 +426,11 @@ class ADM(nn.Module):
         emb = self.time_embed(timestep_embedding(t, c.model_channels).to(self.time_embed[0].weight.dtype))
         if c.num_classes is None:
             if y is not None:
-                raise ValueError("y must be None: the model is not class-conditional")
+                raise BadValue("y must be None: the model is not class-conditional")
         else:
             if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype.is_floating_point:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else y
-                raise ValueError(
+                raise BadValue(
                     f"y must be an int tensor of {B} class labels in [0, {c.num_classes}) (the model is "
                     f"class-conditional); got {got!r}"
                 )
@@ -478,7 +479,7 @@ class ClassifierConfig(ConfigRecord):
         if self.channel_mult is not None:
             object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         if self.pool not in POOLS:
-            raise ValueError(f"ClassifierConfig.pool must be one of {POOLS}; got {self.pool!r}")
+            raise BadValue(f"ClassifierConfig.pool must be one of {POOLS}; got {self.pool!r}")
         _ = self.trunk  # validates the shared fields (errors name ADMConfig's field names)
 
     @property
@@ -524,7 +525,7 @@ class ADMClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         if not isinstance(config, ClassifierConfig):
-            raise TypeError(f"config must be a ClassifierConfig; got {type(config).__name__}")
+            raise BadType(f"config must be a ClassifierConfig; got {type(config).__name__}")
         self.config = config
         c = config.trunk
         td = c.temb_dim
@@ -558,7 +559,7 @@ class ADMClassifier(nn.Module):
         c = self.config
         want = (c.in_channels, c.image_size, c.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(
+            raise BadValue(
                 f"x must be [B, {', '.join(map(str, want))}] (the classifier's size); got {tuple(x.shape)}"
             )
         if not isinstance(t, torch.Tensor):

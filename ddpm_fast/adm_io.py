@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ddpm_fast.adm import ADM, CHANNEL_MULT, POOLS, ADMClassifier, ADMConfig, ClassifierConfig
 from ddpm_fast.defaults import ModelDefaults, record
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import file_sha256
 from ddpm_fast.weights import load_state, read_weights
@@ -230,7 +231,7 @@ PRESETS = {
 def _preset(presets: dict, name: str, arg: str):
     """presets[name] (a Preset or ClassifierPreset); ValueError naming `arg` for a name not among them."""
     if name not in presets:
-        raise ValueError(f"{arg} must be one of {sorted(presets)}; got {name!r}")
+        raise BadValue(f"{arg} must be one of {sorted(presets)}; got {name!r}")
     return presets[name]
 
 
@@ -249,7 +250,7 @@ def _flags_or_preset(
     if preset is None and not given:
         preset = _preset_for_file(presets, file.name)
         if preset is None:
-            raise ValueError(f"{file}: pass {ask} (one of {sorted(presets)}) for {what}")
+            raise BadValue(f"{file}: pass {ask} (one of {sorted(presets)}) for {what}")
     return given, preset
 
 
@@ -270,21 +271,21 @@ def preset_for_file(name: str) -> str | None:
 def parse_flags(text: str) -> dict[str, str]:
     """'--a 1 --b=x' -> {"a": "1", "b": "x"}: argparse's forms; a repeated flag keeps its last value."""
     if not isinstance(text, str):
-        raise TypeError(f"adm_flags must be a string of --flag value pairs; got {type(text).__name__}")
+        raise BadType(f"adm_flags must be a string of --flag value pairs; got {type(text).__name__}")
     try:
         tokens = shlex.split(text)
     except ValueError as e:
-        raise ValueError(f"adm_flags: cannot split {text!r} ({e})") from e
+        raise BadValue(f"adm_flags: cannot split {text!r} ({e})") from e
     out = {}
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         if not tok.startswith("--") or len(tok) == 2:
-            raise ValueError(f"adm_flags: expected --flag, got {tok!r}")
+            raise BadValue(f"adm_flags: expected --flag, got {tok!r}")
         name, eq, value = tok[2:].partition("=")
         if not eq:
             if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"adm_flags: --{name} needs a value")
+                raise BadValue(f"adm_flags: --{name} needs a value")
             value = tokens[i + 1]
             i += 1
         out[name] = value
@@ -305,14 +306,14 @@ def _typed(name: str, value, like, source: str):
             return float(value)
     except (KeyError, ValueError):
         kind = "a boolean (True/False)" if isinstance(like, bool) else type(like).__name__
-        raise ValueError(f"adm_flags: --{name} must be {kind} ({source}-diffusion); got {value!r}") from None
+        raise BadValue(f"adm_flags: --{name} must be {kind} ({source}-diffusion); got {value!r}") from None
     return value
 
 
 def _resolve(flags: dict, source: str) -> dict:
     """Flags over the source's defaults, typed; ValueError for a flag the source does not know."""
     if source not in SOURCES:
-        raise ValueError(f"adm_source must be one of {SOURCES}; got {source!r}")
+        raise BadValue(f"adm_source must be one of {SOURCES}; got {source!r}")
     defaults = DEFAULTS[source]
     other = DEFAULTS["guided" if source == "improved" else "improved"]
     out = dict(defaults)
@@ -323,13 +324,13 @@ def _resolve(flags: dict, source: str) -> dict:
             like = SCRIPT_FLAGS[name]
             out[name] = _typed(name, value, like, source) if like is not None else value
         elif name in other:
-            raise ValueError(
+            raise BadValue(
                 f"adm_flags: --{name} is a flag of {'guided' if source == 'improved' else 'improved'}-diffusion, "
                 f"not of {source}-diffusion (adm_source={source!r})"
             )
         else:
             known = sorted(set(defaults) | set(SCRIPT_FLAGS))
-            raise ValueError(f"adm_flags: unknown flag --{name}; {source}-diffusion's are {known}")
+            raise BadValue(f"adm_flags: unknown flag --{name}; {source}-diffusion's are {known}")
     return out
 
 
@@ -339,14 +340,14 @@ def _schedule(kind: str, T: int) -> Schedule:
         return Schedule.linear(T, scale * 0.0001, scale * 0.02)
     if kind == "cosine":
         return Schedule.cosine(T)
-    raise ValueError(f"adm_flags: --noise_schedule must be linear or cosine; got {kind!r}")
+    raise BadValue(f"adm_flags: --noise_schedule must be linear or cosine; got {kind!r}")
 
 
 def _ints(name: str, text: str, kind=int) -> tuple:
     try:
         return tuple(kind(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"adm_flags: --{name} must be comma-separated numbers; got {text!r}") from None
+        raise BadValue(f"adm_flags: --{name} must be comma-separated numbers; got {text!r}") from None
 
 
 # ADMConfig field -> the flag that sets it, where the names differ.
@@ -366,10 +367,10 @@ def from_flags(flags: str | dict, source: str) -> tuple[ADMConfig, ModelDefaults
     if a.get("channel_mult"):
         mult = tuple(int(m) if m.is_integer() else m for m in _ints("channel_mult", a["channel_mult"], float))
     if a["predict_xstart"]:
-        raise ValueError("adm_flags: --predict_xstart True is not supported (our samplers read an eps model)")
+        raise BadValue("adm_flags: --predict_xstart True is not supported (our samplers read an eps model)")
     T = a["diffusion_steps"]
     if T < 1:
-        raise ValueError(f"adm_flags: --diffusion_steps must be a positive int; got {T!r}")
+        raise BadValue(f"adm_flags: --diffusion_steps must be a positive int; got {T!r}")
     head_ch = a.get("num_head_channels", -1)
     kw = dict(
         image_size=size,
@@ -393,7 +394,7 @@ def from_flags(flags: str | dict, source: str) -> tuple[ADMConfig, ModelDefaults
         cfg = ADMConfig(**kw)
     except ValueError as e:  # name the flag, not our field
         msg = re.sub(r"ADMConfig\.(\w+)", lambda m: "--" + _FLAG_OF.get(m.group(1), m.group(1)), str(e))
-        raise ValueError(f"adm_flags: {msg}") from e
+        raise BadValue(f"adm_flags: {msg}") from e
     schedule = _schedule(a["noise_schedule"], T)
 
     spacing = a["timestep_respacing"]
@@ -401,7 +402,7 @@ def from_flags(flags: str | dict, source: str) -> tuple[ADMConfig, ModelDefaults
     if spacing.isdigit():
         steps = int(spacing)
         if not 1 <= steps <= T:
-            raise ValueError(f"adm_flags: --timestep_respacing must lie in [1, {T}]; got {spacing!r}")
+            raise BadValue(f"adm_flags: --timestep_respacing must lie in [1, {T}]; got {spacing!r}")
     elif spacing:
         log.info(
             "adm_flags: --timestep_respacing %r is not a plain step count; the default step count is left "
@@ -513,7 +514,7 @@ def _check_state(model, state: dict, file: Path, hints) -> None:
     likely = "; likely wrong: " + ", ".join(hints) if hints else ""
     first = "; ".join(problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise ValueError(f"{file}: the state dict does not fit the flags: {first}{more}{likely}")
+    raise BadValue(f"{file}: the state dict does not fit the flags: {first}{more}{likely}")
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -527,7 +528,7 @@ def _infer_source(flags: dict, file: Path) -> str:
     only = {s: set(DEFAULTS[s]) - set(DEFAULTS[o]) - set(SCRIPT_FLAGS) for s, o in (SOURCES, SOURCES[::-1])}
     hits = {s: sorted(set(flags) & only[s]) for s in SOURCES}
     if hits["improved"] and hits["guided"]:
-        raise ValueError(
+        raise BadValue(
             f"adm_flags mix improved-diffusion flags {hits['improved']} with guided-diffusion ones {hits['guided']}"
         )
     for s in SOURCES:
@@ -546,7 +547,7 @@ def _infer_source(flags: dict, file: Path) -> str:
     if a == b:
         return "guided"
     diff = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k])
-    raise ValueError(
+    raise BadValue(
         f"{file}: cannot tell whether it comes from improved-diffusion or guided-diffusion, whose defaults differ "
         f"for the flags left out ({diff}); pass adm_source='improved' or 'guided' (--adm-source)"
     )
@@ -561,7 +562,7 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
     if not file.is_file():
         raise FileNotFoundError(f"openai checkpoint not found: {file}")
     if source is not None and source not in SOURCES:
-        raise ValueError(f"adm_source must be one of {SOURCES}; got {source!r}")
+        raise BadValue(f"adm_source must be one of {SOURCES}; got {source!r}")
     given, preset = _flags_or_preset(
         file,
         flags,
@@ -574,9 +575,7 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
     if preset is not None:
         p = _preset(PRESETS, preset, "adm_preset")
         if source is not None and source != p.source:
-            raise ValueError(
-                f"adm_source {source!r} contradicts adm_preset {preset!r} ({p.source}-diffusion)"
-            )
+            raise BadValue(f"adm_source {source!r} contradicts adm_preset {preset!r} ({p.source}-diffusion)")
         source = p.source
         merged = {**parse_flags(p.flags), **given}
     state = read_weights(file)
@@ -652,16 +651,16 @@ def classifier_from_flags(flags: str | dict) -> tuple[ClassifierConfig, float]:
         if name in CLASSIFIER_DEFAULTS:
             a[name] = _typed(name, value, CLASSIFIER_DEFAULTS[name], "guided")
         elif name not in ignored:
-            raise ValueError(
+            raise BadValue(
                 f"classifier_flags: unknown flag --{name}; the classifier's are {sorted(CLASSIFIER_DEFAULTS)}"
             )
     size = a["image_size"]
     if size not in CLASSIFIER_SIZES:
-        raise ValueError(
+        raise BadValue(
             f"classifier_flags: --image_size must be one of {CLASSIFIER_SIZES} (guided-diffusion's); got {size}"
         )
     if a["classifier_pool"] not in POOLS:
-        raise ValueError(
+        raise BadValue(
             f"classifier_flags: --classifier_pool must be one of {POOLS}; got {a['classifier_pool']!r}"
         )
     scale = a["classifier_scale"]
@@ -683,7 +682,7 @@ def classifier_from_flags(flags: str | dict) -> tuple[ClassifierConfig, float]:
             lambda m: "--" + _CLASSIFIER_FLAG_OF.get(m.group(1), m.group(1)),
             str(e),
         )
-        raise ValueError(f"classifier_flags: {msg}") from e
+        raise BadValue(f"classifier_flags: {msg}") from e
     return cfg, scale
 
 

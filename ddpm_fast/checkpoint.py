@@ -42,6 +42,7 @@ import torch
 
 from ddpm_fast import adm_io, diffusers_io
 from ddpm_fast.defaults import defaults_of, record
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.tuned import find_carried
@@ -65,7 +66,7 @@ ARCHITECTURES = {
 def architecture(arch: str, where: str):
     """(model class, config class) registered for `arch`; an unknown one is a ValueError naming `where`."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"{where}: arch must be one of {sorted(ARCHITECTURES)}; got {arch!r}")
+        raise BadValue(f"{where}: arch must be one of {sorted(ARCHITECTURES)}; got {arch!r}")
 
     def obj(spec):
         module, name = spec.split(":")
@@ -84,7 +85,7 @@ def _arch_of(model) -> str:
         f"{a}: {spec.split(':')[0].rsplit('.', 1)[0]}.{spec.split(':')[1]}"
         for a, (spec, _) in ARCHITECTURES.items()
     )
-    raise TypeError(f"model must be a registered architecture ({known}); got {type(model).__name__}")
+    raise BadType(f"model must be a registered architecture ({known}); got {type(model).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -102,16 +103,16 @@ def save_model(model, path, *, schedule: Schedule | None = None, sampling: dict 
     cfg = model.config
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"path must be a directory; {path} is a file")
+        raise BadValue(f"path must be a directory; {path} is a file")
     d = defaults_of(model)
     if schedule is None:
         schedule = d.schedule
     spec = None
     if schedule is not None:
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+            raise BadType(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
         if not torch.equal(schedule.timesteps, torch.arange(schedule.num_timesteps)):
-            raise ValueError(
+            raise BadValue(
                 "schedule must be a full (not respaced) schedule; save the one it was respaced from"
             )
         spec = schedule.spec
@@ -158,17 +159,17 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model path does not exist: {path}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+        raise BadType(f"dtype must be a floating torch.dtype; got {dtype!r}")
     openai = adm_flags is not None or adm_source is not None or adm_preset is not None
     if path.is_dir():
         if openai:
-            raise ValueError(
+            raise BadValue(
                 f"adm_flags, adm_source and adm_preset describe an openai .pt file; {path} is a directory"
             )
         model = _load_dir(path)
     else:
         if not openai and adm_io.preset_for_file(path.name) is None:
-            raise ValueError(
+            raise BadValue(
                 f"model path must be a checkpoint directory, or an openai .pt file with adm_flags= or "
                 f"adm_preset=; got the file {path}"
             )
@@ -195,9 +196,7 @@ def _load_dir(path: Path):
             diffusers_io.load_diffusers_unet(path, raw) if raw else diffusers_io.load_diffusers_pipeline(path)
         )
     else:
-        raise ValueError(
-            f"{cfg_file}: not a ddpm-fast or diffusers config (no 'format' nor '_class_name' key)"
-        )
+        raise BadValue(f"{cfg_file}: not a ddpm-fast or diffusers config (no 'format' nor '_class_name' key)")
     return model
 
 
@@ -205,24 +204,24 @@ def _load_native(path: Path, raw: dict):
     cfg_file = path / CONFIG_FILE
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise BadValue(
             f"{cfg_file}: format_version {version!r} is not supported (this is version {FORMAT_VERSION})"
         )
     for key in ("model", "sampling", "weights"):
         if key not in raw:
-            raise ValueError(f"{cfg_file}: missing key {key!r}")
+            raise BadValue(f"{cfg_file}: missing key {key!r}")
     arch = raw.get("arch", "ddpm-unet")  # checkpoints written before "arch" existed hold the DDPM U-Net
     model_cls, config_cls = architecture(arch, f"{cfg_file}: key 'arch'")
     try:
         cfg = config_cls.from_dict(raw["model"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_file}: key 'model': {e}") from e
+        raise BadValue(f"{cfg_file}: key 'model': {e}") from e
     schedule = None
     if raw.get("schedule") is not None:
         try:
             schedule = Schedule.from_spec(raw["schedule"])
         except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{cfg_file}: key 'schedule': {e}") from e
+            raise BadValue(f"{cfg_file}: key 'schedule': {e}") from e
     rec = record(raw["sampling"], cfg, schedule=schedule, arch=arch, where=f"{cfg_file}: key 'sampling'")
 
     w = raw["weights"]
@@ -232,7 +231,7 @@ def _load_native(path: Path, raw: dict):
     blob = wfile.read_bytes()
     digest = w.get("sha256") if isinstance(w, dict) else None
     if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
-        raise ValueError(
+        raise BadValue(
             f"{wfile}: contents do not match the sha256 in {cfg_file} (truncated, altered or an interrupted save)"
         )
     state = safetensors_from_bytes(blob, wfile)

@@ -6,6 +6,8 @@ says so in one place. `check_int` raises the house's one-line error naming the a
 
 from __future__ import annotations
 
+from ddpm_fast.errors import BadValue
+
 __all__ = ["is_int", "check_int"]
 
 
@@ -19,5 +21,5 @@ def check_int(v, name: str, minimum: int = 1) -> int:
     or "NAME must be an int >= MINIMUM; got V"."""
     if not is_int(v) or v < minimum:
         want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {want}; got {v!r}")
+        raise BadValue(f"{name} must be {want}; got {v!r}")
     return v

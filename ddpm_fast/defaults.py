@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields, replace
 
 from ddpm_fast.checks import is_int
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.schedule import Schedule
 
 __all__ = ["ModelDefaults", "ConfigRecord", "defaults_of", "record", "SAMPLING_KEYS", "VARIANCES", "ARCHS"]
@@ -25,11 +26,11 @@ class ConfigRecord:
     @classmethod
     def from_dict(cls, d: dict):
         if not isinstance(d, dict):
-            raise TypeError(f"{cls.__name__}.from_dict needs a dict; got {type(d).__name__}")
+            raise BadType(f"{cls.__name__}.from_dict needs a dict; got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+            raise BadValue(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes):
@@ -86,40 +87,40 @@ def record(
     """A checkpoint's "sampling" dict (missing keys take the defaults of `cfg`: variance learned_range for a
     2C-output model, else fixed_small) validated into a ModelDefaults; errors name `where` and the key."""
     if not isinstance(sampling, dict):
-        raise TypeError(f"{where}: sampling must be a dict; got {type(sampling).__name__}")
+        raise BadType(f"{where}: sampling must be a dict; got {type(sampling).__name__}")
     unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown sampling key(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+        raise BadValue(f"{where}: unknown sampling key(s) {unknown}; known: {list(SAMPLING_KEYS)}")
     learned = cfg.out_channels == 2 * cfg.in_channels
     out = {"variance": "learned_range" if learned else "fixed_small", "image_shape": list(cfg.image_shape)}
     out.update(sampling)
     base = ModelDefaults()
     v = out["variance"]
     if v not in VARIANCES:
-        raise ValueError(f"{where}: sampling variance must be one of {VARIANCES}; got {v!r}")
+        raise BadValue(f"{where}: sampling variance must be one of {VARIANCES}; got {v!r}")
     want = 2 * cfg.in_channels if v == "learned_range" else cfg.in_channels
     if cfg.out_channels != want:
-        raise ValueError(
+        raise BadValue(
             f"{where}: sampling variance {v!r} needs out_channels == {want}; the model has {cfg.out_channels}"
         )
     clip = out.get("clip", base.clip)
     if not isinstance(clip, bool):
-        raise TypeError(f"{where}: sampling clip must be a bool; got {clip!r}")
+        raise BadType(f"{where}: sampling clip must be a bool; got {clip!r}")
     cr = out.get("clip_range", base.clip_range)
     if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not cr > 0:
-        raise ValueError(f"{where}: sampling clip_range must be a positive number; got {cr!r}")
+        raise BadValue(f"{where}: sampling clip_range must be a positive number; got {cr!r}")
     shape = out["image_shape"]
     if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(not is_int(s) or s < 1 for s in shape):
-        raise ValueError(f"{where}: sampling image_shape must be [C, H, W] positive ints; got {shape!r}")
+        raise BadValue(f"{where}: sampling image_shape must be [C, H, W] positive ints; got {shape!r}")
     dr = out.get("data_range", base.data_range)
     if not isinstance(dr, (list, tuple)) or len(dr) != 2 or not float(dr[0]) < float(dr[1]):
-        raise ValueError(f"{where}: sampling data_range must be [low, high] with low < high; got {dr!r}")
+        raise BadValue(f"{where}: sampling data_range must be [low, high] with low < high; got {dr!r}")
     for key in ("steps", "num_classes"):
         n = out.get(key)
         if n is not None and (not is_int(n) or n < 1):
-            raise ValueError(f"{where}: sampling {key} must be a positive int or null; got {n!r}")
+            raise BadValue(f"{where}: sampling {key} must be a positive int or null; got {n!r}")
     if arch not in ARCHS:
-        raise ValueError(f"{where}: arch must be one of {ARCHS}; got {arch!r}")
+        raise BadValue(f"{where}: arch must be one of {ARCHS}; got {arch!r}")
     return ModelDefaults(
         schedule=schedule,
         variance=v,

@@ -7,7 +7,7 @@ import os
 import torch
 
 from ddpm_fast.checks import is_int
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadValue, Unavailable
 
 
 def usable_cores() -> int:
@@ -28,7 +28,7 @@ def default_threads() -> int:
     try:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as e:
-        raise ValueError(f"LOCAL_WORLD_SIZE must be an integer ({e})") from e
+        raise BadValue(f"LOCAL_WORLD_SIZE must be an integer ({e})") from e
     return max(1, cores // max(1, local_world))
 
 
@@ -40,10 +40,10 @@ def set_threads(threads: int | None, name: str = "--threads") -> int:
             return torch.get_num_threads()
         threads = default_threads()
     elif not is_int(threads) or threads < 1:
-        raise ValueError(f"{name} must be a positive int; got {threads!r}")
+        raise BadValue(f"{name} must be a positive int; got {threads!r}")
     elif threads > (cores := usable_cores()):
         # more threads than cores only slows torch down, and far more fail inside OpenMP (or crash it)
-        raise ValueError(f"{name} must be at most {cores}, the CPU cores this process may use; got {threads}")
+        raise BadValue(f"{name} must be at most {cores}, the CPU cores this process may use; got {threads}")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -61,9 +61,9 @@ def resolve_device(
     try:
         dev = torch.device(arg)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{name} must name a torch device such as cpu or cuda:0; got {arg!r}") from e
+        raise BadValue(f"{name} must name a torch device such as cpu or cuda:0; got {arg!r}") from e
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} must be a cpu or cuda device; got {arg!r}")
+        raise BadValue(f"{name} must be a cpu or cuda device; got {arg!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise Unavailable(f"{name} {arg} was asked for but CUDA is not available")

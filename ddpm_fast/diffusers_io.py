@@ -10,6 +10,7 @@ import torch
 
 from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import record
+from ddpm_fast.errors import BadValue
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.unet import UNet, UNetConfig, diffusers_key
 from ddpm_fast.weights import load_state, read_json, read_weights
@@ -148,11 +149,11 @@ def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
     """A diffusers UNet2DModel config dict -> UNetConfig; ValueError listing everything we cannot represent."""
     cls = raw.get("_class_name")
     if cls != "UNet2DModel":
-        raise ValueError(f"{where}: _class_name is {cls!r}; only diffusers' UNet2DModel is supported")
+        raise BadValue(f"{where}: _class_name is {cls!r}; only diffusers' UNet2DModel is supported")
     c = {**_UNET2D_DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
     bad, ch, attn_levels, size = _unsupported(c, raw)
     if bad:
-        raise ValueError(f"{where}: unsupported UNet2DModel config: " + "; ".join(bad))
+        raise BadValue(f"{where}: unsupported UNet2DModel config: " + "; ".join(bad))
 
     if c["attn_norm_num_groups"] is not None:
         mid_groups = c["attn_norm_num_groups"]
@@ -186,7 +187,7 @@ def diffusers_unet_config(raw: dict, where: str = "config.json") -> UNetConfig:
             center_input_sample=bool(c["center_input_sample"]),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: unsupported UNet2DModel config: {e}") from e
+        raise BadValue(f"{where}: unsupported UNet2DModel config: {e}") from e
 
 
 # diffusers' pre-0.14 attention names (AttentionBlock) -> the current ones.
@@ -226,7 +227,7 @@ def diffusers_kwargs(cfg: UNetConfig) -> dict:
     elif mg:
         kw["attn_norm_num_groups"] = mg
     elif mg == 0 and not cfg.scale_shift_norm:
-        raise ValueError("UNet2DModel cannot drop the mid attention's GroupNorm with the default time norm")
+        raise BadValue("UNet2DModel cannot drop the mid attention's GroupNorm with the default time norm")
     return kw
 
 
@@ -277,9 +278,9 @@ def diffusers_schedule(raw: dict, where: str = SCHEDULER_FILE) -> tuple[Schedule
     if c["trained_betas"] is None and kind not in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"):
         bad.append(f"beta_schedule={kind!r}")
     if bad:
-        raise ValueError(f"{where}: unsupported scheduler config: " + "; ".join(bad))
+        raise BadValue(f"{where}: unsupported scheduler config: " + "; ".join(bad))
     if not is_int(T) or T < 1:
-        raise ValueError(f"{where}: num_train_timesteps must be a positive int; got {T!r}")
+        raise BadValue(f"{where}: num_train_timesteps must be a positive int; got {T!r}")
 
     f32 = torch.float32
     try:
@@ -294,7 +295,7 @@ def diffusers_schedule(raw: dict, where: str = SCHEDULER_FILE) -> tuple[Schedule
         else:  # sigmoid
             schedule = _f32_betas(torch.sigmoid(torch.linspace(-6, 6, T)) * (b1 - b0) + b0, kind, b0, b1)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise BadValue(f"{where}: {e}") from e
     sampling = {
         "variance": _VARIANCE_MAP[vt],
         "clip": bool(c["clip_sample"]),

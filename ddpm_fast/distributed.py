@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadValue, Unavailable
 
 __all__ = ["Dist", "env_world", "join"]
 
@@ -23,7 +23,7 @@ def env_world() -> tuple[int, int, int]:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as e:
-        raise ValueError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
+        raise BadValue(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
     return rank, world, local
 
 

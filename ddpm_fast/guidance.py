@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_fast.checks import is_int
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.steps import C_EPS, C_X0, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1, StepTable
 
 __all__ = [
@@ -81,19 +82,19 @@ class ClassifierGuidance:
 
     def __post_init__(self):
         if not callable(self.classifier):
-            raise TypeError(
+            raise BadType(
                 f"guidance's classifier must be callable as classifier(x_t, t) -> logits [B, K]; "
                 f"got {type(self.classifier).__name__}"
             )
         s = self.scale
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-            raise ValueError(f"guidance's scale must be a finite number; got {s!r}")
+            raise BadValue(f"guidance's scale must be a finite number; got {s!r}")
         object.__setattr__(self, "scale", float(s))
         k = self.num_classes
         if k is None:
             k = getattr(self.classifier, "num_classes", None)
         if k is not None and (not is_int(k) or k < 1):
-            raise ValueError(f"guidance's num_classes must be a positive int; got {k!r}")
+            raise BadValue(f"guidance's num_classes must be a positive int; got {k!r}")
         object.__setattr__(self, "num_classes", k)
 
 
@@ -113,19 +114,19 @@ def classifier_grad(classifier, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 
 def _check_logits(logits, batch: int, y: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(
+        raise BadType(
             f"guidance's classifier must return logits [B, K] as a tensor; got {type(logits).__name__}"
         )
     if logits.ndim != 2 or logits.shape[0] != batch or not logits.is_floating_point():
-        raise ValueError(
+        raise BadValue(
             f"guidance's classifier must return float logits of shape [{batch}, K]; got {logits.dtype} "
             f"{tuple(logits.shape)}"
         )
     K = logits.shape[1]
     if ((y < 0) | (y >= K)).any():
-        raise ValueError(f"labels must lie in [0, {K}) (the guidance classifier's classes); got {y.tolist()}")
+        raise BadValue(f"labels must lie in [0, {K}) (the guidance classifier's classes); got {y.tolist()}")
     if not torch.isfinite(logits).all():
-        raise ValueError("guidance's classifier returned NaN or Inf logits")
+        raise BadValue("guidance's classifier returned NaN or Inf logits")
 
 
 def guidance_columns(table: StepTable, form: str) -> torch.Tensor:

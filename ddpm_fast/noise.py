@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast.checks import is_int
+from ddpm_fast.errors import BadType, BadValue
 
 __all__ = [
     "XT_SLOT",
@@ -56,9 +57,9 @@ _TWO_PI_F32 = float(torch.tensor(_TWO_PI, dtype=torch.float32))
 
 def check_seed(seed) -> int:
     if not is_int(seed):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+        raise BadType(f"seed must be an int; got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must lie in [0, 2**63); got {seed}")
+        raise BadValue(f"seed must lie in [0, 2**63); got {seed}")
     return seed
 
 

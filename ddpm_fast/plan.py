@@ -16,7 +16,7 @@ from ddpm_fast import noise
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import env_world
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadType, BadValue, Unavailable
 from ddpm_fast.guidance import ClassifierGuidance, Guide, bind
 from ddpm_fast.samplers import build_step_table, check_params, family
 from ddpm_fast.schedule import Schedule, check_timesteps, spacing_timesteps
@@ -102,38 +102,38 @@ def _check_labels(labels, num_classes, batch: int, guided: bool = False):
     count may be unknown until the classifier runs (num_classes None: only checked to be >= 0)."""
     if labels is None:
         if num_classes:
-            raise ValueError(
+            raise BadValue(
                 f"labels must be given for this class-conditional model ({num_classes} classes): "
                 "a 1-D int tensor with one class per sample, an int, or 'random'"
             )
         return None
     if not num_classes and not guided:
-        raise ValueError("labels were given but the model is unconditional (its record names no classes)")
+        raise BadValue("labels were given but the model is unconditional (its record names no classes)")
     if isinstance(labels, str):
         if labels != "random":
-            raise ValueError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
+            raise BadValue(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
         if not num_classes:
-            raise ValueError(
+            raise BadValue(
                 "labels='random' needs the number of classes, which neither the model's record nor the guidance "
                 "classifier gives: pass ClassifierGuidance(..., num_classes=K) or explicit labels"
             )
         return labels
     if isinstance(labels, bool):
-        raise TypeError(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
+        raise BadType(f"labels must be a 1-D int tensor, an int or 'random'; got {labels!r}")
     if isinstance(labels, int):
         if labels < 0 or (num_classes and labels >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes or 'K'}); got {labels}")
+            raise BadValue(f"labels must lie in [0, {num_classes or 'K'}); got {labels}")
         return labels
     t = torch.as_tensor(labels)
     if t.ndim != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(
+        raise BadType(
             f"labels must be a 1-D int tensor, an int or 'random'; got {t.dtype} of shape {tuple(t.shape)}"
         )
     if t.numel() < batch:  # more: the labels of a whole run, of which these rows are the first
-        raise ValueError(f"labels must hold one class per sample ({batch}); got {t.numel()}")
+        raise BadValue(f"labels must hold one class per sample ({batch}); got {t.numel()}")
     out = (t < 0) | (t >= num_classes) if num_classes else t < 0
     if out.any():
-        raise ValueError(f"labels must lie in [0, {num_classes or 'K'}); got {t[out][0].item()}")
+        raise BadValue(f"labels must lie in [0, {num_classes or 'K'}); got {t[out][0].item()}")
     return t.to(torch.int64).cpu()
 
 
@@ -217,9 +217,9 @@ def make_plan(
 
 def _check_schedule(schedule) -> Schedule:
     if schedule is None:
-        raise ValueError("schedule must be given (the model carries none)")
+        raise BadValue("schedule must be given (the model carries none)")
     if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+        raise BadType(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
     return schedule
 
 
@@ -227,9 +227,9 @@ def _check_shape(shape) -> tuple[int, int, int, int]:
     try:
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
+        raise BadType(f"shape must be a sequence of 4 ints (B, C, H, W); got {shape!r}") from e
     if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
+        raise BadValue(f"shape must be 4-D (B, C, H, W) with positive sizes; got {shape}")
     return shape
 
 
@@ -237,32 +237,30 @@ def _check_spacing(method: str, spacing, steps, timesteps, tuned) -> str:
     """The method's spacing (its default for None), checked with the arguments that choose timesteps."""
     fam = family(method)  # an unknown method lists the known ones
     if method == "tuned" and (timesteps is not None or spacing is not None):
-        raise ValueError(
-            "method='tuned' walks its table's own timesteps: timesteps= and spacing= do not apply"
-        )
+        raise BadValue("method='tuned' walks its table's own timesteps: timesteps= and spacing= do not apply")
     if tuned is not None and method != "tuned":
-        raise ValueError(f"tuned= applies to method='tuned'; got method={method!r}")
+        raise BadValue(f"tuned= applies to method='tuned'; got method={method!r}")
     spacing = fam.spacing if spacing is None else spacing
     if spacing not in fam.spacings:
-        raise ValueError(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
+        raise BadValue(f"spacing must be one of {fam.spacings} for method={method!r}; got {spacing!r}")
     if spacing != fam.spacing and steps is None:
-        raise ValueError(f"spacing={spacing!r} needs steps=N (it chooses which N timesteps to keep)")
+        raise BadValue(f"spacing={spacing!r} needs steps=N (it chooses which N timesteps to keep)")
     return spacing
 
 
 def _check_scalars(variance, clip, clip_range, dtype, seed, start_index, generator) -> None:
     if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+        raise BadValue(f"variance must be one of {VARIANCES}; got {variance!r}")
     if not isinstance(clip, bool):
-        raise TypeError(f"clip must be a bool; got {clip!r}")
+        raise BadType(f"clip must be a bool; got {clip!r}")
     if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-        raise ValueError(f"clip_range must be positive; got {clip_range!r}")
+        raise BadValue(f"clip_range must be positive; got {clip_range!r}")
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
+        raise BadType(f"dtype must be one of {[str(t) for t in FLOAT_DTYPES]}; got {dtype!r}")
     noise.check_seed(seed)
     check_int(start_index, "start_index", minimum=0)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        raise BadType(f"generator must be a torch.Generator; got {type(generator).__name__}")
 
 
 def _schedule_and_table(model, schedule: Schedule, method, steps, timesteps, spacing, variance, eta, tuned):
@@ -274,7 +272,7 @@ def _schedule_and_table(model, schedule: Schedule, method, steps, timesteps, spa
         check_params(method, eta=eta)
         table = tuned_table_for(model, schedule, steps, tuned).table
         if table.variance != variance:
-            raise ValueError(
+            raise BadValue(
                 f"variance must be the tuned table's {table.variance!r} (what it was learned with); got {variance!r}"
             )
         kept = torch.sort(table.timesteps).values
@@ -294,7 +292,7 @@ def _plan_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (TypeError, RuntimeError) as e:
-        raise ValueError(f"device must name a torch device; got {device!r}") from e
+        raise BadValue(f"device must name a torch device; got {device!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Unavailable(f"device {device} was asked for but CUDA is not available")
     if device.type == "cuda" and device.index is None:  # a CUDA tensor's device always has an index
@@ -308,17 +306,17 @@ def _plan_device(device) -> torch.device:
 def _guidance_classes(guidance, labels, num_classes: int | None) -> int | None:
     """The run's class count once `guidance` is checked: the model record's, else the classifier's."""
     if not isinstance(guidance, ClassifierGuidance):
-        raise TypeError(
+        raise BadType(
             f"guidance must be a ddpm_fast.ClassifierGuidance(classifier, scale); got {type(guidance).__name__}"
         )
     if labels is None:
-        raise ValueError(
+        raise BadValue(
             "guidance needs labels: classifier guidance steers each sample toward its class; pass labels= "
             "(a 1-D int tensor, an int or 'random')"
         )
     k = guidance.num_classes
     if k is not None and num_classes is not None and k != num_classes:
-        raise ValueError(f"guidance's classifier has {k} classes but the model's record names {num_classes}")
+        raise BadValue(f"guidance's classifier has {k} classes but the model's record names {num_classes}")
     return num_classes or k
 
 
@@ -335,11 +333,11 @@ def check_model_output(out, expected_shape, step: int, t: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         out = getattr(out, "sample", out)  # diffusers' UNet2DOutput
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model must return a tensor; got {type(out).__name__} at step {step} (t={t})")
+        raise BadType(f"model must return a tensor; got {type(out).__name__} at step {step} (t={t})")
     if tuple(out.shape) != tuple(expected_shape):
-        raise ValueError(
+        raise BadValue(
             f"model output must have shape {tuple(expected_shape)}; got {tuple(out.shape)} at step {step} (t={t})"
         )
     if not torch.isfinite(out).all():
-        raise ValueError(f"model returned NaN or Inf at step {step} (t={t})")
+        raise BadValue(f"model returned NaN or Inf at step {step} (t={t})")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast import noise
+from ddpm_fast.errors import BadType
 from ddpm_fast.plan import Plan, check_model_output
 from ddpm_fast.progress import progress_bar
 from ddpm_fast.samplers import family
@@ -57,7 +58,7 @@ def _progress(plan: Plan, callback):
 def run(model, plan: Plan) -> torch.Tensor:
     """backend='reference': [B, C, H, W] in plan.dtype (model space)."""
     if plan.options:
-        raise TypeError(f"backend='reference' takes no extra options; got {sorted(plan.options)}")
+        raise BadType(f"backend='reference' takes no extra options; got {sorted(plan.options)}")
     B, C = plan.shape[:2]
     out_shape = (B, plan.out_channels, *plan.shape[2:])
     step = iter(range(plan.table.num_steps))

@@ -31,7 +31,7 @@ from ddpm_fast import __version__, sampling, shards
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.distributed import Dist, env_world, join
-from ddpm_fast.errors import UserError
+from ddpm_fast.errors import BadType, BadValue, UserError
 from ddpm_fast.images import save_grid, to_uint8
 from ddpm_fast.plan import Plan, make_plan, model_device
 from ddpm_fast.progress import progress_bar
@@ -173,7 +173,7 @@ def guidance_settings(plan: Plan, classifier_id: str | None = None) -> dict:
     sha = classifier_id or source.get("sha256")
     if sha is None:
         if not isinstance(guide.classifier, torch.nn.Module):
-            raise TypeError(
+            raise BadType(
                 "classifier_id must be given for a sharded run guided by a classifier that is not a torch "
                 f"Module; got {type(guide.classifier).__name__}"
             )
@@ -259,19 +259,19 @@ def generate(
     """
     check_int(num, "num")
     if shard_format not in shards.SHARD_FORMATS:
-        raise ValueError(f"shard_format must be one of {shards.SHARD_FORMATS}; got {shard_format!r}")
+        raise BadValue(f"shard_format must be one of {shards.SHARD_FORMATS}; got {shard_format!r}")
     if not isinstance(out, (str, os.PathLike)):
-        raise TypeError(f"out must be a path; got {type(out).__name__}")
+        raise BadType(f"out must be a path; got {type(out).__name__}")
     out = os.fspath(out)
     kind = check_out(out)
     if plan is None:
         plan = _make_plan(model, batch_size, image_shape, plan_kwargs)
     elif plan_kwargs or batch_size is not None or image_shape is not None:
-        raise TypeError(
+        raise BadType(
             f"give either plan or its arguments; got plan and {sorted(plan_kwargs) or 'batch_size'}"
         )
     if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
+        raise BadType(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
     plan = plan.rows(min(plan.shape[0], num), 0)
     if dist is None:
         # Under torchrun, a directory run joins the job (and leaves it at the end); a file run is refused below.
@@ -306,9 +306,7 @@ def check_world_out(kind: str, out, world: int) -> None:
 
 def _write_grid(sampler: Sampler, out: str, num: int, progress: bool) -> dict:
     if num > MAX_GRID:
-        raise ValueError(
-            f"num={num} is too many for one PNG grid (at most {MAX_GRID}); use --out DIR or .npz"
-        )
+        raise BadValue(f"num={num} is too many for one PNG grid (at most {MAX_GRID}); use --out DIR or .npz")
     bar = Progress(num, 0, progress)
     try:
         images = sampler(0, num, bar.update)
@@ -366,10 +364,10 @@ def _make_plan(model, batch_size, image_shape, kwargs: dict) -> Plan:
     if image_shape is None:
         image_shape = defaults_of(model).image_shape
         if image_shape is None:
-            raise ValueError("image_shape must be given (the model does not say what it generates)")
+            raise BadValue("image_shape must be given (the model does not say what it generates)")
     shape = tuple(int(d) for d in image_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W) with positive sizes; got {shape}")
+        raise BadValue(f"image_shape must be (C, H, W) with positive sizes; got {shape}")
     known = set(inspect.signature(make_plan).parameters)
     plan_kw = {k: v for k, v in kwargs.items() if k in known and k not in ("schedule", "options")}
     # backend options (compile=False, ...), loose as df.sample takes them or in options=
@@ -385,7 +383,7 @@ def output_kind(out: str) -> str:
     if ext in (".png", ".npz"):
         return ext[1:]
     if ext in _NOT_A_DIR:
-        raise ValueError(f"out must end in .png (a grid) or .npz, or name a directory; got {out!r}")
+        raise BadValue(f"out must end in .png (a grid) or .npz, or name a directory; got {out!r}")
     return "dir"
 
 
@@ -399,21 +397,21 @@ def check_out(out: str, name: str = "out") -> str:
     path = os.path.abspath(out.rstrip("/\\") or out)
     if kind == "dir":
         if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{name} {out!r} must name a directory for a sharded run, but it is a file")
+            raise BadValue(f"{name} {out!r} must name a directory for a sharded run, but it is a file")
         parent = path
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
-            raise ValueError(f"{name} {out!r}: {parent!r} is a file, so the run directory cannot be made")
+            raise BadValue(f"{name} {out!r}: {parent!r} is a file, so the run directory cannot be made")
     else:
         if out.endswith(("/", os.sep)):
-            raise ValueError(f"{name} {out!r} ends in / but names a .{kind} file")
+            raise BadValue(f"{name} {out!r} ends in / but names a .{kind} file")
         parent = os.path.dirname(path)
         if not os.path.isdir(parent):
             what = "is not a directory" if os.path.exists(parent) else "does not exist"
-            raise ValueError(f"{name} {out!r}: directory {os.path.dirname(out) or '.'!r} {what}")
+            raise BadValue(f"{name} {out!r}: directory {os.path.dirname(out) or '.'!r} {what}")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"{name} {out!r}: {parent!r} is not writable")
+        raise BadValue(f"{name} {out!r}: {parent!r} is not writable")
     return kind
 
 
@@ -590,7 +588,7 @@ def _open_run(
             stack.enter_context(_run_lock(run_dir))
             done, todo = _prepare(run_dir, num, settings, info, labels)
             verdict = ("ok", todo)
-        except (UserError, ValueError, OSError) as e:
+        except (UserError, OSError) as e:
             verdict = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
     verdict = dist.broadcast(verdict)
     if verdict[0] == "error":

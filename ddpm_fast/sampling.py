@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.plan import Plan, make_plan
 from ddpm_fast.schedule import Schedule
 
@@ -183,21 +184,21 @@ def run(model, plan: Plan, backend: str = "auto") -> torch.Tensor:
             _logged.add(note)
             log.warning("%s", note)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
+        raise BadValue(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if plan.guidance is not None and BACKENDS[backend].graph:
-        raise ValueError(
+        raise BadValue(
             "guidance needs the classifier's gradient at every step, which an ONNX step graph cannot take; "
             "use backend='reference' or 'fast'"
         )
     if plan.generator is not None and not BACKENDS[backend].generator:
-        raise ValueError(
+        raise BadValue(
             f"generator works with backend='reference' only (diffusers-order noise); got backend={backend!r}. "
             "Use seed= for counter-based noise on other backends."
         )
     out = BACKENDS[backend].load()(model, plan)
     # every backend's samples, in this one place (the onnx backend checks nothing itself): never garbage, exit 0
     if not torch.isfinite(out).all():
-        raise ValueError(
+        raise BadValue(
             f"backend={backend!r} returned NaN or Inf samples: the model's output is not finite "
             "(backend='reference' checks every step and names the first one that is not)"
         )
@@ -242,17 +243,17 @@ def sample(
     the model (`ddpm-fast tune`), from `tuned=PATH` or the checkpoint's own for `steps` NFE.
     """
     if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
+        raise BadValue(f"backend must be one of {('auto', *BACKENDS)}; got {backend!r}")
     if shape is None:
-        raise ValueError("shape must be given as (B, C, H, W)")
+        raise BadValue("shape must be given as (B, C, H, W)")
     if (backend == "auto" or BACKENDS[backend].graph) and is_onnx_model(model):
         from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
 
         model = as_onnx_model(model)
     if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t); got {type(model).__name__}")
+        raise BadType(f"model must be callable as model(x, t); got {type(model).__name__}")
     if isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.numel() != shape[0]:
-        raise ValueError(f"labels must hold one class per sample ({shape[0]}); got {labels.numel()}")
+        raise BadValue(f"labels must hold one class per sample ({shape[0]}); got {labels.numel()}")
     plan = make_plan(
         model,
         schedule,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddpm_fast.checks import check_int, is_int
+from ddpm_fast.errors import BadType, BadValue
 
 __all__ = ["Schedule", "spaced_timesteps", "spacing_timesteps", "SPACINGS"]
 
@@ -29,14 +30,14 @@ def _as_betas(betas) -> torch.Tensor:
         try:
             b = torch.as_tensor(betas, dtype=_F64)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"betas must be a 1-D sequence of floats; got {type(betas).__name__}") from e
+            raise BadType(f"betas must be a 1-D sequence of floats; got {type(betas).__name__}") from e
     if b.ndim != 1 or b.numel() < 1:
-        raise ValueError(f"betas must be a non-empty 1-D sequence; got shape {tuple(b.shape)}")
+        raise BadValue(f"betas must be a non-empty 1-D sequence; got shape {tuple(b.shape)}")
     if not torch.isfinite(b).all():
-        raise ValueError("betas must be finite; got NaN or Inf")
+        raise BadValue("betas must be finite; got NaN or Inf")
     if not ((b > 0) & (b < 1)).all():
         bad = b[(b <= 0) | (b >= 1)][0].item()
-        raise ValueError(f"betas must lie in (0, 1); got {bad!r}")
+        raise BadValue(f"betas must lie in (0, 1); got {bad!r}")
     return b
 
 
@@ -50,7 +51,7 @@ class Schedule:
         # The original timestep each index stands for (identity unless respaced).
         ts = torch.arange(T, dtype=torch.int64) if timesteps is None else torch.as_tensor(timesteps)
         if ts.shape != (T,):
-            raise ValueError(f"timesteps must have one entry per beta ({T}); got shape {tuple(ts.shape)}")
+            raise BadValue(f"timesteps must have one entry per beta ({T}); got shape {tuple(ts.shape)}")
         self.timesteps = ts.to(torch.int64)
         self.spec = dict(spec) if spec is not None else {"kind": "betas", "betas": b.tolist()}
 
@@ -81,7 +82,7 @@ class Schedule:
         """DDPM's linear betas, scaled as improved-diffusion does when T != 1000 is not wanted: plain linspace."""
         T = _check_T(num_timesteps)
         if not (0 < beta_start < 1 and 0 < beta_end < 1):
-            raise ValueError(f"beta_start and beta_end must lie in (0, 1); got {beta_start}, {beta_end}")
+            raise BadValue(f"beta_start and beta_end must lie in (0, 1); got {beta_start}, {beta_end}")
         betas = _linspace(beta_start, beta_end, T)
         spec = {"kind": "linear", "num_timesteps": T, "beta_start": beta_start, "beta_end": beta_end}
         return cls(betas, spec=spec)
@@ -91,7 +92,7 @@ class Schedule:
         """Improved DDPM: alphabar(t) = cos^2((t/T + s)/(1 + s) * pi/2); beta_t = min(1 - abar(t+1)/abar(t), max_beta)."""
         T = _check_T(num_timesteps)
         if not 0 < max_beta < 1:
-            raise ValueError(f"max_beta must lie in (0, 1); got {max_beta}")
+            raise BadValue(f"max_beta must lie in (0, 1); got {max_beta}")
 
         def abar(u):
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -104,7 +105,7 @@ class Schedule:
     def from_spec(cls, spec: dict) -> Schedule:
         """Inverse of `spec`: {"kind": "linear"|"cosine"|"betas", ...}."""
         if not isinstance(spec, dict) or "kind" not in spec:
-            raise ValueError(f"schedule spec must be a dict with a 'kind'; got {spec!r}")
+            raise BadValue(f"schedule spec must be a dict with a 'kind'; got {spec!r}")
         kind = spec["kind"]
         args = {k: v for k, v in spec.items() if k != "kind"}
         if kind == "linear":
@@ -113,7 +114,7 @@ class Schedule:
             return cls.cosine(**args)
         if kind == "betas":
             return cls(args["betas"])
-        raise ValueError(f"schedule kind must be 'linear', 'cosine' or 'betas'; got {kind!r}")
+        raise BadValue(f"schedule kind must be 'linear', 'cosine' or 'betas'; got {kind!r}")
 
     # ------------------------------------------------------------------ respacing
     @property
@@ -162,19 +163,19 @@ def check_timesteps(timesteps, T: int) -> torch.Tensor:
     try:
         ts = torch.as_tensor(list(timesteps) if not isinstance(timesteps, torch.Tensor) else timesteps)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"timesteps must be a sequence of ints; got {timesteps!r}") from e
+        raise BadType(f"timesteps must be a sequence of ints; got {timesteps!r}") from e
     if ts.ndim != 1 or ts.numel() == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-D sequence; got shape {tuple(ts.shape)}")
+        raise BadValue(f"timesteps must be a non-empty 1-D sequence; got shape {tuple(ts.shape)}")
     if ts.is_floating_point() or ts.dtype == torch.bool:
         if ts.dtype == torch.bool or not torch.equal(ts, ts.round()):
-            raise TypeError(f"timesteps must be integers; got {ts.tolist()}")
+            raise BadType(f"timesteps must be integers; got {ts.tolist()}")
     ts = ts.to(torch.int64).cpu()
     if ((ts < 0) | (ts >= T)).any():
         bad = ts[(ts < 0) | (ts >= T)][0].item()
-        raise ValueError(f"timesteps must lie in [0, {T - 1}]; got {bad}")
+        raise BadValue(f"timesteps must lie in [0, {T - 1}]; got {bad}")
     srt = torch.sort(ts).values
     if srt.numel() > 1 and (srt[1:] == srt[:-1]).any():
-        raise ValueError(f"timesteps must not repeat; got {ts.tolist()}")
+        raise BadValue(f"timesteps must not repeat; got {ts.tolist()}")
     return srt
 
 
@@ -184,9 +185,9 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     This is improved-diffusion's `space_timesteps(T, [steps])` (one section); for steps == T it is all of them.
     """
     if not is_int(steps):
-        raise TypeError(f"steps must be an int; got {type(steps).__name__}")
+        raise BadType(f"steps must be an int; got {type(steps).__name__}")
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_timesteps}]; got {steps}")
+        raise BadValue(f"steps must lie in [1, {num_timesteps}]; got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
@@ -235,10 +236,10 @@ def spacing_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform") 
         t = np.interp(torch.log(sigmas).numpy(), log_sigma.numpy(), np.arange(T, dtype=np.float64))
         ts = torch.from_numpy(np.round(t)).long()
     else:
-        raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}")
+        raise BadValue(f"spacing must be one of {SPACINGS}; got {spacing!r}")
     ts = torch.unique(ts.clamp(0, T - 1))
     if ts.numel() != steps:
-        raise ValueError(
+        raise BadValue(
             f"steps={steps} with spacing={spacing!r} gives {ts.numel()} distinct timesteps of {T}; use fewer steps"
         )
     return ts.tolist()

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ddpm_fast.errors import BadValue
 from ddpm_fast.progress import progress_bar
 
 __all__ = [
@@ -319,7 +320,7 @@ def read_shard(path: str, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         images.append(a[:, :, None] if a.ndim == 2 else a)
     indices = np.array([int(n[:-4]) for n in names], dtype=np.int64)
     if not images:
-        raise ValueError(f"{path}: no PNG files")
+        raise BadValue(f"{path}: no PNG files")
     return np.stack(images), indices
 
 
@@ -376,7 +377,7 @@ def _verified_shard(path, fmt, start, count, hwc, sha256, k) -> np.ndarray:
         if why is None:
             images, _ = read_shard(path, fmt)
     if why is not None:
-        raise ValueError(f"shard {k} ({path}) is {why}; run the same sample command again to redo it")
+        raise BadValue(f"shard {k} ({path}) is {why}; run the same sample command again to redo it")
     return images
 
 
@@ -406,9 +407,9 @@ def read_manifest(run_dir: str) -> dict | None:
         with open(path) as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable manifest ({e}); move it away to start a new run") from e
+        raise BadValue(f"{path} is not a readable manifest ({e}); move it away to start a new run") from e
     if not isinstance(m, dict) or "settings" not in m or "num" not in m:
-        raise ValueError(f"{path} is not a ddpm-fast manifest; use another --out directory")
+        raise BadValue(f"{path} is not a ddpm-fast manifest; use another --out directory")
     return m
 
 
@@ -423,13 +424,13 @@ def _check_merge_out(run_dir: str, out: str) -> None:
     real = os.path.realpath(out)
     inside = os.path.realpath(os.path.join(run_dir, SHARDS))
     if real == inside or real.startswith(inside + os.sep):
-        raise ValueError(
+        raise BadValue(
             f"OUT {out!r} is inside the run's {SHARDS} folder and would overwrite its shards; "
             f"write the merged file elsewhere (e.g. {os.path.join(run_dir, 'samples.npz')})"
         )
     for name in (MANIFEST, LABELS):
         if real == os.path.realpath(os.path.join(run_dir, name)):
-            raise ValueError(f"OUT {out!r} is the run's {name}; write the merged file elsewhere")
+            raise BadValue(f"OUT {out!r} is the run's {name}; write the merged file elsewhere")
 
 
 _UNRECORDED = object()
@@ -443,26 +444,26 @@ def _run_labels(run_dir: str, m: dict) -> np.ndarray | None:
         return np.load(path, allow_pickle=False) if os.path.exists(path) else None
     if recorded is None:
         if os.path.exists(path):
-            raise ValueError(
+            raise BadValue(
                 f"{path} does not belong to this run (its manifest records no labels); move it away"
             )
         return None
     if not os.path.exists(path):
-        raise ValueError(
+        raise BadValue(
             f"{path} is missing (the manifest records a conditional run's labels); "
             "run the same `ddpm-fast sample` command again to write it"
         )
     try:
         labels = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); run the same `ddpm-fast sample` command again") from e
+        raise BadValue(f"{path} is unreadable ({e}); run the same `ddpm-fast sample` command again") from e
     if (
         labels.dtype != np.int64
         or labels.ndim != 1
         or labels.shape[0] != int(m["num"])
         or (labels_digest(labels) != recorded)
     ):
-        raise ValueError(
+        raise BadValue(
             f"{path} differs from the labels the manifest records (sha256); "
             "run the same `ddpm-fast sample` command again to write them"
         )
@@ -490,7 +491,7 @@ def merge(run_dir: str, out: str, *, progress: bool = False) -> tuple[int, ...]:
         if rec is None or rec.get("count") != count:
             bad.append(k)
     if bad:
-        raise ValueError(
+        raise BadValue(
             f"{run_dir}: {len(bad)} of {len(ranges)} shards not done (first: {bad[0]}); "
             "run the same `ddpm-fast sample` command again to finish them"
         )

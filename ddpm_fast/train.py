@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from ddpm_fast.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_model
 from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import env_world, join
+from ddpm_fast.errors import BadValue
 from ddpm_fast.images import IMAGE_SUFFIXES, save_grid, to_uint8
 from ddpm_fast.progress import progress_bar
 from ddpm_fast.sampling import sample
@@ -103,32 +105,32 @@ class TrainConfig:
         def pos_int(name, minimum=1):
             v = getattr(self, name)
             if not is_int(v) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}; got {v!r}")
+                raise BadValue(f"{name} must be an int >= {minimum}; got {v!r}")
 
         for name in ("steps", "batch_size", "num_timesteps"):
             pos_int(name)
         pos_int("warmup", 0)
         pos_int("seed", 0)
         if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}; got {self.preset!r}")
+            raise BadValue(f"preset must be one of {PRESETS}; got {self.preset!r}")
         if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine'; got {self.schedule!r}")
+            raise BadValue(f"schedule must be 'linear' or 'cosine'; got {self.schedule!r}")
         if self.variance not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"variance must be 'fixed_small' or 'fixed_large'; got {self.variance!r}")
+            raise BadValue(f"variance must be 'fixed_small' or 'fixed_large'; got {self.variance!r}")
         if self.image_size is not None:
             pos_int("image_size")
         if self.channels is not None and self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3; got {self.channels!r}")
+            raise BadValue(f"channels must be 1 or 3; got {self.channels!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive float; got {self.lr!r}")
+            raise BadValue(f"lr must be a positive float; got {self.lr!r}")
         if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay!r}")
+            raise BadValue(f"weight_decay must be >= 0; got {self.weight_decay!r}")
         if not self.grad_clip > 0:
-            raise ValueError(
+            raise BadValue(
                 f"grad_clip must be positive (use a large value to disable); got {self.grad_clip!r}"
             )
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
+            raise BadValue(f"ema_decay must lie in [0, 1); got {self.ema_decay!r}")
 
     def make_schedule(self) -> Schedule:
         if self.schedule == "linear":
@@ -147,7 +149,7 @@ def load_dataset(source: str, *, image_size: int | None = None, channels: int | 
     uint8 NHWC (0..255) or float NHWC in [-1, 1].
     """
     if not isinstance(source, str) or not source:
-        raise ValueError(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
+        raise BadValue(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
     if source == "digits":
         try:
             from sklearn.datasets import load_digits  # optional dependency: data="digits" only
@@ -166,7 +168,7 @@ def load_dataset(source: str, *, image_size: int | None = None, channels: int | 
         elif path.suffix == ".npz":
             x = _load_npz(path)
         else:
-            raise ValueError(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
+            raise BadValue(f"data must be 'digits', an image folder or an .npz file; got {source!r}")
     if channels is not None and x.shape[1] != channels:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()
@@ -182,27 +184,31 @@ def load_dataset(source: str, *, image_size: int | None = None, channels: int | 
         )
         x = xf.clamp(-1, 1)
     if x.shape[0] == 0:
-        raise ValueError(f"data {source!r} holds no images")
+        raise BadValue(f"data {source!r} holds no images")
     return x
 
 
 def _load_npz(path: Path) -> torch.Tensor:
-    with np.load(path, allow_pickle=False) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{path} has no 'arr_0' array; found {list(f.keys())}")
-        a = f["arr_0"]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            held = list(f.keys())
+            a = f["arr_0"] if "arr_0" in held else None
+    except (ValueError, zipfile.BadZipFile) as e:  # numpy's words for a file that is not an .npz of arrays
+        raise BadValue(f"{path} is not a readable .npz file ({e})") from e
+    if a is None:
+        raise BadValue(f"{path} has no 'arr_0' array; found {held}")
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4 or a.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: arr_0 must be NHWC with 1 or 3 channels; got shape {a.shape}")
+        raise BadValue(f"{path}: arr_0 must be NHWC with 1 or 3 channels; got shape {a.shape}")
     t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     if t.dtype == torch.uint8:
         return t
     if not t.is_floating_point():
-        raise ValueError(f"{path}: arr_0 must be uint8 or float; got {a.dtype}")
+        raise BadValue(f"{path}: arr_0 must be uint8 or float; got {a.dtype}")
     t = t.float()
     if t.min() < -1.0001 or t.max() > 1.0001:
-        raise ValueError(f"{path}: float arr_0 must lie in [-1, 1]; got [{t.min():.3g}, {t.max():.3g}]")
+        raise BadValue(f"{path}: float arr_0 must lie in [-1, 1]; got [{t.min():.3g}, {t.max():.3g}]")
     return t.clamp(-1, 1)
 
 
@@ -211,9 +217,9 @@ def _load_folder(path: Path, image_size: int | None, channels: int | None) -> to
 
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"data folder {str(path)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+        raise BadValue(f"data folder {str(path)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
     if image_size is None:
-        raise ValueError("image_size must be given for an image folder")
+        raise BadValue("image_size must be given for an image folder")
     mode = "L" if channels == 1 else "RGB"
     out = np.empty((len(files), image_size, image_size, 1 if mode == "L" else 3), dtype=np.uint8)
     for i, f in enumerate(files):
@@ -326,7 +332,7 @@ def load_state(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"--resume: no training state in {str(out)!r} (expected {STATE_JSON})")
     meta = json.loads(meta_path.read_text())
     if meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{meta_path}: unsupported state version {meta.get('version')!r}")
+        raise BadValue(f"{meta_path}: unsupported state version {meta.get('version')!r}")
     return meta, load_file(str(out / meta["tensors"]))
 
 
@@ -366,26 +372,26 @@ def _run_files(out: Path) -> list[Path]:
 def _check_out(out: Path, *, resume: bool, force: bool) -> None:
     """Refuse to resume a missing run or to overwrite one unasked: both are usually a mistyped --out."""
     if resume and force:
-        raise ValueError("--resume continues the run in --out and --force deletes it; pass one or the other")
+        raise BadValue("--resume continues the run in --out and --force deletes it; pass one or the other")
     if resume:
         if not out.exists():
-            raise ValueError(
+            raise BadValue(
                 f"--resume: {str(out)!r} does not exist; check --out, or drop --resume to start a new run"
             )
         if not (out / STATE_JSON).is_file():
             if _run_files(out):  # stopped before its first checkpoint
-                raise ValueError(
+                raise BadValue(
                     f"--resume: {str(out)!r} holds no checkpoint ({STATE_JSON}) to resume from; "
                     "pass --force instead of --resume to start over"
                 )
-            raise ValueError(
+            raise BadValue(
                 f"--resume: {str(out)!r} holds no training run ({STATE_JSON}); "
                 "check --out, or drop --resume to start a new run"
             )
     elif not force:
         found = _run_files(out)
         if found:
-            raise ValueError(
+            raise BadValue(
                 f"--out {str(out)!r} already holds a training run ({found[0].relative_to(out)}); "
                 "pass --resume to continue it or --force to start over"
             )
@@ -454,7 +460,7 @@ def _check_resumable(meta: dict, cfg: TrainConfig, out: Path) -> None:
     saved.pop("steps", None), mine.pop("steps", None)  # a resume may extend the run
     if saved != mine:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        raise ValueError(
+        raise BadValue(
             f"--resume: options differ from the run in {str(out)!r}: "
             + ", ".join(f"{k}={mine.get(k)!r} (saved {saved.get(k)!r})" for k in diff)
         )
@@ -609,13 +615,13 @@ def train(
     cfg.validate()
     check_int(save_every, "save_every")
     if not is_int(sample_steps) or sample_steps < 0:
-        raise ValueError(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
+        raise BadValue(f"sample_steps must be an int >= 0 (0: no sample grids); got {sample_steps!r}")
     out = Path(out)
     _check_out(out, resume=resume, force=force)
     rank, world, local_rank = env_world()
     dev = resolve_device(device, local_rank, world, name="device")
     if cfg.bf16 and dev.type != "cuda":
-        raise ValueError(f"--bf16 is for CUDA devices only; the device is {dev}")
+        raise BadValue(f"--bf16 is for CUDA devices only; the device is {dev}")
     if world > 1:
         join(dev)  # the group stays for DistributedDataParallel; the process ends with it
         torch.distributed.barrier()  # every rank has checked --out before rank 0 changes it

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.steps import COLUMNS, StepTable
@@ -102,24 +103,22 @@ def load_tuned(
         with open(path, "rb") as f:
             blob = f.read()
     except OSError as e:
-        raise ValueError(f"tuned: cannot read {path}: {e.strerror}") from e
+        raise BadValue(f"tuned: cannot read {path}: {e.strerror}") from e
     try:
         tensors = st_load(blob)
         n = int.from_bytes(blob[:8], "little")
         meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"tuned: {path} is not a tuned table (corrupt or truncated safetensors)") from e
+        raise BadValue(f"tuned: {path} is not a tuned table (corrupt or truncated safetensors)") from e
     if meta.get("format") != FORMAT or set(tensors) != {"coefs", "timesteps"}:
-        raise ValueError(
-            f"tuned: {path} is not a tuned table (format {meta.get('format')!r}, want {FORMAT!r})"
-        )
+        raise BadValue(f"tuned: {path} is not a tuned table (format {meta.get('format')!r}, want {FORMAT!r})")
     coefs, ts = tensors["coefs"].to(torch.float64), tensors["timesteps"].to(torch.int64)
     try:
         k, S, history = int(meta["nfe"]), ts.numel(), int(meta["history"])
     except (KeyError, ValueError) as e:
-        raise ValueError(f"tuned: {path} has a damaged header (nfe/history)") from e
+        raise BadValue(f"tuned: {path} has a damaged header (nfe/history)") from e
     if coefs.shape != (S, len(COLUMNS) + history) or k != S or not torch.isfinite(coefs).all():
-        raise ValueError(f"tuned: {path} has inconsistent tables (coefs {tuple(coefs.shape)}, {S} timesteps)")
+        raise BadValue(f"tuned: {path} has inconsistent tables (coefs {tuple(coefs.shape)}, {S} timesteps)")
     table = StepTable(
         coefs=coefs,
         timesteps=ts,
@@ -148,11 +147,11 @@ def _check_fits(t: TunedTable, name: str, digest: str | None, schedule: Schedule
     """One line naming `tuned` where the table was learned for another model, schedule or NFE (each checked
     when given)."""
     if digest is not None and t.model != digest:
-        raise ValueError(f"tuned: {name} was learned for another model (weights digest {t.model[:12]})")
+        raise BadValue(f"tuned: {name} was learned for another model (weights digest {t.model[:12]})")
     if schedule is not None and t.schedule != schedule_digest(schedule):
-        raise ValueError(f"tuned: {name} was learned for another schedule")
+        raise BadValue(f"tuned: {name} was learned for another schedule")
     if nfe is not None and t.nfe != nfe:
-        raise ValueError(f"tuned: {name} is a table for {t.nfe} NFE; got steps={nfe}")
+        raise BadValue(f"tuned: {name} is a table for {t.nfe} NFE; got steps={nfe}")
 
 
 def tuned_digest_of(model) -> str:
@@ -193,12 +192,12 @@ def tuned_table_for(model, schedule: Schedule, steps, tuned) -> TunedTable:
     if tuned is None:
         carried = carried_tables(model)
         if steps is None:
-            raise ValueError(
+            raise BadValue(
                 "method='tuned' needs steps=N (the NFE of a table the checkpoint carries: "
                 f"{sorted(carried) or 'none'}) or tuned=PATH"
             )
         if steps not in carried:
-            raise ValueError(
+            raise BadValue(
                 f"method='tuned': the model carries tuned tables for NFE {sorted(carried) or 'none'}; got "
                 f"steps={steps} (learn one with `ddpm-fast tune --nfe {steps}` and pass tuned=PATH)"
             )
@@ -207,5 +206,5 @@ def tuned_table_for(model, schedule: Schedule, steps, tuned) -> TunedTable:
         _check_fits(tuned, "the TunedTable", tuned_digest_of(model), schedule, steps)
         return tuned
     if not isinstance(tuned, (str, Path)):
-        raise TypeError(f"tuned must be a path or a ddpm_fast.TunedTable; got {type(tuned).__name__}")
+        raise BadType(f"tuned must be a path or a ddpm_fast.TunedTable; got {type(tuned).__name__}")
     return load_tuned(tuned, digest=tuned_digest_of(model), schedule=schedule, nfe=steps)

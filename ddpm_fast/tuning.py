@@ -22,6 +22,7 @@ import torch
 
 from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
+from ddpm_fast.errors import BadValue
 from ddpm_fast.samplers import build_step_table, family
 from ddpm_fast.schedule import Schedule, spacing_timesteps
 from ddpm_fast.steps import C_X0, C_XT, COLUMNS, SRA, SRM1, StepTable
@@ -166,26 +167,24 @@ def _check(model, base: str, nfe: int, schedule, counts: dict):
     """(family, schedule, image shape, variance) of a tuning request, or the one-line error of its first
     bad argument."""
     if not is_int(nfe) or nfe < 1:
-        raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
+        raise BadValue(f"nfe must be an int >= 1; got {nfe!r}")
     fam = family(base)
     if fam.params or fam.name in ("ddpm", "dpmpp_2m_sde"):
-        raise ValueError(
-            f"base must be a deterministic solver (ddim or a multistep ODE solver); got {base!r}"
-        )
+        raise BadValue(f"base must be a deterministic solver (ddim or a multistep ODE solver); got {base!r}")
     if nfe < fam.min_steps:
-        raise ValueError(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
+        raise BadValue(f"nfe must be >= {fam.min_steps} for base={base!r}; got {nfe}")
     if build_step_table(Schedule.linear(fam.min_steps), method=base).history_of != "x0":
         # run_table and the tuned file's header read the history as x0 predictions
-        raise ValueError(f"base must keep x0 predictions in its history (not ipndm or deis); got {base!r}")
+        raise BadValue(f"base must keep x0 predictions in its history (not ipndm or deis); got {base!r}")
     for name, v in counts.items():
         if not is_int(v) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+            raise BadValue(f"{name} must be an int >= 1; got {v!r}")
     d = defaults_of(model)
     schedule = schedule or d.schedule
     if schedule is None:
-        raise ValueError("schedule must be given (the model carries none)")
+        raise BadValue("schedule must be given (the model carries none)")
     if d.image_shape is None:
-        raise ValueError("model must carry its image shape (a checkpoint's sampling.image_shape)")
+        raise BadValue("model must carry its image shape (a checkpoint's sampling.image_shape)")
     return fam, schedule, d.image_shape, d.variance
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from ddpm_fast.attention import attention
 from ddpm_fast.checks import check_int, is_int
 from ddpm_fast.defaults import ConfigRecord, ModelDefaults
+from ddpm_fast.errors import BadType, BadValue
 
 __all__ = ["UNetConfig", "UNet", "diffusers_key", "timestep_embedding"]
 
@@ -72,49 +73,45 @@ class UNetConfig(ConfigRecord):
             pos_int(name)
         ch = self.block_out_channels
         if not ch or any(not is_int(c) or c < 1 for c in ch):
-            raise ValueError(f"UNetConfig.block_out_channels must be positive ints; got {ch!r}")
+            raise BadValue(f"UNetConfig.block_out_channels must be positive ints; got {ch!r}")
         L = len(ch)
         for c in ch:
             if c % self.norm_num_groups:
-                raise ValueError(
+                raise BadValue(
                     f"UNetConfig.norm_num_groups ({self.norm_num_groups}) must divide every block_out_channels "
                     f"entry; got {c}"
                 )
         for lv in self.attn_levels:
             if not is_int(lv) or not 0 <= lv < L:
-                raise ValueError(f"UNetConfig.attn_levels must be level indices in [0, {L - 1}]; got {lv!r}")
+                raise BadValue(f"UNetConfig.attn_levels must be level indices in [0, {L - 1}]; got {lv!r}")
         hd = self.attention_head_dim
         if hd is not None:
             if not is_int(hd) or hd < 1:
-                raise ValueError(f"UNetConfig.attention_head_dim must be a positive int or None; got {hd!r}")
+                raise BadValue(f"UNetConfig.attention_head_dim must be a positive int or None; got {hd!r}")
             for c in [ch[lv] for lv in self.attn_levels] + ([ch[-1]] if self.mid_attention else []):
                 if c % hd:
-                    raise ValueError(
-                        f"UNetConfig.attention_head_dim ({hd}) must divide attention channels {c}"
-                    )
+                    raise BadValue(f"UNetConfig.attention_head_dim ({hd}) must divide attention channels {c}")
         mg = self.mid_attn_norm_groups
         if mg is not None and (not is_int(mg) or mg < 0 or (mg and ch[-1] % mg)):
-            raise ValueError(
-                f"UNetConfig.mid_attn_norm_groups must be None, 0 or divide {ch[-1]}; got {mg!r}"
-            )
+            raise BadValue(f"UNetConfig.mid_attn_norm_groups must be None, 0 or divide {ch[-1]}; got {mg!r}")
         if self.sample_size % (2 ** (L - 1)):
-            raise ValueError(
+            raise BadValue(
                 f"UNetConfig.sample_size must be a multiple of 2**(levels-1) = {2 ** (L - 1)}; got {self.sample_size}"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"UNetConfig.dropout must lie in [0, 1); got {self.dropout!r}")
+            raise BadValue(f"UNetConfig.dropout must lie in [0, 1); got {self.dropout!r}")
         if not self.norm_eps > 0:
-            raise ValueError(f"UNetConfig.norm_eps must be positive; got {self.norm_eps!r}")
+            raise BadValue(f"UNetConfig.norm_eps must be positive; got {self.norm_eps!r}")
         if self.time_embed_dim is not None:
             pos_int("time_embed_dim")
         if ch[0] < 2 or ch[0] // 2 == self.freq_shift:
-            raise ValueError(
+            raise BadValue(
                 f"UNetConfig.freq_shift ({self.freq_shift}) must differ from block_out_channels[0] // 2 ({ch[0] // 2})"
             )
         if self.downsample_padding not in (0, 1):
-            raise ValueError(f"UNetConfig.downsample_padding must be 0 or 1; got {self.downsample_padding!r}")
+            raise BadValue(f"UNetConfig.downsample_padding must be 0 or 1; got {self.downsample_padding!r}")
         if self.mid_scale_factor == 0:
-            raise ValueError("UNetConfig.mid_scale_factor must be non-zero; got 0")
+            raise BadValue("UNetConfig.mid_scale_factor must be non-zero; got 0")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -303,7 +300,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         if not isinstance(config, UNetConfig):
-            raise TypeError(f"config must be a UNetConfig; got {type(config).__name__}")
+            raise BadType(f"config must be a UNetConfig; got {type(config).__name__}")
         self.config = c = config
         # How to sample it (ddpm_fast.defaults): set by ddpm_fast.checkpoint.load_model, read by ddpm_fast.sample.
         learned = c.out_channels == 2 * c.in_channels
@@ -364,10 +361,10 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
-            raise ValueError(f"x must be [B, {c.in_channels}, H, W]; got shape {tuple(x.shape)}")
+            raise BadValue(f"x must be [B, {c.in_channels}, H, W]; got shape {tuple(x.shape)}")
         m = 2 ** (c.num_levels - 1)
         if x.shape[-2] % m or x.shape[-1] % m:
-            raise ValueError(f"x's height and width must be multiples of {m}; got shape {tuple(x.shape)}")
+            raise BadValue(f"x's height and width must be multiples of {m}; got shape {tuple(x.shape)}")
         if not isinstance(t, torch.Tensor):
             t = torch.tensor(t, device=x.device)
         # A 0-d or 1-element t is shared by the whole batch.

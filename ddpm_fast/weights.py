@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ddpm_fast.errors import BadType, BadValue
+
 __all__ = ["read_json", "safetensors_from_bytes", "read_weights", "load_state", "model_digest"]
 
 
@@ -18,9 +20,9 @@ def read_json(file: Path) -> dict:
     try:
         d = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: cannot read JSON ({e})") from e
+        raise BadValue(f"{file}: cannot read JSON ({e})") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{file}: expected a JSON object; got {type(d).__name__}")
+        raise BadValue(f"{file}: expected a JSON object; got {type(d).__name__}")
     return d
 
 
@@ -30,7 +32,7 @@ def safetensors_from_bytes(blob: bytes, file: Path) -> dict:
     try:
         return st_load(blob)
     except Exception as e:  # safetensors raises its own error types for a bad header or a short file
-        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        raise BadValue(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def read_weights(file: Path) -> dict:
@@ -39,9 +41,9 @@ def read_weights(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with globals, ...: all unreadable for us
-        raise ValueError(f"{file}: cannot read weights with torch.load(weights_only=True) ({e})") from e
+        raise BadValue(f"{file}: cannot read weights with torch.load(weights_only=True) ({e})") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: expected a dict of tensors")
+        raise BadValue(f"{file}: expected a dict of tensors")
     return state
 
 
@@ -53,19 +55,19 @@ def load_state(model: torch.nn.Module, state: dict, file: Path, rename) -> None:
     missing = [fk for fk in wanted.values() if fk not in theirs]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{file}: missing key {missing[0]!r}{more}")
+        raise BadValue(f"{file}: missing key {missing[0]!r}{more}")
     unknown = sorted(theirs - set(wanted.values()))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise ValueError(f"{file}: unknown key {unknown[0]!r}{more}")
+        raise BadValue(f"{file}: unknown key {unknown[0]!r}{more}")
     for k, fk in wanted.items():
         t = state[fk]
         if tuple(t.shape) != tuple(ours[k].shape):
-            raise ValueError(
+            raise BadValue(
                 f"{file}: key {fk!r} has shape {tuple(t.shape)}; the model expects {tuple(ours[k].shape)}"
             )
         if not t.is_floating_point():
-            raise ValueError(f"{file}: key {fk!r} has dtype {t.dtype}; expected a floating tensor")
+            raise BadValue(f"{file}: key {fk!r} has dtype {t.dtype}; expected a floating tensor")
     model.load_state_dict({k: state[fk] for k, fk in wanted.items()}, strict=True)
 
 
@@ -89,7 +91,7 @@ def model_digest(model, *, remember: bool = False) -> str:
                 h.update(block)
         return h.hexdigest()
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(
+        raise BadType(
             f"model_id must be given for a model that is neither a torch Module nor a file; got {type(model).__name__}"
         )
     cfg = getattr(model, "config", None)

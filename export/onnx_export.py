@@ -36,7 +36,7 @@ from torch import nn
 from ddpm_fast import noise
 from ddpm_fast.checks import is_int
 from ddpm_fast.defaults import defaults_of
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadType, BadValue, Unavailable
 from ddpm_fast.export.graphs import EpsGraph, Float16Storage, StepGraph, half_unet
 from ddpm_fast.export.runtime import OnnxModel, forget
 from ddpm_fast.plan import Plan
@@ -200,10 +200,10 @@ def _to_proto(graph: nn.Module, kind: str, example, opset: int, exporter: str, h
 
 def _check_opset(opset, exporter: str) -> int:
     if not is_int(opset):
-        raise TypeError(f"opset must be an int; got {opset!r}")
+        raise BadType(f"opset must be an int; got {opset!r}")
     low = OPSET if exporter == "dynamo" else MIN_OPSET
     if not low <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must lie in [{low}, {MAX_OPSET}] for the {exporter} exporter; got {opset}")
+        raise BadValue(f"opset must lie in [{low}, {MAX_OPSET}] for the {exporter} exporter; got {opset}")
     return opset
 
 
@@ -231,7 +231,7 @@ def read_metadata(source) -> dict:
             try:
                 out[p.key[len(META_PREFIX) :]] = json.loads(p.value)
             except json.JSONDecodeError as e:
-                raise ValueError(f"ONNX metadata {p.key!r} is not valid JSON: {e}") from e
+                raise BadValue(f"ONNX metadata {p.key!r} is not valid JSON: {e}") from e
     return out
 
 
@@ -319,12 +319,12 @@ def _check_export(model, path, plan, fp16, opset, exporter, schedule, image_shap
     """export_onnx's arguments checked and completed from the model: (path, exporter, opset, schedule,
     image_shape, sampling defaults)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        raise BadType(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(fp16, bool):
-        raise TypeError(f"fp16 must be a bool; got fp16={fp16!r}")
+        raise BadType(f"fp16 must be a bool; got fp16={fp16!r}")
     step = plan is not None
     if step and not isinstance(plan, Plan):
-        raise TypeError(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
+        raise BadType(f"plan must be a ddpm_fast.plan.Plan (make_plan); got {type(plan).__name__}")
     if step and defaults_of(model).num_classes is not None:
         raise Unavailable(
             "a step graph of a class-conditional model is not exported: export its noise model (no plan), whose "
@@ -332,32 +332,32 @@ def _check_export(model, path, plan, fp16, opset, exporter, schedule, image_shap
         )
     exporter = default_exporter() if exporter is None else exporter
     if exporter not in ("dynamo", "torchscript"):
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
+        raise BadValue(f"exporter must be 'dynamo' or 'torchscript'; got {exporter!r}")
     opset = _check_opset(opset, exporter)
     path = Path(path)
     if path.suffix != ".onnx":
-        raise ValueError(f"path must end in .onnx; got {str(path)!r}")
+        raise BadValue(f"path must end in .onnx; got {str(path)!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output directory {str(path.parent)!r} does not exist")
     config = getattr(model, "config", None)
     if schedule is None:
         schedule = defaults_of(model).schedule
     if schedule is not None and not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
+        raise BadType(f"schedule must be a ddpm_fast.Schedule; got {type(schedule).__name__}")
     if image_shape is None:
         if config is None:
-            raise ValueError("image_shape must be given (C, H, W): the model has no .config to read it from")
+            raise BadValue("image_shape must be given (C, H, W): the model has no .config to read it from")
         image_shape = config.image_shape
     image_shape = tuple(int(d) for d in image_shape)
     if len(image_shape) != 3 or min(image_shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
+        raise BadValue(f"image_shape must be (C, H, W) positive ints; got {image_shape}")
     defaults = _sampling_defaults(model, image_shape)
     if step and schedule is None:
-        raise ValueError(
+        raise BadValue(
             "a step graph needs the schedule it was respaced from: pass schedule= (the model carries none)"
         )
     if step and tuple(plan.shape[1:]) != image_shape:
-        raise ValueError(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
+        raise BadValue(f"plan's image shape {tuple(plan.shape[1:])} differs from the model's {image_shape}")
     return path, exporter, opset, schedule, image_shape, defaults
 
 
@@ -469,7 +469,7 @@ def _validate(path, graph, oracle, report, name):
         with torch.no_grad(), Float16Storage() if oracle is not None else contextlib.nullcontext():
             want = _flat(graph(*feeds)).float()
         if got.shape != want.shape:
-            raise ValueError(
+            raise BadValue(
                 f"ONNX output shape {tuple(got.shape)} differs from PyTorch's {tuple(want.shape)} at batch {B}"
             )
         diff = (got - want).abs().max().item()
@@ -485,7 +485,7 @@ def _validate(path, graph, oracle, report, name):
             report.max_abs_diff[B] = diff
             report.tolerance[B] = tol
         if not err <= tol:
-            raise ValueError(
+            raise BadValue(
                 f"ONNX export of {name} does not reproduce PyTorch at batch {B}: {what} {err:.3e} > {tol:.1e} "
                 f"({m.kind} graph)"
             )

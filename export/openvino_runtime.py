@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadType, BadValue, Unavailable
 from ddpm_fast.export import runtime
 from ddpm_fast.export.runtime import OnnxModel
 from ddpm_fast.weights import model_digest
@@ -94,7 +94,7 @@ class _Session:
 def session(m: OnnxModel, precision: str, threads: int) -> _Session:
     """The compiled model of graph file `m` for `precision` ("f32" | "bf16") and `threads`, cached."""
     if m.path is None:
-        raise TypeError(
+        raise BadType(
             "backend='openvino' needs the .onnx file (an onnxruntime.InferenceSession cannot be read by OpenVINO)"
         )
     key = (runtime._file_key(Path(m.path)), precision, threads)
@@ -105,7 +105,7 @@ def session(m: OnnxModel, precision: str, threads: int) -> _Session:
             graph = core.read_model(os.fspath(m.path))
         except Exception as e:  # OpenVINO raises its own RuntimeError subclasses for an unreadable graph
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"OpenVINO cannot read {m.path}: {first}") from e
+            raise BadValue(f"OpenVINO cannot read {m.path}: {first}") from e
         config = {
             "INFERENCE_PRECISION_HINT": precision,  # explicit: unset, a bf16 CPU computes f32 graphs in bf16
             "INFERENCE_NUM_THREADS": threads,
@@ -184,7 +184,7 @@ def _has_onnxruntime() -> bool:
 
 def _precision(dtype: torch.dtype) -> str:
     if dtype not in PRECISIONS:
-        raise ValueError(f"backend='openvino' computes in float32 or bfloat16; got dtype={dtype}")
+        raise BadValue(f"backend='openvino' computes in float32 or bfloat16; got dtype={dtype}")
     if PRECISIONS[dtype] == "bf16" and not bf16_supported():
         raise Unavailable(
             "dtype=torch.bfloat16 with backend='openvino' needs a CPU with bf16 instructions (AVX512_BF16 or "
@@ -199,7 +199,7 @@ def noise_model(model, image_shape) -> OnnxModel:
         return exported_model(model, image_shape)
     if isinstance(model, (OnnxModel, str, os.PathLike)):
         return runtime.as_onnx_model(model)
-    raise TypeError(
+    raise BadType(
         f"backend='openvino' needs an .onnx path, an OnnxModel or a torch.nn.Module to export; got {type(model).__name__}"
     )
 
@@ -208,7 +208,7 @@ def run(model, plan) -> torch.Tensor:
     """The backend table's entry (`ddpm_fast.sampling.BACKENDS`): sample `plan` with OpenVINO on the CPU."""
     import_openvino()
     if plan.device.type != "cpu":
-        raise ValueError(f"backend='openvino' runs on the CPU; got device={plan.device}")
+        raise BadValue(f"backend='openvino' runs on the CPU; got device={plan.device}")
     precision = _precision(plan.dtype)
     runtime.check_options(plan, "openvino")
     m = noise_model(model, plan.shape[1:])

@@ -14,6 +14,7 @@ import ddpm_fast as df
 from ddpm_fast import checkpoint, devices, runs, sampling
 from ddpm_fast.cli import _close_progress_bars, main
 from ddpm_fast.cli import sample as sample_cmd
+from ddpm_fast.errors import BadValue
 from ddpm_fast.plan import make_plan
 
 
@@ -129,7 +130,7 @@ def test_progress_advances_every_step(model_dir):
 def test_an_error_during_sampling_starts_its_own_line(model_dir, tmp_path, monkeypatch, capsys):
     def fail_after_one_step(model, plan, backend):
         plan.callback(0, 3, torch.zeros(plan.shape))
-        raise ValueError("model returned NaN or Inf at step 1 (t=2)")
+        raise BadValue("model returned NaN or Inf at step 1 (t=2)")
 
     monkeypatch.setattr(sampling, "run", fail_after_one_step)
     assert main(["sample", "--model", model_dir, "--num", "2", "--out", str(tmp_path / "x.png")]) == 2

@@ -1,5 +1,5 @@
-"""Small command-line checks: a user error is one line on stderr and exit 2; export takes the bundled model;
-the bench plot's title fits its figure."""
+"""Small command-line checks: a user error is one line on stderr and exit 2, a bug a traceback; export takes
+the bundled model; the bench plot's title fits its figure."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from ddpm_fast import bench, cli
+from ddpm_fast.cli import merge as merge_cmd
+from ddpm_fast.errors import BadType, BadValue, Unavailable, UserError
 
 
 def _one_line(err: str) -> str:
@@ -44,6 +46,29 @@ def test_export_missing_model_is_one_line(tmp_path, capsys):
     line = _one_line(capsys.readouterr().err)
     assert "MODEL must be a checkpoint directory or 'digits' (the bundled model)" in line, line
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("error", [BadValue, BadType, Unavailable, UserError, FileNotFoundError])
+def test_a_user_error_from_a_command_is_one_line(tmp_path, capsys, monkeypatch, error):
+    def run(args):
+        raise error("DIR names no run\nsecond line")
+
+    monkeypatch.setattr(merge_cmd, "run", run)
+    assert cli.main(["merge", str(tmp_path), str(tmp_path / "m.npz")]) == 2
+    assert _one_line(capsys.readouterr().err) == "ddpm-fast merge: error: DIR names no run"
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError, RuntimeError])
+def test_a_bug_in_a_command_keeps_its_traceback(tmp_path, capsys, monkeypatch, error):
+    """A plain ValueError or TypeError (from torch, numpy or our own code) is a bug, not the user's mistake."""
+
+    def run(args):
+        raise error("bug")
+
+    monkeypatch.setattr(merge_cmd, "run", run)
+    with pytest.raises(error, match="^bug$"):
+        cli.main(["merge", str(tmp_path), str(tmp_path / "m.npz")])
+    assert "error: bug" not in capsys.readouterr().err
 
 
 def test_bench_plot_title_fits(tmp_path, monkeypatch):

@@ -261,7 +261,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
     from ddpm_fast import cli
 
-    for args, word in [(["--steps", "0"], "steps"), (["--data", str(tmp_path / "missing")], "missing")]:
+    (tmp_path / "text.npz").write_text("not an npz")  # numpy's ValueError, said as ours
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 not a zip")  # zipfile's BadZipFile
+    for args, word in [
+        (["--steps", "0"], "steps"),
+        (["--data", str(tmp_path / "missing")], "missing"),
+        (["--data", str(tmp_path / "text.npz")], "text.npz is not a readable .npz file"),
+        (["--data", str(tmp_path / "zip.npz")], "zip.npz is not a readable .npz file"),
+    ]:
         assert cli.main(["train", *args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and word in lines[0], lines

@@ -42,7 +42,7 @@ from ddpm_fast.adm_io import preset_config
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.diffusers_io import diffusers_kwargs
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadValue, Unavailable
 from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.unet import diffusers_key
 
@@ -397,9 +397,9 @@ def _check_request(device, steps, repeats, providers) -> tuple[torch.device, lis
     providers = list(providers or DEFAULT_PROVIDERS.get(device.type, DEFAULT_PROVIDERS["cpu"]))
     for p in providers:
         if p not in PROVIDERS:
-            raise ValueError(f"providers must be among {sorted(PROVIDERS)}; got {p!r}")
+            raise BadValue(f"providers must be among {sorted(PROVIDERS)}; got {p!r}")
         if p in CUDA_ONLY and device.type != "cuda":
-            raise ValueError(f"provider {p!r} needs a CUDA device; got {device}")
+            raise BadValue(f"provider {p!r} needs a CUDA device; got {device}")
     if "reference" in providers:  # the others are compared with it and their speed-ups are over it
         providers = ["reference"] + [p for p in providers if p != "reference"]
     return device, providers

@@ -1,8 +1,10 @@
 """`ddpm-fast` command line: one module per command in this package, each with `add_arguments(p)` and
 `run(args) -> int`; this module builds the parser, applies --threads and turns user errors into one line.
 
-A user error (bad option, missing file, unavailable device) prints one line to stderr and exits 2;
-set DDPM_FAST_DEBUG=1 to see the traceback instead.
+A user error prints one line to stderr and exits 2; a bug is a traceback. User errors are the
+`ddpm_fast.errors.UserError` family (a bad option or input is `BadValue` / `BadType`, a missing device or
+library `Unavailable`) and OSError (a file the user named); a plain ValueError or TypeError, from torch, numpy
+or our own code, is a bug. Set DDPM_FAST_DEBUG=1 to see a user error's traceback too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import sys
 
 from ddpm_fast.devices import set_threads
-from ddpm_fast.errors import Unavailable, UserError
+from ddpm_fast.errors import BadValue, UserError
 
 # name -> (module, one-line help, examples)
 COMMANDS = {
@@ -69,7 +71,8 @@ COMMANDS = {
 }
 
 
-USER_ERRORS = (UserError, Unavailable, ValueError, TypeError, OSError)
+# What `main` reports in one line; anything else keeps its traceback (module docstring).
+USER_ERRORS = (UserError, OSError)
 
 
 def int_at_least(minimum: int = 1):
@@ -91,14 +94,14 @@ def check_out_dir(path: str, name: str = "--out") -> None:
     """Refuse, before any work, an output directory the command could not make: `path` or an ancestor is a file."""
     full = os.path.abspath(path)
     if os.path.exists(full) and not os.path.isdir(full):
-        raise ValueError(
+        raise BadValue(
             f"{name} {path!r} is a file; it must name a directory (one that exists or can be made)"
         )
     parent = full
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"{name} {path!r}: {parent!r} is a file, so the directory cannot be made")
+        raise BadValue(f"{name} {path!r}: {parent!r} is a file, so the directory cannot be made")
 
 
 class _ArgumentError(Exception):

@@ -5,15 +5,16 @@ from __future__ import annotations
 from ddpm_fast.bench import PRESETS, PROVIDERS, benchmark, build_model, markdown, write_report
 from ddpm_fast.cli import check_out_dir
 from ddpm_fast.devices import resolve_device
+from ddpm_fast.errors import BadValue
 
 
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
-        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}") from e
+        raise BadValue(f"--batch-sizes must be comma-separated positive ints; got {text!r}") from e
     if not vals or min(vals) < 1:
-        raise ValueError(f"--batch-sizes must be comma-separated positive ints; got {text!r}")
+        raise BadValue(f"--batch-sizes must be comma-separated positive ints; got {text!r}")
     return vals
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ddpm_fast.adm_io import preset_for_file
 from ddpm_fast.checkpoint import CONFIG_FILE, load_model, save_model
+from ddpm_fast.errors import BadValue
 
 log = logging.getLogger("ddpm_fast")
 
@@ -48,13 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
-        raise ValueError(f"dst must differ from src; got {dst} for both")
+        raise BadValue(f"dst must differ from src; got {dst} for both")
     if (dst / CONFIG_FILE).exists() and not args.force:
-        raise ValueError(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
+        raise BadValue(f"dst {dst} already holds a checkpoint; pass --force to overwrite it")
     openai = args.adm_flags is not None or args.adm_source is not None or args.adm_preset is not None
     if src.is_file() and not openai:
         if preset_for_file(src.name) is None:
-            raise ValueError(
+            raise BadValue(
                 f'{src} is a file: convert an openai ADM .pt file with --adm-flags "..." (its README\'s '
                 "MODEL_FLAGS and DIFFUSION_FLAGS) or --adm-preset NAME"
             )

@@ -12,7 +12,7 @@ import sys
 
 from ddpm_fast.checkpoint import BUNDLED_NAME as BUNDLED
 from ddpm_fast.checkpoint import default_model, load_model
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadValue, Unavailable
 from ddpm_fast.export.onnx_export import OPSET, export_onnx
 from ddpm_fast.plan import make_plan
 from ddpm_fast.samplers import METHODS
@@ -71,7 +71,7 @@ def _load(spec: str):
 
 def run(args) -> int:
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+        raise BadValue(f"--steps must be >= 1; got {args.steps}")
     if not args.step and (
         args.steps is not None
         or args.method != "ddpm"
@@ -79,12 +79,12 @@ def run(args) -> int:
         or args.variance is not None
         or args.clip is not None
     ):
-        raise ValueError("--steps, --method, --eta, --variance and --clip describe a step graph: add --step")
+        raise BadValue("--steps, --method, --eta, --variance and --clip describe a step graph: add --step")
     model = _load(args.model)
     plan = None
     if args.step:
         if model.schedule is None:
-            raise ValueError(f"{args.model} names no noise schedule; a step graph needs one")
+            raise BadValue(f"{args.model} names no noise schedule; a step graph needs one")
         plan = make_plan(
             model,
             None,

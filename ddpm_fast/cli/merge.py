@@ -8,6 +8,7 @@ import sys
 import time
 
 from ddpm_fast import shards
+from ddpm_fast.errors import BadValue
 from ddpm_fast.runs import output_kind
 
 __all__ = ["add_arguments", "run"]
@@ -23,7 +24,7 @@ def run(args) -> int:
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"DIR {args.dir} is not a directory")
     if output_kind(args.out) != "npz":
-        raise ValueError(f"OUT must end in .npz; got {args.out!r}")
+        raise BadValue(f"OUT must end in .npz; got {args.out!r}")
     t0 = time.perf_counter()
     shape = shards.merge(args.dir, args.out, progress=not args.quiet)
     print(f"{shape[0]} images {list(shape[1:])} merged in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -21,7 +21,7 @@ from ddpm_fast.checkpoint import default_model, load_model
 from ddpm_fast.cli import int_at_least
 from ddpm_fast.devices import resolve_device
 from ddpm_fast.distributed import Dist, env_world, join
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadValue, Unavailable
 from ddpm_fast.export.runtime import load_onnx
 from ddpm_fast.guidance import ClassifierGuidance
 from ddpm_fast.plan import make_plan
@@ -175,15 +175,13 @@ def _load_model(spec: str | None, device: torch.device):
         model = load_onnx(spec)  # onnxruntime itself is imported there, where a session is made
         if model.defaults.image_shape is None:  # the command has no option for the shape the graph takes
             if not model.metadata:
-                raise ValueError(
-                    f"--model {spec} has no ddpm-fast metadata; export it with `ddpm-fast export`"
-                )
-            raise ValueError(
+                raise BadValue(f"--model {spec} has no ddpm-fast metadata; export it with `ddpm-fast export`")
+            raise BadValue(
                 f"--model {spec}: its metadata names no image shape; export it with `ddpm-fast export`"
             )
         return model, "onnx"
     if os.path.isfile(spec) and adm_io.preset_for_file(os.path.basename(spec)) is None:
-        raise ValueError(
+        raise BadValue(
             f"--model {spec} is a file: sample takes a checkpoint directory or an .onnx file; convert an openai "
             f'ADM .pt file first: ddpm-fast convert {spec} DIR --adm-flags "..." (its README\'s MODEL_FLAGS)'
         )
@@ -200,15 +198,13 @@ def _labels(spec: str | None, num: int):
     if spec.lstrip("-").isdigit():
         return int(spec)
     if not spec.endswith(".npy"):
-        raise ValueError(f"--labels must be random, a class number or FILE.npy; got {spec!r}")
+        raise BadValue(f"--labels must be random, a class number or FILE.npy; got {spec!r}")
     try:
         arr = np.load(spec, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--labels {spec}: cannot read it as an .npy of ints ({e})") from e
+        raise BadValue(f"--labels {spec}: cannot read it as an .npy of ints ({e})") from e
     if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.shape[0] != num:
-        raise ValueError(
-            f"--labels {spec} must hold {num} ints (one per sample); got {arr.dtype} {arr.shape}"
-        )
+        raise BadValue(f"--labels {spec} must hold {num} ints (one per sample); got {arr.dtype} {arr.shape}")
     return torch.from_numpy(arr.astype("int64"))
 
 
@@ -220,15 +216,15 @@ def _classifier(args, device: torch.device):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"--classifier {file}: no such file")
     if args.classifier_flags is None and classifier_preset_for_file(os.path.basename(file)) is None:
-        raise ValueError(
+        raise BadValue(
             f"--classifier {file}: pass --classifier-flags (the README's CLASSIFIER_FLAGS); the file name is "
             "not a published classifier's"
         )
     try:
         return load_classifier(file, flags=args.classifier_flags).to(device)
-    except ValueError as e:
+    except BadValue as e:
         why = str(e).removeprefix(f"{file}: ")
-        raise ValueError(f"--classifier {file}: {why}") from e
+        raise BadValue(f"--classifier {file}: {why}") from e
 
 
 def _guidance(args, classifier, dtype):
@@ -247,13 +243,13 @@ def _check(args) -> str:
     """Everything that can be refused before a model is loaded; returns the output kind."""
     check_params(args.method, eta=args.eta)  # the registry's rule, before a model loads
     if args.tuned is not None and args.method != "tuned":
-        raise ValueError(f"--tuned applies to --method tuned; got --method {args.method}")
+        raise BadValue(f"--tuned applies to --method tuned; got --method {args.method}")
     if args.method == "tuned" and args.spacing is not None:
-        raise ValueError("--spacing does not apply to --method tuned (the table has its own timesteps)")
+        raise BadValue("--spacing does not apply to --method tuned (the table has its own timesteps)")
     kind = check_out(args.out, "--out")
     onnx_file = args.model is not None and args.model.lower().endswith(".onnx")
     if args.backend == "onnx" and not onnx_file:
-        raise ValueError(
+        raise BadValue(
             f"--backend onnx needs --model FILE.onnx; got --model {args.model or '(the bundled model)'}"
         )
     backend = BACKENDS.get(args.backend)  # None: auto
@@ -265,18 +261,18 @@ def _check(args) -> str:
         onnx_file and args.backend == "auto" and not (dtype == torch.bfloat16 and openvino_bf16_here())
     )
     if (args.backend == "onnx" or auto_onnx) and dtype != torch.float32:
-        raise ValueError(
+        raise BadValue(
             f"--backend onnx computes in float32 (the graph's inputs and outputs); got --dtype {args.dtype}"
         )
     if onnx_file and backend is not None and not backend.graph:
-        raise ValueError(
+        raise BadValue(
             f"--model {args.model} is an ONNX file: use --backend {' or '.join(GRAPH_BACKENDS)} (or auto); got "
             f"--backend {args.backend}"
         )
     if args.classifier is None and (args.classifier_flags is not None or args.classifier_scale is not None):
-        raise ValueError("--classifier-flags and --classifier-scale need --classifier FILE.pt")
+        raise BadValue("--classifier-flags and --classifier-scale need --classifier FILE.pt")
     if args.classifier is not None and args.labels is None:
-        raise ValueError(
+        raise BadValue(
             "--classifier (classifier guidance) needs --labels random|K|FILE.npy: the class to steer to"
         )
     if kind != "dir":  # these describe a sharded run; with a file output they were ignored
@@ -284,9 +280,9 @@ def _check(args) -> str:
                  ("--no-merge", args.no_merge)]  # fmt: skip
         for flag, used in given:
             if used:
-                raise ValueError(f"{flag} applies to --out DIR (a sharded run) only; got --out {args.out}")
+                raise BadValue(f"{flag} applies to --out DIR (a sharded run) only; got --out {args.out}")
     if args.nproc_per_node and kind != "dir":
-        raise ValueError(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
+        raise BadValue(f"--nproc-per-node needs --out DIR (a sharded run); got --out {args.out}")
     check_world_out(kind, args.out, env_world()[1])
     return kind
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ddpm_fast.checkpoint import default_model, load_model
+from ddpm_fast.errors import BadValue
 from ddpm_fast.samplers import family
 from ddpm_fast.tuning import tune
 
@@ -29,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     family(args.base)  # an unknown base is one line before the model loads
     if not str(args.out).endswith(".safetensors"):
-        raise ValueError(f"--out must end in .safetensors; got {args.out!r}")
+        raise BadValue(f"--out must end in .safetensors; got {args.out!r}")
     if args.nfe < 1:
-        raise ValueError(f"--nfe must be >= 1; got {args.nfe}")
+        raise BadValue(f"--nfe must be >= 1; got {args.nfe}")
     model = default_model() if args.model is None else load_model(args.model)
     tune(
         model,

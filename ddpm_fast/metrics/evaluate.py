@@ -23,6 +23,7 @@ import numpy as np
 from ddpm_fast import __version__, shards
 from ddpm_fast.checks import check_int
 from ddpm_fast.devices import resolve_device
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.metrics.features import FeatureSet, extract
 from ddpm_fast.metrics.frechet import SQRTM_METHODS, Statistics, check_rank, frechet_distance, resolve_sqrtm
 from ddpm_fast.metrics.inception import InceptionNet, resolve_inception_path
@@ -60,11 +61,11 @@ class FIDConfig:
                 continue
             check_int(v, name)
         if self.sqrtm not in SQRTM_METHODS:
-            raise ValueError(f"sqrtm must be one of {SQRTM_METHODS}; got {self.sqrtm!r}")
+            raise BadValue(f"sqrtm must be one of {SQRTM_METHODS}; got {self.sqrtm!r}")
         for name in ("inception", "cache_dir", "device"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):
-                raise TypeError(f"{name} must be a path or None; got {type(v).__name__}")
+                raise BadType(f"{name} must be a path or None; got {type(v).__name__}")
 
 
 @dataclass
@@ -90,12 +91,12 @@ def _check_file_out(path, suffix: str, name: str) -> str | None:
         return None
     path = os.fspath(path)
     if not path.lower().endswith(suffix):
-        raise ValueError(f"{name} must end in {suffix}; got {path!r}")
+        raise BadValue(f"{name} must end in {suffix}; got {path!r}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ValueError(f"{name} {path!r}: directory {os.path.dirname(path) or '.'!r} does not exist")
+        raise BadValue(f"{name} {path!r}: directory {os.path.dirname(path) or '.'!r} does not exist")
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"{name} {path!r}: {parent!r} is not writable")
+        raise BadValue(f"{name} {path!r}: {parent!r} is not writable")
     return path
 
 
@@ -188,7 +189,7 @@ def fid(samples, ref, *, out=None, stats_out=None, **options) -> FIDResult:
     session = _Session(cfg)
     dim = session.net.dim
     if reference.stats is not None and reference.stats.dim != dim:
-        raise ValueError(
+        raise BadValue(
             f"ref {reference.path}: statistics of {reference.stats.dim} dimensions, but the Inception "
             f"features have {dim}: they come from another network"
         )

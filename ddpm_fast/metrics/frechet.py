@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ddpm_fast.errors import BadValue
+
 __all__ = ["Statistics", "MomentAccumulator", "frechet_distance", "check_rank", "SQRTM_METHODS"]
 
 log = logging.getLogger("ddpm_fast")
@@ -41,7 +43,7 @@ def check_rank(num: int, dim: int, name: str) -> None:
     """A covariance of `num` vectors has rank at most num - 1; below `dim` it is singular and d^2 is biased
     far beyond its sampling error, so refuse rather than return a number."""
     if num <= dim:
-        raise ValueError(
+        raise BadValue(
             f"{name}: {num} images give a covariance of rank at most {num - 1}, below the {dim} feature "
             f"dimensions; a Fréchet distance needs more than {dim} images (papers use 50,000)"
         )
@@ -64,7 +66,7 @@ class Statistics:
         """Two-pass statistics of all rows at once (the tests' reference; `MomentAccumulator` streams)."""
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2:
-            raise ValueError(f"{name} must be a 2-D array [N, D]; got shape {list(x.shape)}")
+            raise BadValue(f"{name} must be a 2-D array [N, D]; got shape {list(x.shape)}")
         check_rank(x.shape[0], x.shape[1], name)
         return cls(x.mean(0), np.cov(x, rowvar=False), x.shape[0])
 
@@ -74,14 +76,14 @@ class Statistics:
         mu = np.asarray(mu, dtype=np.float64)
         sigma = np.asarray(sigma, dtype=np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(
+            raise BadValue(
                 f"{name}: mu must be [D] and sigma [D, D]; got {list(mu.shape)} and {list(sigma.shape)}"
             )
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"{name}: mu and sigma must be finite")
+            raise BadValue(f"{name}: mu and sigma must be finite")
         scale = max(float(np.abs(sigma).max()), 1e-300)
         if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
-            raise ValueError(f"{name}: sigma is not symmetric, so it is not a covariance")
+            raise BadValue(f"{name}: sigma is not symmetric, so it is not a covariance")
         return cls(mu, sigma, None if num is None else int(num))
 
 
@@ -115,7 +117,7 @@ class MomentAccumulator:
 
     def result(self, name: str = "features") -> Statistics:
         if self.c is None:
-            raise ValueError(f"{name}: no feature vectors")
+            raise BadValue(f"{name}: no feature vectors")
         check_rank(self.n, self.c.shape[0], name)
         mu = self.c + self.s1 / self.n
         sigma = (self.s2 - torch.outer(self.s1, self.s1) / self.n) / (self.n - 1)
@@ -139,7 +141,7 @@ def _trace_sqrt_scipy(s1: np.ndarray, s2: np.ndarray) -> float:
         covmean = sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=_IMAG_ATOL):
-            raise ValueError(_NOT_COVARIANCES.format(float(np.max(np.abs(covmean.imag)))))
+            raise BadValue(_NOT_COVARIANCES.format(float(np.max(np.abs(covmean.imag)))))
         covmean = covmean.real
     return float(np.trace(covmean))
 
@@ -154,7 +156,7 @@ def _trace_sqrt_eigh(s1: np.ndarray, s2: np.ndarray) -> float:
     m = r @ s2 @ r
     w = np.linalg.eigvalsh((m + m.T) / 2)
     if w.min() < 0 and np.sqrt(-w.min()) > _IMAG_ATOL:
-        raise ValueError(_NOT_COVARIANCES.format(np.sqrt(-w.min())))
+        raise BadValue(_NOT_COVARIANCES.format(np.sqrt(-w.min())))
     return float(np.sqrt(np.clip(w, 0, None)).sum())
 
 
@@ -165,7 +167,7 @@ def resolve_sqrtm(method: str) -> str:
     """'auto' -> 'scipy' when scipy imports, else 'eigh' (one logged line); 'scipy' without scipy raises."""
     global _warned_no_scipy
     if method not in SQRTM_METHODS:
-        raise ValueError(f"sqrtm must be one of {SQRTM_METHODS}; got {method!r}")
+        raise BadValue(f"sqrtm must be one of {SQRTM_METHODS}; got {method!r}")
     if method == "eigh":
         return method
     try:
@@ -183,7 +185,7 @@ def resolve_sqrtm(method: str) -> str:
 def frechet_distance(a: Statistics, b: Statistics, *, sqrtm: str = "auto") -> float:
     """|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2}) in float64 (see the module docstring)."""
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"the statistics differ in dimension: {a.mu.shape[0]} and {b.mu.shape[0]}")
+        raise BadValue(f"the statistics differ in dimension: {a.mu.shape[0]} and {b.mu.shape[0]}")
     method = resolve_sqrtm(sqrtm)
     mu1, mu2 = a.mu.astype(np.float64), b.mu.astype(np.float64)
     s1, s2 = a.sigma.astype(np.float64), b.sigma.astype(np.float64)

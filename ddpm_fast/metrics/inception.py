@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_fast.errors import BadValue
 from ddpm_fast.metrics.sources import file_sha256
 
 __all__ = [
@@ -134,12 +135,12 @@ class InceptionNet:
             try:
                 out = self.net(probe, return_features=True)
             except Exception as e:
-                raise ValueError(
+                raise BadValue(
                     f"{name} {path} does not take net(images, return_features=True) as {INCEPTION_FILE} "
                     f"does ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''})"
                 ) from e
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-            raise ValueError(f"{name} {path}: net(images, return_features=True) must return [N, D] features")
+            raise BadValue(f"{name} {path}: net(images, return_features=True) must return [N, D] features")
         self.dim = int(out.shape[1])
         self.head = self._output_weight()
         self.one_pass: bool | None = None  # decided on the first batch, as is:
@@ -150,7 +151,7 @@ class InceptionNet:
             net = torch.jit.load(self.path, map_location=self.device)
         except Exception as e:  # RuntimeError from the zip reader, or the TorchScript deserializer
             msg = str(e).strip().splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(
+            raise BadValue(
                 f"{self.name} {self.path} is not a TorchScript file ({msg}); expected NVIDIA's "
                 f"{INCEPTION_FILE} (the .pt, not EDM's .pkl)"
             ) from e
@@ -207,9 +208,7 @@ class InceptionNet:
 
     def __call__(self, images: np.ndarray) -> Outputs:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(
-                f"images must be uint8 [N, H, W, 1 or 3]; got {images.dtype} {list(images.shape)}"
-            )
+            raise BadValue(f"images must be uint8 [N, H, W, 1 or 3]; got {images.dtype} {list(images.shape)}")
         images = np.require(
             images, requirements=["C", "W"]
         )  # torch wants writable memory (np.frombuffer's is not)

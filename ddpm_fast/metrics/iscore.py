@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddpm_fast.checks import check_int
+from ddpm_fast.errors import BadValue
 
 __all__ = ["SplitTerms", "split_terms", "score", "inception_score"]
 
@@ -51,6 +52,6 @@ def inception_score(probs, split_size: int = 5000) -> float:
     """IS of class probabilities [N, K] (rows sum to 1), splits of `split_size` rows in order."""
     p = torch.as_tensor(probs)
     if p.ndim != 2 or p.shape[0] == 0:
-        raise ValueError(f"probs must be [N, K] with N >= 1; got shape {list(p.shape)}")
+        raise BadValue(f"probs must be [N, K] with N >= 1; got shape {list(p.shape)}")
     check_int(split_size, "split_size")
     return score([split_terms(p[i : i + split_size]) for i in range(0, p.shape[0], split_size)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ddpm_fast.checks import check_int
+from ddpm_fast.errors import BadValue
 
 __all__ = ["pairwise_sq_distances", "manifold_radii", "coverage", "precision_recall"]
 
@@ -24,9 +25,7 @@ _BLOCK = 1 << 24  # distances per block: 64 MB of float32
 def _as_features(x, name: str, device) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.ndim != 2 or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(
-            f"{name} must be a 2-D array of feature vectors [N, D]; got {t.dtype} {list(t.shape)}"
-        )
+        raise BadValue(f"{name} must be a 2-D array of feature vectors [N, D]; got {t.dtype} {list(t.shape)}")
     return t.to(device, torch.float32)
 
 
@@ -68,10 +67,10 @@ def precision_recall(ref, samples, *, k: int = 3, device=None) -> tuple[float, f
     r = _as_features(ref, "ref", device)
     s = _as_features(samples, "samples", device)
     if r.shape[1] != s.shape[1]:
-        raise ValueError(f"ref and samples differ in feature dimension: {r.shape[1]} and {s.shape[1]}")
+        raise BadValue(f"ref and samples differ in feature dimension: {r.shape[1]} and {s.shape[1]}")
     for name, t in (("ref", r), ("samples", s)):
         if t.shape[0] <= k:
-            raise ValueError(
+            raise BadValue(
                 f"{name}: {t.shape[0]} feature vectors; k={k} nearest neighbours need more than {k}"
             )
     precision = coverage(s, r, manifold_radii(r, k))

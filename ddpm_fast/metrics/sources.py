@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddpm_fast import shards
+from ddpm_fast.errors import BadValue
 from ddpm_fast.images import IMAGE_SUFFIXES
 from ddpm_fast.metrics.frechet import Statistics
 from ddpm_fast.shards import file_sha256
@@ -60,9 +61,9 @@ def rebatch(pieces, batch_size: int) -> Iterator[np.ndarray]:
 
 def _check_images(dtype, shape, what: str) -> None:
     if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"{what} must be uint8 images (0..255); got {np.dtype(dtype)}")
+        raise BadValue(f"{what} must be uint8 images (0..255); got {np.dtype(dtype)}")
     if len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
-        raise ValueError(
+        raise BadValue(
             f"{what} must be [N, H, W, C] with N >= 1 and C 1 or 3 (NHWC); got shape {list(shape)}"
         )
 
@@ -118,7 +119,7 @@ class RunImages(ImageSource):
             k for k, (_, c) in enumerate(self.ranges) if (self.done.get(str(k)) or {}).get("count") != c
         ]
         if missing:
-            raise ValueError(
+            raise BadValue(
                 f"{name} {path}: {len(missing)} of {len(self.ranges)} shards are not done (first: {missing[0]}); "
                 "finish the run with the same `ddpm-fast sample` command"
             )
@@ -133,7 +134,7 @@ class RunImages(ImageSource):
             sha = self.done[str(k)].get("sha256")
             why = shards.check_shard(self._shard(k), self.fmt, start, count, self.hwc, sha)
             if why is not None:
-                raise ValueError(
+                raise BadValue(
                     f"{self.name} {self.path}: shard {k} is {why}; run the same sample command again"
                 )
             h.update((sha or shards.shard_digest(self._shard(k), self.fmt)).encode())
@@ -153,7 +154,7 @@ def _read_npy_header(f):
         return np.lib.format.read_array_header_1_0(f)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"unsupported .npy format version {version}")
+    raise BadValue(f"unsupported .npy format version {version}")
 
 
 def _npz_members(path: str, name: str) -> list[str]:
@@ -161,7 +162,7 @@ def _npz_members(path: str, name: str) -> list[str]:
         with zipfile.ZipFile(path) as z:
             return z.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{name} {path} is not a readable .npz file ({e})") from e
+        raise BadValue(f"{name} {path} is not a readable .npz file ({e})") from e
 
 
 class NpzImages(ImageSource):
@@ -172,17 +173,17 @@ class NpzImages(ImageSource):
         members = _npz_members(path, name)
         if "arr_0.npy" not in members:
             held = ", ".join(m[:-4] for m in members if m.endswith(".npy")) or "nothing"
-            raise ValueError(
+            raise BadValue(
                 f"{name} {path} holds no images arr_0 (it holds: {held}); expected arr_0 uint8 NHWC"
             )
         with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
             try:
                 shape, fortran, dtype = _read_npy_header(f)
             except ValueError as e:
-                raise ValueError(f"{name} {path}: arr_0 is not a readable array ({e})") from e
+                raise BadValue(f"{name} {path}: arr_0 is not a readable array ({e})") from e
         _check_images(dtype, shape, f"{name} {path}: arr_0")
         if fortran:
-            raise ValueError(f"{name} {path}: arr_0 is stored in Fortran order; save it C-contiguous")
+            raise BadValue(f"{name} {path}: arr_0 is stored in Fortran order; save it C-contiguous")
         self.num, self.hwc = int(shape[0]), tuple(int(v) for v in shape[1:])
 
     def _compute_digest(self) -> str:
@@ -199,7 +200,7 @@ class NpzImages(ImageSource):
                 n = min(step, stop - s)
                 data = f.read(n * row)
                 if len(data) != n * row:
-                    raise ValueError(f"{self.name} {self.path}: arr_0 is truncated at image {s}")
+                    raise BadValue(f"{self.name} {self.path}: arr_0 is truncated at image {s}")
                 yield np.frombuffer(data, dtype=np.uint8).reshape(n, *self.hwc)
 
 
@@ -214,7 +215,7 @@ class FolderImages(ImageSource):
                 if f.lower().endswith(IMAGE_SUFFIXES):
                     found.append(os.path.relpath(os.path.join(root, f), path))
         if not found:
-            raise ValueError(f"{name} {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            raise BadValue(f"{name} {path} holds no {'/'.join(IMAGE_SUFFIXES)} images")
         self.files = sorted(found, key=lambda p: p.replace(os.sep, "/"))
         self.num = len(self.files)
         self.hwc = self._read(self.files[0], None).shape
@@ -229,15 +230,15 @@ class FolderImages(ImageSource):
                 if mode == "P":
                     im = im.convert("RGB")
                 elif mode not in ("L", "RGB"):
-                    raise ValueError(
+                    raise BadValue(
                         f"{self.name} {path}: mode {mode}; images must be 8-bit RGB, grayscale (L) or palette"
                     )
                 a = np.asarray(im)
         except OSError as e:
-            raise ValueError(f"{self.name} {path} is not a readable image ({e})") from e
+            raise BadValue(f"{self.name} {path} is not a readable image ({e})") from e
         a = a[:, :, None] if a.ndim == 2 else a
         if hwc is not None and a.shape != hwc:
-            raise ValueError(f"{self.name} {path}: {list(a.shape)} (HWC), but the first image is {list(hwc)}")
+            raise BadValue(f"{self.name} {path}: {list(a.shape)} (HWC), but the first image is {list(hwc)}")
         return a
 
     def _compute_digest(self) -> str:
@@ -264,7 +265,7 @@ def open_images(path, name: str = "samples") -> ImageSource:
             f"{name} {path} does not exist (expected a run directory, an .npz or a folder)"
         )
     if not path.lower().endswith(".npz"):
-        raise ValueError(f"{name} {path}: expected a run directory, an .npz file or an image folder")
+        raise BadValue(f"{name} {path}: expected a run directory, an .npz file or an image folder")
     return NpzImages(path, name)
 
 
@@ -306,7 +307,7 @@ def open_reference(path, name: str = "ref") -> Reference:
                 spatial = Statistics.checked(z["mu_s"], z["sigma_s"], num, f"{name} {path} (mu_s, sigma_s)")
     elif "arr_0" not in members:
         held = ", ".join(sorted(members)) or "nothing"
-        raise ValueError(
+        raise BadValue(
             f"{name} {path} holds neither images (arr_0) nor statistics (mu, sigma); it holds: {held}"
         )
     images = NpzImages(path, name) if "arr_0" in members else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.samplers import deis, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, ipndm, unipc
 from ddpm_fast.samplers.ddim import ddim_table, sample_ddim
 from ddpm_fast.samplers.ddpm import ddpm_table, sample_ddpm
@@ -81,20 +82,20 @@ METHODS = tuple(FAMILIES)
 def family(method) -> Family:
     """The registered family of `method`; an unknown name is a ValueError listing the known ones."""
     if method not in FAMILIES:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        raise BadValue(f"method must be one of {METHODS}; got {method!r}")
     return FAMILIES[method]
 
 
 def check_params(method: str, *, eta: float) -> None:
     """Reject a parameter the method does not take (errors name it)."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a float; got {eta!r}")
+        raise BadType(f"eta must be a float; got {eta!r}")
     if (
         not 0 <= eta <= 1
     ):  # DDIM's eta: 0 deterministic, 1 DDPM's posterior variance; above 1 no variance is left
-        raise ValueError(f"eta must lie in [0, 1]; got {eta}")
+        raise BadValue(f"eta must lie in [0, 1]; got {eta}")
     if eta != 0 and "eta" not in family(method).params:
-        raise ValueError(
+        raise BadValue(
             f"eta applies to method={' or '.join(map(repr, taking('eta')))} only; got eta={eta} with method={method!r}"
         )
 
@@ -110,10 +111,10 @@ def build_step_table(
     """The coefficient table for walking `schedule` (already respaced if wanted) from its last index to 0."""
     fam = family(method)
     if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+        raise BadValue(f"variance must be one of {VARIANCES}; got {variance!r}")
     check_params(method, eta=eta)
     if schedule.num_timesteps < fam.min_steps:
-        raise ValueError(
+        raise BadValue(
             f"steps must be >= {fam.min_steps} for method={method!r} (a multistep solver of that order); "
             f"got {schedule.num_timesteps}"
         )

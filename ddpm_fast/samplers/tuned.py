@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ddpm_fast.errors import BadValue
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, SRA, SRM1, StepTable
 
@@ -33,7 +34,7 @@ def sample_tuned(model, x, table: StepTable, noise, *, sigma, clip, callback=Non
 
 
 def tuned_table(schedule: Schedule, *, variance: str, eta: float = 0.0) -> StepTable:
-    raise ValueError(
+    raise BadValue(
         "method='tuned' runs a table learned for the model (`ddpm-fast tune`): pass tuned=PATH, or steps=N "
         "for a table the checkpoint carries"
     )
