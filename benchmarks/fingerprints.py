@@ -9,7 +9,8 @@ ADM a labelled run and a classifier-guided one, and a five-step training run. Ba
 (the torch twin, and the Triton kernels through the interpreter: a subprocess with TRITON_INTERPRET=1, set
 before Triton is imported), onnx and openvino (an eps graph of each model, exported once to a temporary
 folder). Small batches, few steps, fixed seeds: each hash is bit for bit, so no tolerance enters. A refusal
-is fingerprinted too, as its error's type and first line. The ddpm_fast imported is this checkout's.
+is fingerprinted too, as its error's builtin type (ValueError for a BadValue) and first line. The ddpm_fast
+imported is this checkout's.
 """
 
 from __future__ import annotations
@@ -112,8 +113,13 @@ def run_cases(backends, onnx_dir: Path) -> dict:
                         x = df.sample(subject, shape=shape, seed=SEED, backend=backend, **kw)
                     out[key] = digest(x)
                 except Exception as e:  # noqa: BLE001 - a refusal is part of the behaviour being fingerprinted
-                    out[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    out[key] = f"{_builtin_type(e)}: {str(e).splitlines()[0][:120]}"
     return out
+
+
+def _builtin_type(e: Exception) -> str:
+    """The builtin exception class a refusal is (ValueError for errors.BadValue): the contract callers catch."""
+    return next(c for c in type(e).__mro__ if c.__module__ == "builtins").__name__
 
 
 def train_prints(tmp: Path) -> dict:

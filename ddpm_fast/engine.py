@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from ddpm_fast import kernels, noise
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.plan import Plan, check_model_output
 from ddpm_fast.progress import progress_bar
 
@@ -131,7 +132,7 @@ def _env_off(name: str) -> bool:
 def _bool_option(opts: dict, name: str) -> bool:
     v = opts.get(name, True)
     if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool; got {v!r}")
+        raise BadType(f"{name} must be a bool; got {v!r}")
     return v
 
 
@@ -142,7 +143,7 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
     opts = plan.options
     unknown = sorted(set(opts) - set(OPTION_NAMES))
     if unknown:
-        raise TypeError(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
+        raise BadType(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
     dev = plan.device.type
     on = {name: _bool_option(opts, name) for name in ("compile", "cuda_graph", "triton", "channels_last")}
     if "compile" not in opts and model is not None:
@@ -151,17 +152,15 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
     if mode is None:
         mode = DEFAULT_COMPILE_MODE.get(dev, "default")
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
+        raise BadValue(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
     buckets = opts.get("buckets")
     if buckets is not None:
         try:
             buckets = tuple(sorted({int(b) for b in buckets}))
         except (TypeError, ValueError) as e:
-            raise TypeError(f"buckets must be a sequence of positive ints; got {buckets!r}") from e
+            raise BadType(f"buckets must be a sequence of positive ints; got {buckets!r}") from e
         if not buckets or any(isinstance(b, bool) or b < 1 for b in opts["buckets"]):
-            raise ValueError(
-                f"buckets must be a non-empty sequence of positive ints; got {opts['buckets']!r}"
-            )
+            raise BadValue(f"buckets must be a non-empty sequence of positive ints; got {opts['buckets']!r}")
 
     for name, env in ENV_SWITCHES.items():
         if on[name] and _env_off(env):
@@ -188,7 +187,7 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         _log_once("compile:missing", "ddpm_fast fast backend: torch.compile is unavailable; running eagerly")
         on["compile"] = False
     if on["cuda_graph"] and mode in ("reduce-overhead", "max-autotune") and on["compile"]:
-        raise ValueError(
+        raise BadValue(
             f"compile_mode={mode!r} captures its own CUDA graphs; use it with cuda_graph=False, "
             "or use 'default' / 'max-autotune-no-cudagraphs'"
         )
@@ -645,14 +644,14 @@ def _chunks(B: int, opts: EngineOptions, prepared: list[int]) -> list[tuple[int,
 
 def _check(model, plan: Plan) -> None:
     if plan.dtype == torch.float64:
-        raise ValueError(
+        raise BadValue(
             "dtype must be float32, bfloat16 or float16 for backend='fast' (its update runs in float32); "
             "got torch.float64: use backend='reference'"
         )
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.device != plan.device:
-                raise ValueError(f"model is on {p.device} but device={plan.device}; move the model first")
+                raise BadValue(f"model is on {p.device} but device={plan.device}; move the model first")
             break
 
 

@@ -162,7 +162,7 @@ def exported_model(model: torch.nn.Module, image_shape) -> OnnxModel:
             m = OnnxModel.load(path)
             if m.metadata.get("source_digest") == digest and m.kind == "eps":
                 return m
-        except ValueError:
+        except BadValue:
             pass  # an unreadable file: export it again over it
         runtime.forget(path)
     from ddpm_fast.export.onnx_export import export_onnx

@@ -34,7 +34,7 @@ import torch
 
 from ddpm_fast import noise
 from ddpm_fast.defaults import ModelDefaults
-from ddpm_fast.errors import Unavailable
+from ddpm_fast.errors import BadType, BadValue, Unavailable
 from ddpm_fast.kernels import posterior_step, step_args
 from ddpm_fast.schedule import Schedule
 from ddpm_fast.steps import C_EPS, C_X0, COLUMNS, SIGMA, SRM1
@@ -138,7 +138,7 @@ def create_session(model_path, device, *, threads: int | None = None):
         providers = [("CUDAExecutionProvider", options)]
         providers.append("CPUExecutionProvider")  # shape ops ORT places on the host
     else:
-        raise ValueError(f"device must be cpu or cuda for backend='onnx'; got {device}")
+        raise BadValue(f"device must be cpu or cuda for backend='onnx'; got {device}")
 
     def make():
         try:
@@ -150,7 +150,7 @@ def create_session(model_path, device, *, threads: int | None = None):
                     f"ONNX Runtime's {providers[0] if isinstance(providers[0], str) else 'CUDA'} provider cannot "
                     f"run {model_path}: {msg} (float16 graphs may need the CUDA provider)"
                 ) from e
-            raise ValueError(f"ONNX Runtime cannot load {model_path}: {msg}") from e
+            raise BadValue(f"ONNX Runtime cannot load {model_path}: {msg}") from e
 
     sess = make()
     stream = providers[0][1].get("user_compute_stream") if isinstance(providers[0], tuple) else None
@@ -203,25 +203,25 @@ class OnnxModel:
         self._session = session  # a user's InferenceSession (from_session)
         kind = {frozenset(k): v for k, v in KINDS.items()}.get(frozenset(inputs))
         if kind is None:
-            raise ValueError(
+            raise BadValue(
                 f"{source}: ONNX model inputs must be named ('x', 't') (noise model) or ('x', 'step', 'z') (step "
                 f"graph); got {list(inputs)}"
             )
         # a multistep step graph carries its x0 history in ("history") and out ("history_out")
         self.history = int((metadata.get("step") or {}).get("history", 0)) if "history" in inputs else 0
         if len(outputs) != (2 if self.history else 1):
-            raise ValueError(
+            raise BadValue(
                 f"{source}: the ONNX model must have one output (two with a history); got {list(outputs)}"
             )
         want = {"x": "float", "t": "int64", "step": "int64", "z": "float", "history": "float", "y": "int64"}
         self.cond = "y" in inputs
         for name, (etype, _) in inputs.items():
             if etype != want[name]:
-                raise ValueError(f"{source}: input {name!r} must be {want[name]}; got {etype}")
+                raise BadValue(f"{source}: input {name!r} must be {want[name]}; got {etype}")
         self.kind = kind
         x_dims = inputs["x"][1]
         if len(x_dims) != 4:
-            raise ValueError(f"{source}: input 'x' must be 4-D [B, C, H, W]; got {len(x_dims)} dims")
+            raise BadValue(f"{source}: input 'x' must be 4-D [B, C, H, W]; got {len(x_dims)} dims")
         meta_shape = metadata.get("image_shape")
         self.image_shape = tuple(
             d if d is not None else (meta_shape[i] if meta_shape else None) for i, d in enumerate(x_dims[1:])
@@ -255,7 +255,7 @@ class OnnxModel:
         if isinstance(path, OnnxModel):
             return path
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"model must be an .onnx path or an OnnxModel; got {type(path).__name__}")
+            raise BadType(f"model must be an .onnx path or an OnnxModel; got {type(path).__name__}")
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"ONNX model {str(p)!r} does not exist")
@@ -271,9 +271,9 @@ class OnnxModel:
         try:
             proto = onnx.load(os.fspath(p), load_external_data=False)
         except Exception as e:  # protobuf's DecodeError and onnx's own errors
-            raise ValueError(f"{str(p)!r} is not an ONNX model: {type(e).__name__}: {e}") from e
+            raise BadValue(f"{str(p)!r} is not an ONNX model: {type(e).__name__}: {e}") from e
         if not proto.graph.node:
-            raise ValueError(f"{str(p)!r} is not an ONNX model: it has no graph")
+            raise BadValue(f"{str(p)!r} is not an ONNX model: it has no graph")
         init = {i.name for i in proto.graph.initializer}
         names = {"float": 1, "int64": 7, "float16": 10, "int32": 6, "double": 11}
         rev = {v: k for k, v in names.items()}
@@ -311,7 +311,7 @@ class OnnxModel:
         if self._session is not None:
             first = self._session.get_providers()[0]
             if (device.type == "cuda") != (first == "CUDAExecutionProvider"):
-                raise ValueError(
+                raise BadValue(
                     f"the given InferenceSession runs on {first}; it cannot serve device {device} "
                     "(pass the .onnx path to let ddpm_fast create the session)"
                 )
@@ -332,12 +332,12 @@ class OnnxModel:
         B, C, H, W = shape
         want = self.image_shape
         if any(w is not None and w != g for w, g in zip(want, (C, H, W))):
-            raise ValueError(
+            raise BadValue(
                 f"shape {tuple(shape)} does not fit {self.source}: the graph takes images "
                 f"{tuple('?' if w is None else w for w in want)} (C, H, W)"
             )
         if self.batch is not None and self.batch != B:
-            raise ValueError(
+            raise BadValue(
                 f"batch size {B} does not fit {self.source}: its batch axis is fixed at {self.batch}"
             )
 
@@ -348,15 +348,15 @@ class OnnxModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """eps = model(x, t [, y]) through ONNX Runtime on x's device (host round trip on CPU only)."""
         if self.kind != "eps":
-            raise TypeError(
+            raise BadType(
                 f"{self.source} is a step graph (x, step, z) -> x_prev; it cannot be called as model(x, t)"
             )
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise TypeError(f"x must be a 4-D torch.Tensor; got {type(x).__name__}")
+            raise BadType(f"x must be a 4-D torch.Tensor; got {type(x).__name__}")
         self.check_shape(tuple(x.shape))
         t = torch.as_tensor(t, device=x.device).to(torch.int64).reshape(-1).expand(x.shape[0]).contiguous()
         if self.cond != (y is not None):
-            raise TypeError(
+            raise BadType(
                 f"{self.source} {'needs' if self.cond else 'takes no'} labels y (its graph's inputs)"
             )
         feeds = {"x": x.detach().float().contiguous(), "t": t}
@@ -387,7 +387,7 @@ def _decode_metadata(props: dict, source: str) -> dict:
             try:
                 out[k[len(META_PREFIX) :]] = json.loads(v)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{source}: ONNX metadata {k!r} is not valid JSON: {e}") from e
+                raise BadValue(f"{source}: ONNX metadata {k!r} is not valid JSON: {e}") from e
     return out
 
 
@@ -412,19 +412,19 @@ def as_onnx_model(model) -> OnnxModel:
     ort = sys.modules.get("onnxruntime")
     if ort is not None and isinstance(model, ort.InferenceSession):
         return OnnxModel.from_session(model)
-    raise TypeError(
+    raise BadType(
         f"backend='onnx' needs an .onnx path, an OnnxModel or an onnxruntime.InferenceSession; got {type(model).__name__}"
     )
 
 
 def _check_plan(m: OnnxModel, plan) -> None:
     if plan.dtype != torch.float32:
-        raise ValueError(
+        raise BadValue(
             f"backend='onnx' computes in float32 (the graph's inputs and outputs); got dtype={plan.dtype}. "
             "Export with --fp16 for float16 weights"
         )
     if plan.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda for backend='onnx'; got {plan.device}")
+        raise BadValue(f"device must be cpu or cuda for backend='onnx'; got {plan.device}")
     check_options(plan, "onnx")
     check_graph(m, plan)
 
@@ -433,10 +433,10 @@ def check_options(plan, backend: str) -> None:
     """The options an ONNX-graph backend takes (`OPTIONS`: threads), checked for `backend`'s message."""
     unknown = sorted(set(plan.options) - set(OPTIONS))
     if unknown:
-        raise TypeError(f"backend={backend!r} takes options {list(OPTIONS)}; got {unknown}")
+        raise BadType(f"backend={backend!r} takes options {list(OPTIONS)}; got {unknown}")
     threads = plan.options.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int; got {threads!r}")
+        raise BadValue(f"threads must be a positive int; got {threads!r}")
 
 
 def check_graph(m: OnnxModel, plan) -> None:
@@ -445,14 +445,14 @@ def check_graph(m: OnnxModel, plan) -> None:
     m.check_shape(plan.shape)
     if m.kind == "eps":
         if m.out_channels is not None and m.out_channels != plan.out_channels:
-            raise ValueError(
+            raise BadValue(
                 f"{m.source} returns {m.out_channels} channels; variance={plan.variance!r} with "
                 f"{plan.shape[1]}-channel images needs {plan.out_channels}"
             )
         return
     exported = m.metadata.get("step")
     if not isinstance(exported, dict):
-        raise ValueError(
+        raise BadValue(
             f"{m.source} is a step graph without ddpm_fast.step metadata: it cannot be checked against the request"
         )
     asked = {
@@ -471,7 +471,7 @@ def check_graph(m: OnnxModel, plan) -> None:
     if diff:
         have = ", ".join(f"{k}={exported.get(k)!r}" for k in diff if k != "timesteps")
         want = ", ".join(f"{k}={asked[k]!r}" for k in diff if k != "timesteps" and k in asked)
-        raise ValueError(
+        raise BadValue(
             f"{m.source} is a step graph exported for a different run ({have or 'other timesteps/schedule'}); "
             f"the request asks {want or 'other timesteps/schedule'}. Pass steps={exported.get('num_steps')} "
             f"(--steps {exported.get('num_steps')}) and the exported settings, or sample with the noise-model graph"

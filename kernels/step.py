@@ -39,6 +39,7 @@ import torch
 
 from ddpm_fast import noise
 from ddpm_fast.checks import is_int
+from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.steps import C_EPS, C_X0, C_XT, COLUMNS, MAX_LOG, MIN_LOG, SIGMA, SRA, SRM1
 
 __all__ = [
@@ -62,7 +63,7 @@ MAX_HISTORY = 3  # earlier steps' predictions the kernel reads (DPM-Solver++(3M)
 def make_step_counter(start: int = 0, device=None) -> torch.Tensor:
     """A device step counter for `advance=True`: int64, shape [1], value `start`."""
     if not is_int(start) or not 0 <= start < 2**31:
-        raise ValueError(f"start must be an int in [0, 2**31); got {start!r}")
+        raise BadValue(f"start must be an int in [0, 2**31); got {start!r}")
     return torch.full((1,), start, dtype=torch.int64, device=device)
 
 
@@ -101,9 +102,9 @@ def step_args(
     argument and its value). The tensors are kept, not copied: a runner may refill them between runs."""
     for name, t in (("x", x), ("coefs", coefs), ("timesteps", timesteps)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            raise BadType(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if x.ndim < 2 or x.numel() == 0:
-        raise ValueError(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
+        raise BadValue(f"x must be [B, C, ...] with at least one element; got shape {tuple(x.shape)}")
     _check_table(x, coefs, timesteps, history)
     tensors = [
         ("coefs", coefs),
@@ -112,15 +113,13 @@ def step_args(
     ]
     for name, t in tensors:
         if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}; got {t.device}")
+            raise BadValue(f"{name} must be on x's device {x.device}; got {t.device}")
         if not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
-            )
+            raise BadValue(f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}")
     _check_keys(x, seed, start_index)
     if clip_range is not None:
         if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not clip_range > 0:
-            raise ValueError(f"clip_range must be a positive float or None; got {clip_range!r}")
+            raise BadValue(f"clip_range must be a positive float or None; got {clip_range!r}")
         clip_range = None if clip_range == float("inf") else float(clip_range)
     return StepArgs(
         coefs=coefs,
@@ -140,12 +139,12 @@ def _check_call(x, model_out, args: StepArgs, step, out, advance: bool) -> torch
     """What may change from one step of a run to the next: x, model_out, step and out, against the run's
     `args`; returns the out tensor (a new one for None)."""
     if not isinstance(args, StepArgs):
-        raise TypeError(f"args must be a StepArgs (kernels.step_args); got {type(args).__name__}")
+        raise BadType(f"args must be a StepArgs (kernels.step_args); got {type(args).__name__}")
     for name, t in (("x", x), ("model_out", model_out)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            raise BadType(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if tuple(x.shape) != args.shape:
-        raise ValueError(
+        raise BadValue(
             f"x must have the shape its step args were made for {args.shape}; got {tuple(x.shape)}"
         )
     _check_model_out(x, model_out, args.learned)
@@ -153,35 +152,33 @@ def _check_call(x, model_out, args: StepArgs, step, out, advance: bool) -> torch
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None; got {type(out).__name__}")
+        raise BadType(f"out must be a torch.Tensor or None; got {type(out).__name__}")
     elif out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
+        raise BadValue(f"out must match x ({x.dtype} {tuple(x.shape)}); got {out.dtype} {tuple(out.shape)}")
     tensors = [("x", x), ("model_out", model_out), ("out", out)]
     tensors += [("step", step)] if isinstance(step, torch.Tensor) else []
     for name, t in tensors:
         if t.device != args.device:
-            raise ValueError(f"{name} must be on its step args' device {args.device}; got {t.device}")
+            raise BadValue(f"{name} must be on its step args' device {args.device}; got {t.device}")
     for name, t in tensors[:3]:
         if not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}"
-            )
+            raise BadValue(f"{name} must be contiguous; got strides {t.stride()} for shape {tuple(t.shape)}")
     return out
 
 
 def _check_model_out(x, model_out, learned) -> None:
     if x.dtype not in STORAGE_DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+        raise BadValue(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if model_out.dtype not in STORAGE_DTYPES:
-        raise ValueError(f"model_out must be float32, float16 or bfloat16; got {model_out.dtype}")
+        raise BadValue(f"model_out must be float32, float16 or bfloat16; got {model_out.dtype}")
     C = x.shape[1]
     two_c = (x.shape[0], 2 * C, *x.shape[2:])
     if learned and tuple(model_out.shape) != two_c:
-        raise ValueError(
+        raise BadValue(
             f"model_out must have 2C channels {two_c} when learned=True; got {tuple(model_out.shape)}"
         )
     if tuple(model_out.shape) not in (tuple(x.shape), two_c):
-        raise ValueError(
+        raise BadValue(
             f"model_out must have x's shape {tuple(x.shape)} (or {two_c} with a variance half); "
             f"got {tuple(model_out.shape)}"
         )
@@ -192,10 +189,10 @@ def _check_table(x, coefs, timesteps, history) -> int:
     K = 0 if history is None else (history.shape[0] if isinstance(history, torch.Tensor) else -1)
     if history is not None:
         if not isinstance(history, torch.Tensor):
-            raise TypeError(f"history must be a torch.Tensor or None; got {type(history).__name__}")
+            raise BadType(f"history must be a torch.Tensor or None; got {type(history).__name__}")
         want = (K, *x.shape)
         if history.dtype != torch.float32 or tuple(history.shape) != want or not 1 <= K <= MAX_HISTORY:
-            raise ValueError(
+            raise BadValue(
                 f"history must be float32 [K, *x.shape] with 1 <= K <= {MAX_HISTORY}; "
                 f"got {history.dtype} {tuple(history.shape)}"
             )
@@ -205,13 +202,13 @@ def _check_table(x, coefs, timesteps, history) -> int:
         or coefs.shape[1] != len(COLUMNS) + K
         or coefs.shape[0] < 1
     ):
-        raise ValueError(
+        raise BadValue(
             f"coefs must be a float32 [S, {len(COLUMNS) + K}] table (StepTable.to(device); "
             f"{len(COLUMNS)} columns plus one per history entry, {K} here); got {coefs.dtype} {tuple(coefs.shape)}"
         )
     S = coefs.shape[0]
     if timesteps.dtype != torch.int64 or tuple(timesteps.shape) != (S,):
-        raise ValueError(
+        raise BadValue(
             f"timesteps must be int64 of shape ({S},); got {timesteps.dtype} {tuple(timesteps.shape)}"
         )
     return S
@@ -220,20 +217,18 @@ def _check_table(x, coefs, timesteps, history) -> int:
 def _check_step(step, S: int, advance: bool) -> None:
     if isinstance(step, torch.Tensor):
         if step.dtype not in (torch.int32, torch.int64) or step.numel() != 1:
-            raise ValueError(
+            raise BadValue(
                 f"step must be an int or a one-element int32/int64 tensor; got {step.dtype} {tuple(step.shape)}"
             )
         if advance and (step.dtype != torch.int64 or not step.is_contiguous()):
-            raise ValueError(
-                f"advance=True needs an int64 step counter (make_step_counter); got {step.dtype}"
-            )
+            raise BadValue(f"advance=True needs an int64 step counter (make_step_counter); got {step.dtype}")
     elif isinstance(step, int) and not isinstance(step, bool):
         if not 0 <= step < S:
-            raise ValueError(f"step must lie in [0, {S}); got {step}")
+            raise BadValue(f"step must lie in [0, {S}); got {step}")
         if advance:
-            raise ValueError("advance=True needs a step tensor to advance; got an int step")
+            raise BadValue("advance=True needs a step tensor to advance; got an int step")
     else:
-        raise TypeError(f"step must be an int or an int tensor; got {type(step).__name__}")
+        raise BadType(f"step must be an int or an int tensor; got {type(step).__name__}")
 
 
 def _check_keys(x, seed, start_index) -> None:
@@ -245,15 +240,15 @@ def _check_keys(x, seed, start_index) -> None:
     if not (isinstance(seed, torch.Tensor) or isinstance(start_index, torch.Tensor)):
         noise.check_seed(seed)
         if not is_int(start_index) or not 0 <= start_index:
-            raise ValueError(f"start_index must be an int >= 0; got {start_index!r}")
+            raise BadValue(f"start_index must be an int >= 0; got {start_index!r}")
         if start_index + x.shape[0] > 2**63:
-            raise ValueError(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
+            raise BadValue(f"start_index + batch must stay below 2**63; got {start_index} + {x.shape[0]}")
         return
     for name, v in (("seed", seed), ("start_index", start_index)):
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor when the other key is one; got {type(v).__name__}")
+            raise BadType(f"{name} must be a tensor when the other key is one; got {type(v).__name__}")
         if v.dtype != torch.int64 or v.numel() != 1 or v.device != x.device:
-            raise ValueError(
+            raise BadValue(
                 f"{name} must be a one-element int64 tensor on {x.device}; got {v.dtype} {tuple(v.shape)} "
                 f"on {v.device}"
             )
