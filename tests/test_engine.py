@@ -339,6 +339,63 @@ def test_compiled_step_matches_and_is_compiled_once():
         assert_twin(got, ref32, model, s, shape, truth, engine_minus_eager(model), **run_kw)
 
 
+@pytest.mark.slow
+def test_frozen_forward_thaws_when_weights_change(caplog):
+    """freeze=True folds the weights into the compiled graph as constants: an unchanged model compiles once, and
+    a run after the caller's weights changed samples the new weights through the ordinary compiled forward,
+    with one logged line. ~70 s (a frozen and a plain compile of the tiny U-Net, the compiled update, 2 cores)."""
+    model = unet(df.UNetConfig.tiny())
+    s = df.Schedule.linear(1000)
+    shape = (2, 3, 16, 16)
+    kw = dict(steps=4, seed=3)
+    before = engine.counters.copy()
+    a = df.sample(model, s, shape, backend="fast", freeze=True, triton=False, **kw)
+    again = df.sample(model, s, shape, backend="fast", freeze=True, triton=False, **kw)
+    assert torch.equal(a, again)
+    assert (engine.counters - before)["compiles"] == 2  # the frozen U-Net and the update, once
+    (fwd,) = engine._engine_for(model).forwards.values()
+    assert isinstance(fwd, engine._Frozen) and not fwd.thawed
+    truth = reference(model, s, shape, torch.float64, **kw)
+    assert_twin(a, reference(model, s, shape, **kw), model, s, shape, truth, engine_minus_eager(model), **kw)
+    with torch.no_grad():
+        model.conv_out.bias.add_(0.5)
+    with caplog.at_level(logging.WARNING, logger="ddpm_fast"):
+        b = df.sample(model, s, shape, backend="fast", freeze=True, triton=False, **kw)
+        df.sample(model, s, shape, backend="fast", freeze=True, triton=False, **kw)
+    assert fwd.thawed and (engine.counters - before)["compiles"] == 3
+    assert sum("compiling it unfrozen" in r.getMessage() for r in caplog.records) == 1
+    assert max_err(a, b) > 0.1  # the new bias moved the images: the old constants did not run
+    truth = reference(model, s, shape, torch.float64, **kw)
+    assert_twin(b, reference(model, s, shape, **kw), model, s, shape, truth, engine_minus_eager(model), **kw)
+
+
+F32_BF16 = (torch.float32, torch.bfloat16)
+
+
+def test_freeze_option_is_a_compile_setting():
+    plan = make_plan(
+        lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), device="cpu", options={"freeze": True}
+    )
+    opts = engine.resolve_options(plan)
+    assert opts.freeze and opts.compile  # asking for freezing asks for the compile
+    f32, bf16 = (make_plan(lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), dtype=d) for d in F32_BF16)
+    assert not engine.resolve_options(f32).freeze  # left out: float32 does not freeze
+    assert engine.resolve_options(replace(bf16, options={"compile": True})).freeze  # a compiled bf16 run does
+    assert not engine.resolve_options(replace(bf16, options={"compile": False})).freeze
+    for bad, exc, match in [
+        (dict(freeze=True, compile=False), ValueError, "^freeze=True compiles the U-Net; got compile=False$"),
+        (
+            dict(freeze=True, compile_mode="max-autotune"),
+            ValueError,
+            "^freeze=True compiles with compile_mode=",
+        ),
+        (dict(freeze="yes"), TypeError, "^freeze must be a bool; got 'yes'$"),
+    ]:
+        plan = make_plan(lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), device="cpu", options=bad)
+        with pytest.raises(exc, match=match):
+            engine.resolve_options(plan)
+
+
 # ---------------------------------------------------------------------------------------------- switches
 
 

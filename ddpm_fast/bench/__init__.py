@@ -5,7 +5,8 @@
 
 Providers (`PROVIDERS`, name -> factory(model, schedule, shape, steps, device) -> callable; add one there):
 reference (eager oracle), fast (compile + CUDA graph + Triton), fast-* (each option off; -bf16: conv and linear
-weights cast to bf16 once, the rest under autocast; -cl: channels_last; -compile: torch.compile forced on),
+weights cast to bf16 once, the rest under autocast; -cl: channels_last; -compile: torch.compile forced on;
+-freeze: compiled with inductor's freezing, CPU),
 diffusers (DDPMPipeline, float32, eager, the same weights and schedule), onnx (ddpm_fast.export), openvino
 and openvino-bf16 (backend "openvino", precision hint f32 / bf16).
 
@@ -180,6 +181,9 @@ PROVIDERS: dict[str, Callable] = {
     "fast-bf16-compile": _sampler(backend="fast", dtype=torch.bfloat16, compile=True),
     "fast-bf16-cl": _sampler(backend="fast", dtype=torch.bfloat16, compile=False, channels_last=True),
     "fast-bf16-cl-compile": _sampler(backend="fast", dtype=torch.bfloat16, compile=True, channels_last=True),
+    "fast-freeze": _sampler(backend="fast", freeze=True),
+    "fast-bf16-freeze": _sampler(backend="fast", dtype=torch.bfloat16, freeze=True),
+    "fast-bf16-cl-freeze": _sampler(backend="fast", dtype=torch.bfloat16, freeze=True, channels_last=True),
     "diffusers": _diffusers_factory,
     "diffusers-dpmpp_2m": _diffusers_solver(
         "dpmpp_2m", "DPMSolverMultistepScheduler", algorithm_type="dpmsolver++", solver_order=2
