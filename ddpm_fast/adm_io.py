@@ -28,6 +28,7 @@ their CLASSIFIER_FLAGS (`load_classifier(file, flags=...)`, `CLASSIFIER_PRESETS`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import shlex
@@ -46,7 +47,6 @@ __all__ = [
     "preset_config",
     "Preset",
     "SOURCES",
-    "parse_flags",
     "from_flags",
     "preset_for_file",
     "describe_state",
@@ -129,9 +129,6 @@ SCRIPT_FLAGS = {
     **dict.fromkeys(("classifier_attention_resolutions", "classifier_use_scale_shift_norm"), None),
     **dict.fromkeys(("classifier_resblock_updown", "classifier_pool"), None),
 }
-
-_BOOLS = {"yes": True, "true": True, "t": True, "y": True, "1": True}
-_BOOLS.update({"no": False, "false": False, "f": False, "n": False, "0": False})
 
 
 @dataclass(frozen=True)
@@ -242,16 +239,16 @@ def _preset_for_file(presets: dict, name: str) -> str | None:
 
 
 def _flags_or_preset(
-    file: Path, flags, preset, presets: dict, ask: str, what: str
-) -> tuple[dict, str | None]:
-    """(the flags given, parsed; the preset named, else the one a published file name implies when no flags
-    are given); ValueError asking for `ask` for `what` when there is neither."""
-    given = parse_flags(flags) if flags is not None else {}
-    if preset is None and not given:
+    file: Path, flags, preset, presets: dict, parser, ask: str, what: str
+) -> tuple[str, str | None]:
+    """(the flags given, checked by `parser`, "" for none; the preset named, else the one a published file name
+    implies when no flags are given); ValueError asking for `ask` for `what` when there is neither."""
+    flags = "" if flags is None else flags
+    if preset is None and parser.given(flags) == ({}, None):
         preset = _preset_for_file(presets, file.name)
         if preset is None:
             raise BadValue(f"{file}: pass {ask} (one of {sorted(presets)}) for {what}")
-    return given, preset
+    return flags, preset
 
 
 def preset_config(name: str) -> tuple[ADMConfig, ModelDefaults]:
@@ -268,70 +265,83 @@ def preset_for_file(name: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- flags
 
 
-def parse_flags(text: str) -> dict[str, str]:
-    """'--a 1 --b=x' -> {"a": "1", "b": "x"}: argparse's forms; a repeated flag keeps its last value."""
-    if not isinstance(text, str):
-        raise BadType(f"adm_flags must be a string of --flag value pairs; got {type(text).__name__}")
-    try:
-        tokens = shlex.split(text)
-    except ValueError as e:
-        raise BadValue(f"adm_flags: cannot split {text!r} ({e})") from e
-    out = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            raise BadValue(f"adm_flags: expected --flag, got {tok!r}")
-        name, eq, value = tok[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise BadValue(f"adm_flags: --{name} needs a value")
-            value = tokens[i + 1]
-            i += 1
-        out[name] = value
-        i += 1
-    return out
+def _str2bool(value: str) -> bool:
+    """openai's script_util.str2bool, the type of both repositories' boolean flags."""
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise ValueError(value)
 
 
-def _typed(name: str, value, like, source: str):
-    """A flag's string value in the type of its default (argparse with openai's str2bool)."""
-    if not isinstance(value, str):
-        return value
-    try:
-        if isinstance(like, bool):
-            return _BOOLS[value.lower()]
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-    except (KeyError, ValueError):
-        kind = "a boolean (True/False)" if isinstance(like, bool) else type(like).__name__
-        raise BadValue(f"adm_flags: --{name} must be {kind} ({source}-diffusion); got {value!r}") from None
-    return value
+def _type(like, source: str):
+    """argparse's type= for a flag whose default is `like`: its type, str2bool for a bool; None keeps the text."""
+    if like is None or isinstance(like, str):
+        return None
+    convert = _str2bool if isinstance(like, bool) else type(like)
+    kind = "a boolean (True/False)" if isinstance(like, bool) else type(like).__name__
+
+    def typed(value: str):
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind} ({source}-diffusion); got {value!r}") from None
+
+    return typed
 
 
-def _resolve(flags: dict, source: str) -> dict:
+class _Flags(argparse.ArgumentParser):
+    """The flags {name: default} as openai's scripts parse them (`--a 1` or `--a=1`, the last of a repeated
+    flag wins), typed like their defaults; a mistake is a BadValue prefixed with `prog`, not an exit."""
+
+    def __init__(self, prog: str, flags: dict, source: str = ""):
+        super().__init__(prog=prog, add_help=False, allow_abbrev=False, exit_on_error=False)
+        for name, like in flags.items():  # nargs="?": a flag without a value reads None, for our message
+            self.add_argument(
+                f"--{name}", type=_type(like, source), nargs="?", const=None, default=argparse.SUPPRESS
+            )
+
+    def error(self, message: str):
+        raise BadValue(f"{self.prog}: {message}")
+
+    def given(self, text: str) -> tuple[dict, str | None]:
+        """(the flags `text` gives, by name; the name of the first flag this parser does not know, or None)."""
+        if not isinstance(text, str):
+            raise BadType(f"{self.prog} must be a string of --flag value pairs; got {type(text).__name__}")
+        try:
+            given, unknown = self.parse_known_args(shlex.split(text))
+        except ValueError as e:  # shlex's
+            self.error(f"cannot split {text!r} ({e})")
+        except argparse.ArgumentError as e:  # a value its type refuses
+            self.error(f"{e.argument_name} {e.message}")
+        given = vars(given)
+        for name in (k for k, v in given.items() if v is None):
+            self.error(f"--{name} needs a value")
+        if unknown and (not unknown[0].startswith("--") or unknown[0] == "--"):
+            self.error(f"expected --flag, got {unknown[0]!r}")
+        return given, unknown[0][2:].partition("=")[0] if unknown else None
+
+
+_PARSERS = {s: _Flags("adm_flags", {**SCRIPT_FLAGS, **DEFAULTS[s]}, s) for s in SOURCES}
+# Every flag of either repository, as text: which flags a string gives before its source is known.
+_ANY = _Flags("adm_flags", dict.fromkeys([*DEFAULTS["improved"], *DEFAULTS["guided"], *SCRIPT_FLAGS]))
+
+
+def _resolve(flags: str, source: str) -> dict:
     """Flags over the source's defaults, typed; ValueError for a flag the source does not know."""
     if source not in SOURCES:
         raise BadValue(f"adm_source must be one of {SOURCES}; got {source!r}")
-    defaults = DEFAULTS[source]
-    other = DEFAULTS["guided" if source == "improved" else "improved"]
-    out = dict(defaults)
-    for name, value in flags.items():
-        if name in defaults:
-            out[name] = _typed(name, value, defaults[name], source)
-        elif name in SCRIPT_FLAGS:
-            like = SCRIPT_FLAGS[name]
-            out[name] = _typed(name, value, like, source) if like is not None else value
-        elif name in other:
-            raise BadValue(
-                f"adm_flags: --{name} is a flag of {'guided' if source == 'improved' else 'improved'}-diffusion, "
-                f"not of {source}-diffusion (adm_source={source!r})"
-            )
-        else:
-            known = sorted(set(defaults) | set(SCRIPT_FLAGS))
-            raise BadValue(f"adm_flags: unknown flag --{name}; {source}-diffusion's are {known}")
-    return out
+    given, unknown = _PARSERS[source].given(flags)
+    other = "guided" if source == "improved" else "improved"
+    if unknown in DEFAULTS[other]:
+        raise BadValue(
+            f"adm_flags: --{unknown} is a flag of {other}-diffusion, not of {source}-diffusion "
+            f"(adm_source={source!r})"
+        )
+    if unknown is not None:
+        known = sorted(set(DEFAULTS[source]) | set(SCRIPT_FLAGS))
+        raise BadValue(f"adm_flags: unknown flag --{unknown}; {source}-diffusion's are {known}")
+    return {**DEFAULTS[source], **given}
 
 
 def _schedule(kind: str, T: int) -> Schedule:
@@ -358,9 +368,9 @@ _FLAG_OF = {
 }
 
 
-def from_flags(flags: str | dict, source: str) -> tuple[ADMConfig, ModelDefaults]:
-    """openai flags (a string as the READMEs print them, or parse_flags' dict) -> (ADMConfig, ModelDefaults)."""
-    a = _resolve(parse_flags(flags) if isinstance(flags, str) else dict(flags), source)
+def from_flags(flags: str, source: str) -> tuple[ADMConfig, ModelDefaults]:
+    """openai flags (a string as the READMEs print them) -> (ADMConfig, ModelDefaults)."""
+    a = _resolve(flags, source)
     size = a["image_size"]
     res = _ints("attention_resolutions", a["attention_resolutions"])
     mult = None
@@ -524,9 +534,10 @@ def _summary(cfg: ADMConfig, d: ModelDefaults) -> dict:
     return {**cfg.to_dict(), **d.sampling_dict(), "schedule": d.schedule.spec}
 
 
-def _infer_source(flags: dict, file: Path) -> str:
+def _infer_source(flags: str, file: Path) -> str:
+    given, _ = _ANY.given(flags)
     only = {s: set(DEFAULTS[s]) - set(DEFAULTS[o]) - set(SCRIPT_FLAGS) for s, o in (SOURCES, SOURCES[::-1])}
-    hits = {s: sorted(set(flags) & only[s]) for s in SOURCES}
+    hits = {s: sorted(set(given) & only[s]) for s in SOURCES}
     if hits["improved"] and hits["guided"]:
         raise BadValue(
             f"adm_flags mix improved-diffusion flags {hits['improved']} with guided-diffusion ones {hits['guided']}"
@@ -537,7 +548,7 @@ def _infer_source(flags: dict, file: Path) -> str:
     preset = preset_for_file(file.name)
     if preset is not None:
         return PRESETS[preset].source
-    size = str(flags.get("image_size", "64"))
+    size = given.get("image_size", "64")
     if size in ("128", "512"):
         return "guided"
     if size == "32":
@@ -563,27 +574,27 @@ def load_openai(file, flags: str | None = None, source: str | None = None, prese
         raise FileNotFoundError(f"openai checkpoint not found: {file}")
     if source is not None and source not in SOURCES:
         raise BadValue(f"adm_source must be one of {SOURCES}; got {source!r}")
-    given, preset = _flags_or_preset(
+    flags, preset = _flags_or_preset(
         file,
         flags,
         preset,
         PRESETS,
+        _ANY,
         "adm_flags= (the README's MODEL_FLAGS and DIFFUSION_FLAGS) or adm_preset=",
         "an openai checkpoint",
     )
-    merged = dict(given)
     if preset is not None:
         p = _preset(PRESETS, preset, "adm_preset")
         if source is not None and source != p.source:
             raise BadValue(f"adm_source {source!r} contradicts adm_preset {preset!r} ({p.source}-diffusion)")
         source = p.source
-        merged = {**parse_flags(p.flags), **given}
+        flags = f"{p.flags} {flags}"  # the flags given after the preset's: the last of a flag wins
     state = read_weights(file)
     if source is None:
-        source = _infer_source(merged, file)
-    cfg, defaults = from_flags(merged, source)
+        source = _infer_source(flags, file)
+    cfg, defaults = from_flags(flags, source)
     model = ADM(cfg)
-    _check_state(model, state, file, lambda: _hints(describe_state(state), cfg, merged))
+    _check_state(model, state, file, lambda: _hints(describe_state(state), cfg, _ANY.given(flags)[0]))
     load_state(model, state, file, rename=None)
     model.defaults = defaults
     return model
@@ -641,19 +652,23 @@ _CLASSIFIER_FLAG_OF = {
 }
 
 
-def classifier_from_flags(flags: str | dict) -> tuple[ClassifierConfig, float]:
+# The classifier's flags, typed; the model, diffusion and script flags beside them are read as text and ignored.
+_CLASSIFIER = _Flags(
+    "classifier_flags",
+    {**dict.fromkeys([*DEFAULTS["guided"], *SCRIPT_FLAGS]), **CLASSIFIER_DEFAULTS},
+    "guided",
+)
+
+
+def classifier_from_flags(flags: str) -> tuple[ClassifierConfig, float]:
     """guided-diffusion classifier flags (CLASSIFIER_FLAGS as their README prints them; model, diffusion and
     sampling flags beside them are accepted and ignored) -> (ClassifierConfig, the --classifier_scale)."""
-    given = parse_flags(flags) if isinstance(flags, str) else dict(flags)
-    a = dict(CLASSIFIER_DEFAULTS)
-    ignored = set(DEFAULTS["guided"]) | set(SCRIPT_FLAGS)
-    for name, value in given.items():
-        if name in CLASSIFIER_DEFAULTS:
-            a[name] = _typed(name, value, CLASSIFIER_DEFAULTS[name], "guided")
-        elif name not in ignored:
-            raise BadValue(
-                f"classifier_flags: unknown flag --{name}; the classifier's are {sorted(CLASSIFIER_DEFAULTS)}"
-            )
+    given, unknown = _CLASSIFIER.given(flags)
+    if unknown is not None:
+        raise BadValue(
+            f"classifier_flags: unknown flag --{unknown}; the classifier's are {sorted(CLASSIFIER_DEFAULTS)}"
+        )
+    a = {**CLASSIFIER_DEFAULTS, **{k: v for k, v in given.items() if k in CLASSIFIER_DEFAULTS}}
     size = a["image_size"]
     if size not in CLASSIFIER_SIZES:
         raise BadValue(
@@ -724,17 +739,18 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"classifier file not found: {file}")
-    given, preset = _flags_or_preset(
+    flags, preset = _flags_or_preset(
         file,
         flags,
         preset,
         CLASSIFIER_PRESETS,
+        _CLASSIFIER,
         "classifier_flags= (the README's CLASSIFIER_FLAGS) or classifier_preset=",
         "a guided-diffusion classifier",
     )
     if preset is not None:
-        given = {**parse_flags(_preset(CLASSIFIER_PRESETS, preset, "classifier_preset").flags), **given}
-    cfg, scale = classifier_from_flags(given)
+        flags = f"{_preset(CLASSIFIER_PRESETS, preset, 'classifier_preset').flags} {flags}"
+    cfg, scale = classifier_from_flags(flags)
     state = read_weights(file)
     model = ADMClassifier(cfg)
     _check_state(model, state, file, lambda: _classifier_hints(state, cfg))
@@ -742,6 +758,6 @@ def load_classifier(file, flags: str | None = None, preset: str | None = None) -
     model.default_scale = scale
     model.source = {
         "sha256": file_sha256(file),
-        "flags": " ".join(f"--{k} {v}" for k, v in sorted(given.items())),
+        "flags": " ".join(f"--{k} {v}" for k, v in sorted(_ANY.given(flags)[0].items())),  # as given
     }
     return model.eval()

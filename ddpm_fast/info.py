@@ -175,7 +175,7 @@ def _openvino() -> dict:
     ok, why = _probe_import("openvino")
     if not ok:
         return {"available": False, "why": why + " (pip install 'ddpm-fast[openvino]')"}
-    try:
+    try:  # our module imported inside the probe too: a broken install is this row's reason, not info's crash
         from ddpm_fast.export.openvino_runtime import bf16_supported
 
         bf16 = bf16_supported()
@@ -191,7 +191,7 @@ def _openvino() -> dict:
 
 
 def _bundled_model() -> dict:
-    try:
+    try:  # imported inside the probe: a checkpoint stack that fails to import is this row's reason
         from ddpm_fast.checkpoint import DEFAULT_MODEL_DIR, load_model
 
         m = load_model(DEFAULT_MODEL_DIR)

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_fast.adm import ADM
+from ddpm_fast.engine import compile_pays
 from ddpm_fast.errors import BadType, BadValue
+from ddpm_fast.export.openvino_runtime import bf16_supported
+from ddpm_fast.export.runtime import OnnxModel, as_onnx_model
 from ddpm_fast.plan import Plan, make_plan
 from ddpm_fast.schedule import Schedule
+from ddpm_fast.unet import UNet
 
 __all__ = [
     "sample",
@@ -82,11 +87,10 @@ def is_onnx_model(model) -> bool:
     """An .onnx path, an onnxruntime.InferenceSession or a ddpm_fast OnnxModel (real type checks)."""
     if isinstance(model, (str, os.PathLike)):
         return True
-    ort = sys.modules.get("onnxruntime")
+    ort = sys.modules.get("onnxruntime")  # an optional dependency: a session exists only once it is imported
     if ort is not None and isinstance(model, ort.InferenceSession):
         return True
-    rt = sys.modules.get("ddpm_fast.export.runtime")
-    return rt is not None and isinstance(model, rt.OnnxModel)
+    return isinstance(model, OnnxModel)
 
 
 def choose_backend(model, plan: Plan) -> str:
@@ -121,8 +125,6 @@ def auto_rule(model, plan: Plan, *, openvino: bool, openvino_bf16: bool) -> tupl
         )
     if plan.device.type == "cuda" or plan.dtype in HALF_DTYPES or plan.options:
         return "fast", None
-    from ddpm_fast.engine import compile_pays  # torch only; no Triton, no compile
-
     return ("fast" if compile_pays(model, plan) else "reference"), None
 
 
@@ -144,9 +146,6 @@ def _openvino_pays(model, plan: Plan) -> bool:
     options, long enough to pay for the one export of its weights (OPENVINO_PAYS)."""
     if not _cpu_bf16(plan) or plan.options or plan.guidance is not None:
         return False
-    from ddpm_fast.adm import ADM
-    from ddpm_fast.unet import UNet
-
     if not isinstance(model, (UNet, ADM)):
         return False
     params = sum(p.numel() for p in model.parameters())
@@ -168,9 +167,7 @@ def openvino_bf16_here() -> bool:
     """Whether the [openvino] extra is installed and its CPU plugin has bf16 kernels on this machine."""
     if not _openvino_installed():
         return False
-    from ddpm_fast.export.openvino_runtime import bf16_supported  # lazy: OpenVINO is an optional dependency
-
-    return bf16_supported()
+    return bf16_supported()  # imports OpenVINO, an optional dependency, only now
 
 
 _logged: set = set()
@@ -247,9 +244,7 @@ def sample(
     if shape is None:
         raise BadValue("shape must be given as (B, C, H, W)")
     if (backend == "auto" or BACKENDS[backend].graph) and is_onnx_model(model):
-        from ddpm_fast.export.runtime import as_onnx_model  # the file's metadata supplies the defaults
-
-        model = as_onnx_model(model)
+        model = as_onnx_model(model)  # the file's metadata supplies the defaults
     if not callable(model):
         raise BadType(f"model must be callable as model(x, t); got {type(model).__name__}")
     if isinstance(labels, torch.Tensor) and labels.ndim == 1 and labels.numel() != shape[0]:

@@ -33,6 +33,7 @@ import torch
 
 from ddpm_fast.errors import BadType, BadValue, Unavailable
 from ddpm_fast.export import runtime
+from ddpm_fast.export.onnx_export import export_onnx
 from ddpm_fast.export.runtime import OnnxModel
 from ddpm_fast.weights import model_digest
 
@@ -165,8 +166,6 @@ def exported_model(model: torch.nn.Module, image_shape) -> OnnxModel:
         except BadValue:
             pass  # an unreadable file: export it again over it
         runtime.forget(path)
-    from ddpm_fast.export.onnx_export import export_onnx
-
     log.info("openvino: exporting the model's noise graph to %s (once for these weights)", path)
     validate = _has_onnxruntime()  # the exporter checks the file against PyTorch with ONNX Runtime
     export_onnx(net, path, exporter=EXPORTER, image_shape=(C, H, W), validate=validate)

@@ -477,6 +477,26 @@ def test_a_wrong_flag_is_named(tmp_path, wrong, flag):
     assert "does not fit the flags" in msg and f"likely wrong: {flag}" in msg, msg
 
 
+def test_flags_read_as_openais_argparse():
+    """--a 1 and --a=1, the last of a repeated flag wins, booleans as str2bool reads them, no abbreviations."""
+    flags = "--image_size 32 --num_channels=64 --num_channels 96 --learn_sigma yes --num_heads_upsample=-1"
+    cfg, _ = adm_io.from_flags(flags, "improved")
+    assert (cfg.image_size, cfg.model_channels, cfg.out_channels, cfg.num_heads_upsample) == (32, 96, 6, None)
+    for bad, msg in [
+        ("--num_chan 32", "adm_flags: unknown flag --num_chan; improved-diffusion's are"),
+        ("--image_size 32 64", "adm_flags: expected --flag, got '64'"),
+        ("--image_size --num_channels 32", "adm_flags: --image_size needs a value"),
+        ("--num_channels=x", "adm_flags: --num_channels must be int \\(improved-diffusion\\); got 'x'"),
+        ("--image_size '32", "adm_flags: cannot split"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            adm_io.from_flags(bad, "improved")
+    with pytest.raises(TypeError, match="adm_flags must be a string"):
+        load_model(__file__, adm_flags=["--image_size", "32"])
+    with pytest.raises(ValueError, match="classifier_flags: --classifier_depth must be int"):
+        adm_io.classifier_from_flags("--image_size 64 --classifier_depth=x")
+
+
 def test_bad_flags(tmp_path):
     source, flags = CASES["improved-plain"]
     _, file = saved_openai(tmp_path, source, flags)

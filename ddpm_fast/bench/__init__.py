@@ -40,10 +40,12 @@ import torch
 import ddpm_fast as df
 from ddpm_fast.adm import ADM, ADMConfig
 from ddpm_fast.adm_io import preset_config
+from ddpm_fast.bench.onnx import onnx_provider
 from ddpm_fast.checks import check_int
 from ddpm_fast.defaults import defaults_of
 from ddpm_fast.diffusers_io import diffusers_kwargs
 from ddpm_fast.errors import BadValue, Unavailable
+from ddpm_fast.plan import make_plan
 from ddpm_fast.shards import atomic_write_bytes
 from ddpm_fast.unet import diffusers_key
 
@@ -153,12 +155,6 @@ def _diffusers_solver(method: str, scheduler: str, **config) -> Callable:
 
 
 def _onnx_factory(model, schedule, shape, steps, device):
-    try:
-        # lazy: bench.onnx imports the exporter, whose onnx is an optional dependency
-        from ddpm_fast.bench.onnx import onnx_provider
-        from ddpm_fast.plan import make_plan
-    except ImportError as e:
-        raise Unavailable(f"the onnx provider needs ddpm_fast.export: {e}") from e
     plan = make_plan(model, schedule, shape, seed=SEED, device=device)
     prov = onnx_provider(model, plan)
 
