@@ -20,10 +20,10 @@ Options (keyword arguments of `df.sample(..., backend="fast")`; environment vari
     triton=True          fused Triton update (CUDA, or CPU under TRITON_INTERPRET=1)  DDPM_FAST_NO_TRITON=1
     channels_last=True   U-Net input and weights in channels_last (CUDA; on CPU only when given; on a
                          private copy of the weights: the caller's model keeps its memory format)
-    freeze=None          CPU: compile with inductor's freezing (weights folded into the graph as constants and
-                         prepacked for oneDNN; True implies compile). None: on for a compiled bf16/fp16 CPU
-                         run. A change of the caller's weights is found at the next run (their sha256, in
-                         full) and thaws the forward to the ordinary compiled one (`_Frozen`)
+    freeze=False         CPU: compile with inductor's freezing (weights folded into the graph as constants and
+                         prepacked for oneDNN; implies compile). A change of the caller's weights is found at
+                         the next run (their sha256, in full) and thaws the forward to the ordinary compiled
+                         one (`_Frozen`). Off by default: measured below, it gains in the forward alone only
     buckets=None         batch sizes to capture; a batch runs in the smallest bucket that holds it, larger
                          batches are split at the largest. None: when compiling or capturing (where a
                          new size costs a compile or a capture) a batch reuses an already prepared size
@@ -152,7 +152,7 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         raise BadType(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
     dev = plan.device.type
     on = {name: _bool_option(opts, name) for name in ("compile", "cuda_graph", "triton", "channels_last")}
-    on["freeze"] = opts.get("freeze") is not None and _bool_option(opts, "freeze")
+    on["freeze"] = _bool_option(opts, "freeze", default=False)
     if on["freeze"] and "compile" not in opts:
         on["compile"] = True  # freezing is a compile setting: asking for it asks for the compile
     elif on["freeze"] and not on["compile"]:
@@ -166,11 +166,11 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         raise BadValue(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
     if on["freeze"] and mode != "default":
         raise BadValue(f"freeze=True compiles with compile_mode='default'; got {mode!r}")
-    if opts.get("freeze") is None:
-        # cifar10 U-Net, bf16, 2-core EPYC (avx512_bf16), ms per forward and fraction of the bf16 GEMM peak
-        # measured in the same process: batch 8 eager (weights cast once) 302.9 (0.77), frozen 270.9 (0.86),
-        # frozen + channels_last 319.2 (0.73); batch 32 eager 1182.5 (0.80), frozen 1043.6 (0.91).
-        on["freeze"] = dev == "cpu" and plan.dtype in HALF_DTYPES and mode == "default"
+    # freeze: cifar10 U-Net, bf16, 2-core EPYC (avx512_bf16). The forward alone, ms and fraction of the bf16
+    # GEMM peak measured in the same process: batch 8 eager (weights cast once) 302.9 (0.77), frozen 270.9
+    # (0.86), frozen + channels_last 319.2 (0.73); batch 32 eager 1182.5 (0.80), frozen 1043.6 (0.91). Whole
+    # sampling steps (`ddpm-fast bench`, and three alternating rounds of 8 steps): batch 8 312.3 eager vs
+    # 338.5 frozen, rounds 306 vs 322; batch 32 1210.4 vs 1209.6. So it stays an option, off by default.
     buckets = opts.get("buckets")
     if buckets is not None:
         try:
@@ -443,7 +443,7 @@ class _Compiled:
 
 class _Frozen:
     """The U-Net compiled with inductor's freezing (CPU): its weights become constants of the graph, prepacked
-    for oneDNN once instead of at every call (1.12x the eager bf16 forward at batch 8 and 32, cifar10 U-Net).
+    for oneDNN once instead of at every call (the cifar10 U-Net's bf16 forward alone: 1.12x eager at batch 8 and 32).
 
     The constants are the weights of the first run. `check()`, before every run, hashes the caller's weights in
     full (`weights.model_digest`: sha256, about 0.1 s for the cifar10 U-Net's 143 MB, under one batch-8 step)
