@@ -39,8 +39,8 @@ def reference(model, shape, **kw):
     return df.sample(model, shape=shape, backend="reference", **kw)
 
 
-def ov_eps(path, x, t, precision="f32"):
-    sess = ovr.session(OnnxModel.load(path), precision, torch.get_num_threads())
+def ov_eps(path, x, t, precision="f32", threads=None):
+    sess = ovr.session(OnnxModel.load(path), precision, threads or torch.get_num_threads())
     tt = torch.full((x.shape[0],), int(t), dtype=torch.int64) if not torch.is_tensor(t) or t.ndim == 0 else t
     return torch.from_numpy(sess.run(["eps"], {"x": x.float().contiguous().numpy(), "t": tt.numpy()})[0])
 
@@ -69,7 +69,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setattr(ovr, "EXPORTER", "torchscript")
 
 
-def _forward_bound(tiny, path, precision, u_io):
+def _forward_bound(tiny, path, precision, u_io, threads=None):
     """max over a few states of |OpenVINO eps - float64 eps| / its derived budget (must be <= 1)."""
     tiny64 = copy.deepcopy(tiny).double()
     worst = 0.0
@@ -80,22 +80,54 @@ def _forward_bound(tiny, path, precision, u_io):
         with torch.no_grad():
             exact = tiny64(x.double(), tt)
         budget = forward_budget(lambda x=x, tt=tt: tiny64(x.double(), tt), u_io=u_io)
-        worst = max(worst, max_diff(ov_eps(path, x, tt, precision), exact) / budget)
+        worst = max(worst, max_diff(ov_eps(path, x, tt, precision, threads), exact) / budget)
     return worst
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-request", "two-streams"])
 @pytest.mark.parametrize("precision, u_io", [("f32", 2.0**-24), ("bf16", U_BF16)])
-def test_one_forward_within_the_dtypes_budget(tiny, eps_file, precision, u_io):
+def test_one_forward_within_the_dtypes_budget(tiny, eps_file, precision, u_io, threads):
+    """With 2 threads the batch of 3 runs as rows 0 and 1-2 on two streams, each within the same budget."""
     if precision == "bf16" and not ovr.bf16_supported():
         pytest.skip("this CPU has no bf16 instructions")
-    assert _forward_bound(tiny, eps_file, precision, u_io) <= 1.0
+    assert _forward_bound(tiny, eps_file, precision, u_io, threads) <= 1.0
 
 
-def test_float32_is_float32_not_the_plugins_bf16(eps_file):
-    """The hint is set: a float32 run is never silently computed in bf16 on a bf16 CPU."""
-    sess = ovr.session(OnnxModel.load(eps_file), "f32", 1)
-    assert str(sess.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
-    assert sess.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+class _Spy:
+    """An infer request that records which rows it was given (as `name`) and runs them."""
+
+    def __init__(self, request, name, calls):
+        self.request, self.name, self.calls = request, name, calls
+
+    def infer(self, feeds, **kw):
+        self.calls.append((self.name, len(feeds["x"])))
+        return self.request.infer(feeds, **kw)
+
+    def start_async(self, feeds, **kw):
+        self.calls.append((self.name, len(feeds["x"])))
+        return self.request.start_async(feeds, **kw)
+
+    def wait(self):
+        return self.request.wait()
+
+    def get_tensor(self, port):
+        return self.request.get_tensor(port)
+
+
+def test_two_streams_split_the_batch_and_one_row_takes_one_request(eps_file, monkeypatch):
+    sess = ovr.session(OnnxModel.load(eps_file), "f32", 2)
+    assert len(sess.split) == ovr.STREAMS == 2
+    assert sess.split[0].get_compiled_model().get_property("NUM_STREAMS") == 2
+    calls = []
+    monkeypatch.setattr(sess, "request", _Spy(sess.request, "one", calls))
+    monkeypatch.setattr(sess, "split", [_Spy(r, f"stream {k}", calls) for k, r in enumerate(sess.split)])
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 999])
+    assert sess.run(["eps"], {"x": x.numpy(), "t": t.numpy()})[0].shape == (3, 3, 16, 16)
+    assert calls == [("stream 0", 1), ("stream 1", 2)]
+    calls.clear()
+    assert sess.run(["eps"], {"x": x[:1].numpy(), "t": t[:1].numpy()})[0].shape == (1, 3, 16, 16)
+    assert calls == [("one", 1)]
+    assert ovr.session(OnnxModel.load(eps_file), "f32", 1).split == []  # one thread: no streams
 
 
 @pytest.mark.parametrize(
@@ -103,6 +135,7 @@ def test_float32_is_float32_not_the_plugins_bf16(eps_file):
     [
         (torch.float32, dict(steps=4, seed=5)),
         (torch.float32, dict(steps=5, seed=2, start_index=11, method="ddim")),
+        (torch.float32, dict(steps=4, seed=5, threads=2)),  # the batch of 3 on two streams
         (torch.bfloat16, dict(steps=4, seed=5)),
     ],
 )
@@ -135,7 +168,10 @@ def test_sampling_matches_reference_within_the_propagated_budget(tiny, eps_file,
     else:
         model, shape, path = tiny, SHAPE, eps_file
     precision = ovr.PRECISIONS[dtype]
-    got = df.sample(str(path), shape=shape, backend="openvino", dtype=dtype, **kw)
+    kw = dict(kw)
+    threads = kw.pop("threads", None)
+    opts = {} if threads is None else {"threads": threads}
+    got = df.sample(str(path), shape=shape, backend="openvino", dtype=dtype, **kw, **opts)
     ref32 = reference(model, shape, **kw)
     m64 = copy.deepcopy(model).double()
     exact = reference(m64, shape, dtype=torch.float64, **kw)
@@ -143,7 +179,7 @@ def test_sampling_matches_reference_within_the_propagated_budget(tiny, eps_file,
     def ov_minus_torch(x, t):
         tt = torch.full((x.shape[0],), t, dtype=torch.int64)
         with torch.no_grad():
-            return ov_eps(path, x, tt, precision) - model(x, tt)
+            return ov_eps(path, x, tt, precision, threads) - model(x, tt)
 
     budget = propagated_budget(m64, None, shape, exact, ov_minus_torch, **kw)
     assert budget < 0.5 * exact.abs().max().item(), budget  # the bound says something
