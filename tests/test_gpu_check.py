@@ -1,10 +1,10 @@
 """benchmarks/gpu_check.py proven on CPU: the report a lent GPU hands back survives what can go wrong there.
 
-The dry run (`--dry-run`) runs the real parent, subprocesses, limits and report on fake sections: one raises,
-a pytest run outlives its section (SIGINT; the junit XML is still read), one ignores SIGINT (SIGKILL), rows
-overrun a section's time, a section never fits the budget, the peer is not installed. The CPU sections
-(smoke, headline, kernel) run in this process with the dry configuration: their rows, fallback labels,
-error rows and figures.
+The dry run (`--dry-run`) of tests/_gpu_check_fakes.py, which adds fake sections to the script's, runs the
+real parent, subprocesses, limits and report on them: one raises, a pytest run outlives its section (SIGINT;
+the junit XML is still read), one ignores SIGINT (SIGKILL), rows overrun a section's time, a section never
+fits the budget, the peer is not installed. The CPU sections (smoke, headline, kernel) run in this process
+with the dry configuration: their rows, fallback labels, error rows and figures.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ddpm_fast.kernels
 from ddpm_fast import engine
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKES = ROOT / "tests" / "_gpu_check_fakes.py"  # gpu_check with the harness's fake sections
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
@@ -40,7 +41,7 @@ def test_dry_run_report_survives_raise_pytest_timeout_kill_budget_and_missing_pe
     out = tmp_path / "rel"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--budget", "60",
+        [sys.executable, str(FAKES), "--dry-run", "--budget", "60",
          "--only", "raises,tests,hang,budget,peer,modes", "--out", "rel"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -193,7 +194,7 @@ def test_a_stopped_run_keeps_its_rows_and_its_section_dies_with_it(tmp_path):
     """SIGTERM to the parent (a `timeout`, the device tool's limit): the section's process group is killed,
     the rows written so far stay, and the report says which section was running."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "budget",
+        [sys.executable, str(FAKES), "--dry-run", "--only", "budget",
          "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
