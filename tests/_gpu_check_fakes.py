@@ -5,7 +5,9 @@
 The dry run's CPU sections, then: one raises, a pytest run outlives its section (a pass, a failure and a
 test that sleeps), one ignores SIGINT after a row (SIGKILL), one's rows overrun its time, one checks a peer
 that is not installed, one never fits the budget. gpu_check starts every child as `python THIS_FILE
---section NAME`, so the children know these sections too. tests/test_gpu_check.py runs it.
+--section NAME`, so the children know these sections too. tests/test_gpu_check.py runs it, and runs the
+headline section in its own process with `headline_conf()` (a provider that raises) and
+`compile_failing_at_batch_1` in place of the dry run's stand-in compile.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -27,6 +30,39 @@ FAKE_TESTS = (
     "def test_fails():\n    assert 1 == 2, 'dry run: a failing test'\n\n"
     "def test_outlives_the_section():\n    time.sleep(60)\n"
 )
+
+
+RAISES = (
+    "raises (dry run)"  # a provider whose spec resolve_options rejects (TypeError): an error row per batch
+)
+
+
+def headline_conf() -> gpu_check.Conf:
+    """The dry configuration whose headline has the provider that raises (imports torch)."""
+    conf, specs = gpu_check.DRY_CONF, gpu_check._specs(True)
+    return replace(
+        conf,
+        headline=((4, 1), ("reference", "fast-bf16", RAISES, "diffusers")),
+        specs={**specs, RAISES: dict(specs["fast"], compile="yes")},
+        need=dict(conf.need),
+    )
+
+
+def compile_failing_at_batch_1():
+    """The dry run's stand-in compile, except that a call at batch 1 fails as inductor might: the fast provider
+    falls back to eager there (batch 1 gets its own runner: the engine pads to a prepared size at most 2x),
+    and its row must be labelled."""
+    import torch
+
+    def compile_(fn, **kw):
+        def call(*args, **kwargs):
+            if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] == 1:
+                raise RuntimeError("dry run: simulated compile failure at batch 1")
+            return fn(*args, **kwargs)
+
+        return call
+
+    torch.compile = compile_
 
 
 def section_raises(ctx: Context) -> int:
