@@ -1,14 +1,16 @@
 """One command for a lent GPU: a report that is complete so far whenever it is stopped, within 8 minutes.
 
     python -u benchmarks/gpu_check.py --out DIR [--budget 450] [--only a,b] [--skip a,b]
-    python -u benchmarks/gpu_check.py --dry-run --out DIR     # CPU: the same machinery on CPU and fake sections
+    python -u benchmarks/gpu_check.py --dry-run --out DIR     # CPU: the same machinery on the CPU sections
 
 Run from the repository root as it is (nothing installed: `ddpm_fast`, and `ddpm_fast.kernels` /
 `ddpm_fast.export` through their symlinks, import from the root). Sections run in the order of what they
 are worth, each in its own subprocess with its own time limit (`SECTIONS`); a section never starts with
 less than its minimum left of --budget, and one that runs past its limit gets SIGINT (pytest still writes
 its junit XML), then SIGKILL. Inside a section each row checks the time left before it starts (a compile
-is estimated from the last one measured) and is recorded as skipped when it would not fit.
+is estimated from the last one measured) and is recorded as skipped when it would not fit. A caller adds
+sections with `main(argv, entry=its own file, sections=..., children=...)`: every child is started as
+`python ENTRY --section NAME`, so it knows them too (tests/_gpu_check_fakes.py adds the harness's fakes).
 
 Every row is appended to DIR/rows.jsonl and the report is rewritten at once (DIR/report.md, report.json,
 report.png): a kill loses the row in progress at most. Any exception of a (provider, batch) is an error row;
@@ -29,7 +31,6 @@ import collections
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -69,6 +70,7 @@ class Section:
     min_s: float  # not started with less than this left
     what: str
     pytest: bool = False
+    tests: tuple = ()  # a pytest section's paths (node ids, options); empty: the CUDA tests, CUDA_TEST_FILES
 
 
 # In the order of what they are worth, so a budget cut drops the tail: correctness first (the fused step's
@@ -127,25 +129,18 @@ CUDA_TEST_FILES = (
     "tests/test_engine.py",
     "tests/test_metrics_fid.py",
 )
-# --dry-run: the same parent, children, rows and report on CPU; fake sections raise, hang, overrun a pytest
-# run and the budget, and miss a peer, so a test can check what the report keeps.
+# --dry-run: the same parent, children, rows and report on CPU, with the real sections that run there.
+# tests/_gpu_check_fakes.py adds fake ones that raise, hang, overrun a pytest run and the budget, and miss a
+# peer, so a test can check what the report keeps.
 DRY_SECTIONS = (
     Section("smoke", 60, 1, "CPU: imports, a tiny run against the reference, ceilings"),
     Section(
         "headline",
         60,
         1,
-        "CPU: tiny U-Net; a compile that fails at batch 1, a provider that raises, a missing peer",
+        "CPU: tiny U-Net (the compile a stand-in), reference beside it, a missing peer",
     ),
     Section("kernel", 60, 1, "CPU: step providers next to a copy"),
-    Section("raises", 30, 0, "fake: raises"),
-    Section(
-        "tests", 4, 0, "fake pytest run: a pass, a failure and a test that outlives the section", pytest=True
-    ),
-    Section("hang", 1, 0, "fake: ignores SIGINT after one row"),
-    Section("budget", 2, 0, "fake: six rows of 0.5 s each in a 2 s section"),
-    Section("peer", 30, 0, "fake: the peer check with a peer that is not installed"),
-    Section("modes", 60, 1e9, "fake: never fits the budget"),
 )
 
 
@@ -209,7 +204,6 @@ def _specs(dry: bool) -> dict:
         # the compiled torch twin of the step in place of the Triton kernel (compile on, captured on CUDA)
         "fast-bf16-twin": dict(fast, dtype=bf16, triton=False),
         "fast-bf16-nocompile": dict(fast, dtype=bf16, compile=False),
-        "raises (dry run)": dict(fast, compile="yes"),  # resolve_options raises TypeError: an error row
         **{f"reference-{m}": dict(backend="reference", method=m) for m in ("dpmpp_2m", "unipc")},
         **{f"fast-bf16-{m}": dict(fast, dtype=bf16, method=m) for m in ("dpmpp_2m", "unipc", "deis")},
         "reference-deis": dict(backend="reference", method="deis"),
@@ -231,8 +225,7 @@ DRY_CONF = Conf(
     model="tiny",
     steps=2,
     repeats=2,
-    # batch 1 gets its own runner (the engine pads to a prepared size at most 2x): _dry_compile fails there
-    headline=((4, 1), ("reference", "fast-bf16", "raises (dry run)", "diffusers")),
+    headline=((4, 1), ("reference", "fast-bf16", "diffusers")),
     more=((4,), ("reference", "fast-nocompile", "fast-bf16-twin")),
     kernel_sizes=("2x3x8x8",),
     kernel_providers=("eager", "twin", "copy"),
@@ -1106,19 +1099,10 @@ def _sampling_section(ctx: Context, batches, providers) -> int:
 
 
 def _dry_compile():
-    """Dry run: torch.compile returns the function itself, except that a call at batch 1 fails as inductor
-    might: the fast provider falls back to eager there, and its row must be labelled."""
+    """Dry run: torch.compile returns the function itself (inductor's compile on a CPU takes minutes)."""
     import torch
 
-    def compile_(fn, **kw):
-        def call(*args, **kwargs):
-            if args and isinstance(args[0], torch.Tensor) and args[0].shape[0] == 1:
-                raise RuntimeError("dry run: simulated compile failure at batch 1")
-            return fn(*args, **kwargs)
-
-        return call
-
-    torch.compile = compile_
+    torch.compile = lambda fn, **kw: fn
 
 
 def section_headline(ctx: Context) -> int:
@@ -1208,36 +1192,6 @@ def section_modes(ctx: Context) -> int:
     return 0
 
 
-# dry-run sections that stand in for what can go wrong on a lent machine
-
-
-def section_raises(ctx: Context) -> int:
-    raise RuntimeError("dry run: a section that raises")
-
-
-def section_hang(ctx: Context) -> int:
-    ctx.emit(
-        {"kind": "note", "text": "dry run: this row is written, then the section ignores SIGINT and sleeps"}
-    )
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    time.sleep(60)
-    return 0
-
-
-def section_budget(ctx: Context) -> int:
-    for i in range(6):
-        if not ctx.fits(0.5, provider=f"row {i}", batch=i):
-            continue
-        time.sleep(0.5)
-        ctx.emit({"kind": "note", "text": f"dry run: row {i} took 0.5 s"})
-    return 0
-
-
-def section_peer(ctx: Context) -> int:
-    peer_status(ctx)
-    return 0
-
-
 CHILDREN = {
     "smoke": section_smoke,
     "headline": section_headline,
@@ -1247,21 +1201,17 @@ CHILDREN = {
     "adm": section_adm,
     "onnx": section_onnx,
     "modes": section_modes,
-    "raises": section_raises,
-    "hang": section_hang,
-    "budget": section_budget,
-    "peer": section_peer,
 }
 
 
-def child_main(args, out: Path) -> int:
+def child_main(args, out: Path, children: dict) -> int:
     sys.path[:0] = [str(ROOT), str(HERE)]  # ddpm_fast from this checkout; bench_kernels beside this file
     conf = DRY_CONF if args.dry_run else CUDA_CONF
-    if args.section not in ("raises", "hang", "budget", "peer"):
+    if args.section in CHILDREN:  # ours: the providers' specs (imports torch); an added section gets none
         conf = replace(conf, specs=_specs(conf.dry), need=dict(conf.need))
     ctx = Context(out, args.section, args.until, conf)
     try:
-        return CHILDREN[args.section](ctx)
+        return (CHILDREN.get(args.section) or children[args.section])(ctx)
     except KeyboardInterrupt:
         ctx.emit({"kind": "error", "error": f"stopped at the section's time limit during: {ctx.doing}"})
         return 130
@@ -1275,19 +1225,7 @@ def child_main(args, out: Path) -> int:
 # ---------------------------------------------------------------------------------------------- pytest section
 
 
-def _dry_tests() -> Path:
-    """Three tests in a fresh temporary folder (the dry run's pytest section; removed after the run)."""
-    d = Path(tempfile.mkdtemp(prefix="gpu_check_dry_tests_"))
-    (d / "test_dry.py").write_text(
-        "import time\n\n"
-        "def test_passes():\n    assert True\n\n"
-        "def test_fails():\n    assert 1 == 2, 'dry run: a failing test'\n\n"
-        "def test_outlives_the_section():\n    time.sleep(60)\n"
-    )
-    return d
-
-
-def pytest_command(out: Path, dry: bool) -> tuple[list[str], str]:
+def pytest_command(out: Path, tests: tuple = ()) -> tuple[list[str], str]:
     cmd = [
         sys.executable,
         "-u",
@@ -1304,7 +1242,7 @@ def pytest_command(out: Path, dry: bool) -> tuple[list[str], str]:
         note = f"per-test timeout {PYTEST_PER_TEST_S} s (pytest-timeout)"
     else:
         note = "no per-test timeout (pytest-timeout is not installed here); the section limit still applies"
-    cmd += [str(_dry_tests())] if dry else ["-m", "cuda", *(str(ROOT / f) for f in CUDA_TEST_FILES)]
+    cmd += list(tests) or ["-m", "cuda", *(str(ROOT / f) for f in CUDA_TEST_FILES)]
     return cmd, note
 
 
@@ -1429,7 +1367,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, entry: str = __file__, sections: tuple = (), children: dict | None = None) -> int:
+    """`sections` follow the run's own (SECTIONS, or DRY_SECTIONS with --dry-run), `children` maps each added
+    section's name to its function, `entry` is the script every child runs (the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", nargs="?", help="same as --out")
     p.add_argument(
@@ -1440,7 +1380,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--only", default="", help="comma-separated sections to run")
     p.add_argument("--skip", default="", help="comma-separated sections to leave out")
-    p.add_argument("--dry-run", action="store_true", help="CPU and fake sections: checks the machinery")
+    p.add_argument("--dry-run", action="store_true", help="CPU sections: checks the machinery")
     p.add_argument("--section", help=argparse.SUPPRESS)  # a child: run this one section
     p.add_argument("--until", type=float, help=argparse.SUPPRESS)  # a child: its deadline (time.time())
     args = p.parse_args(argv)
@@ -1449,8 +1389,8 @@ def main(argv=None) -> int:
     out = Path(args.out or args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.section:
-        return child_main(args, out)
-    sections = DRY_SECTIONS if args.dry_run else SECTIONS
+        return child_main(args, out, children or {})
+    sections = (*(DRY_SECTIONS if args.dry_run else SECTIONS), *sections)
     names = [s.name for s in sections]
     only = [n for n in args.only.split(",") if n]
     skip = [n for n in args.skip.split(",") if n]
@@ -1459,10 +1399,10 @@ def main(argv=None) -> int:
         print(f"gpu_check: --only/--skip take {','.join(names)}; got {bad}", file=sys.stderr)
         return 2
     sections = [s for s in sections if (not only or s.name in only) and s.name not in skip]
-    return run_all(out, sections, args.budget, args.dry_run)
+    return run_all(out, sections, args.budget, args.dry_run, entry)
 
 
-def run_all(out: Path, sections, budget: float, dry: bool) -> int:
+def run_all(out: Path, sections, budget: float, dry: bool, entry: str = __file__) -> int:
     for name in ("rows.jsonl", "report.md", "report.json", "report.png", "junit.xml", "pytest.log"):
         (out / name).unlink(missing_ok=True)
     start = time.time()
@@ -1498,7 +1438,7 @@ def run_all(out: Path, sections, budget: float, dry: bool) -> int:
             append_row(out, {**base, "status": "running", "limit_s": limit})
             render(out)
             t0 = time.time()
-            rc, status, tail = _run_section(sec, out, t0, limit, dry)
+            rc, status, tail = _run_section(sec, out, t0, limit, dry, entry)
             if sec.name == "smoke" and rc == NO_CUDA:
                 status, stop, exit_code = "no CUDA", "no CUDA device (see smoke)", 2
             elif status != "ok" and exit_code == 0:
@@ -1525,14 +1465,12 @@ def run_all(out: Path, sections, budget: float, dry: bool) -> int:
     return exit_code
 
 
-def _run_section(sec, out: Path, t0: float, limit: float, dry: bool) -> tuple[int, str, str]:
+def _run_section(sec, out: Path, t0: float, limit: float, dry: bool, entry: str) -> tuple[int, str, str]:
     """One section in its own process group, stopped at `limit` s: pytest (its row written here) or a child
-    of this script; returns (exit code, status, output tail)."""
+    of the entry script; returns (exit code, status, output tail)."""
     if sec.pytest:
-        cmd, note = pytest_command(out, dry)
+        cmd, note = pytest_command(out, sec.tests)
         rc, status, tail = run_child(cmd, limit, out / "pytest.log")
-        if dry:
-            shutil.rmtree(cmd[-1], ignore_errors=True)
         append_row(out, tests_row(out, rc, status, tail, note))
         if rc == 5:  # no test collected: nothing failed (the row shows the zero counts)
             status = "ok"
@@ -1540,7 +1478,7 @@ def _run_section(sec, out: Path, t0: float, limit: float, dry: bool) -> tuple[in
     cmd = [
         sys.executable,
         "-u",
-        __file__,
+        entry,
         "--section",
         sec.name,
         "--out",

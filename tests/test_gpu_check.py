@@ -1,10 +1,10 @@
 """benchmarks/gpu_check.py proven on CPU: the report a lent GPU hands back survives what can go wrong there.
 
-The dry run (`--dry-run`) runs the real parent, subprocesses, limits and report on fake sections: one raises,
-a pytest run outlives its section (SIGINT; the junit XML is still read), one ignores SIGINT (SIGKILL), rows
-overrun a section's time, a section never fits the budget, the peer is not installed. The CPU sections
-(smoke, headline, kernel) run in this process with the dry configuration: their rows, fallback labels,
-error rows and figures.
+The dry run (`--dry-run`) of tests/_gpu_check_fakes.py, which adds fake sections to the script's, runs the
+real parent, subprocesses, limits and report on them: one raises, a pytest run outlives its section (SIGINT;
+the junit XML is still read), one ignores SIGINT (SIGKILL), rows overrun a section's time, a section never
+fits the budget, the peer is not installed. The CPU sections (smoke, headline, kernel) run in this process
+with the dry configuration: their rows, fallback labels, error rows and figures.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import ddpm_fast.kernels
 from ddpm_fast import engine
 
 ROOT = Path(__file__).resolve().parent.parent
+FAKES = ROOT / "tests" / "_gpu_check_fakes.py"  # gpu_check with the harness's fake sections
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import _gpu_check_fakes as fakes  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -40,7 +42,7 @@ def test_dry_run_report_survives_raise_pytest_timeout_kill_budget_and_missing_pe
     out = tmp_path / "rel"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--budget", "60",
+        [sys.executable, str(FAKES), "--dry-run", "--budget", "60",
          "--only", "raises,tests,hang,budget,peer,modes", "--out", "rel"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -85,13 +87,13 @@ def test_dry_run_report_survives_raise_pytest_timeout_kill_budget_and_missing_pe
     assert "## tests (timeout)" in md and "**ERROR**" in md and "missing peer" in md
 
 
-def _run_sections(out, names, target_batches):
+def _run_sections(out, names, target_batches, conf=None):
     """Run the named CPU sections in this process (no new torch import) with the dry configuration."""
     engine.clear_cache()
     gpu_check.append_row(
         out, {"kind": "meta", "title": "test", "budget_s": 60, "target_batches": target_batches}
     )
-    conf = gpu_check.replace(
+    conf = conf or gpu_check.replace(
         gpu_check.DRY_CONF, specs=gpu_check._specs(True), need=dict(gpu_check.DRY_CONF.need)
     )
     for name in names:
@@ -102,14 +104,18 @@ def _run_sections(out, names, target_batches):
 
 
 def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
-    """smoke, headline and kernel with the dry configuration, in this process (no new torch import)."""
+    """smoke, headline and kernel with the dry configuration, in this process (no new torch import); the
+    headline with a provider that raises and a compile that fails at batch 1 (tests/_gpu_check_fakes.py)."""
     monkeypatch.setattr(torch, "compile", torch.compile)  # headline's dry run replaces it; restored after
+    monkeypatch.setattr(gpu_check, "_dry_compile", fakes.compile_failing_at_batch_1)
     monkeypatch.setattr(engine, "_logged", set())
     # smoke checks that ddpm_fast comes from the script's checkout, which its own child process puts first on
     # sys.path; in this process the test run's import decides (a wheel in site-packages under a plain
     # `pytest`, this tree under `python -m pytest`), so the checkout is wherever that import came from
     monkeypatch.setattr(gpu_check, "ROOT", Path(ddpm_fast.kernels.__file__).resolve().parents[2])
-    _run_sections(tmp_path, ("smoke", "headline", "kernel"), target_batches=[4, 1])
+    _run_sections(
+        tmp_path, ("smoke", "headline", "kernel"), target_batches=[4, 1], conf=fakes.headline_conf()
+    )
 
     assert all(r["ok"] for r in _rows(tmp_path, kind="smoke"))
     assert {r["what"] for r in _rows(tmp_path, kind="ceiling")} == {"bf16 matmul", "device copy"}
@@ -122,7 +128,7 @@ def test_cpu_sections_rows_labels_errors_and_figures(tmp_path, monkeypatch):
     assert fallback["requested"] == "fast-bf16" and "simulated compile failure" in fallback["fallback"]
     assert fallback["max_abs_diff"] < 0.1  # bf16 U-Net, float32 update: still the same images
     # an exception per (provider, batch) is an error row; the next rows still ran
-    errors = _rows(tmp_path, kind="error", provider="raises (dry run)")
+    errors = _rows(tmp_path, kind="error", provider=fakes.RAISES)
     assert [r["batch"] for r in errors] == [4, 1] and "compile must be a bool" in errors[0]["error"]
     assert _rows(tmp_path, kind="skipped", provider="diffusers")[0]["reason"].startswith("missing peer")
     kernels = _rows(tmp_path, kind="kernel")
@@ -193,7 +199,7 @@ def test_a_stopped_run_keeps_its_rows_and_its_section_dies_with_it(tmp_path):
     """SIGTERM to the parent (a `timeout`, the device tool's limit): the section's process group is killed,
     the rows written so far stay, and the report says which section was running."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "budget",
+        [sys.executable, str(FAKES), "--dry-run", "--only", "budget",
          "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
