@@ -5,10 +5,10 @@ NCHW), the step table (coefs float32 [S, 8], timesteps int64 [S]) and the device
 
     t   = timesteps[counter]                                   (gathered on the device, no host sync)
     out = U-Net(x, t)                                          (torch.compile; autocast bf16/fp16; channels_last)
-    x   = posterior_step(x, out, coefs, timesteps, counter)    (fused Triton update + Philox noise; counter += 1)
+    x   = posterior_step(x, out, args, counter)                (fused Triton update + Philox noise; counter += 1)
 
-is an ordinary function: on CPU it is called S times; on CUDA it is captured once into a CUDA graph and the
-graph is replayed S times. The update and the state x stay float32 whatever the U-Net's dtype; the result is
+(args: the run's `kernels.StepArgs` over these buffers, made once per run by `load`) is an ordinary function:
+on CPU it is called S times; on CUDA it is captured once into a CUDA graph and the graph is replayed S times. The update and the state x stay float32 whatever the U-Net's dtype; the result is
 float32. Row i of a batch is global sample start_index + i whatever the batch size: a batch is padded to
 its bucket with rows of their own global indices, which never touch the real rows' noise.
 
