@@ -8,8 +8,8 @@ NCHW), the step table (coefs float32 [S, 8], timesteps int64 [S]) and the device
     x   = posterior_step(x, out, args, counter)                (fused Triton update + Philox noise; counter += 1)
 
 (args: the run's `kernels.StepArgs` over these buffers, made once per run by `load`) is an ordinary function:
-on CPU it is called S times; on CUDA it is captured once into a CUDA graph and the graph is replayed S times. The update and the state x stay float32 whatever the U-Net's dtype; the result is
-float32. Row i of a batch is global sample start_index + i whatever the batch size: a batch is padded to
+on CPU it is called S times; on CUDA it is captured once into a CUDA graph and the graph is replayed S times.
+The update and the state x stay float32 whatever the U-Net's dtype; the result is float32. Row i of a batch is global sample start_index + i whatever the batch size: a batch is padded to
 its bucket with rows of their own global indices, which never touch the real rows' noise.
 
 Options (keyword arguments of `df.sample(..., backend="fast")`; environment variables switch them off):
@@ -23,7 +23,8 @@ Options (keyword arguments of `df.sample(..., backend="fast")`; environment vari
     freeze=False         CPU: compile with inductor's freezing (weights folded into the graph as constants and
                          prepacked for oneDNN; implies compile). A change of the caller's weights is found at
                          the next run (their sha256, in full) and thaws the forward to the ordinary compiled
-                         one (`_Frozen`). Off by default: measured below, it gains in the forward alone only
+                         one (`_Frozen`). Off by default: it sped up the forward alone, not a whole step
+                         (the numbers are in resolve_options)
     buckets=None         batch sizes to capture; a batch runs in the smallest bucket that holds it, larger
                          batches are split at the largest. None: when compiling or capturing (where a
                          new size costs a compile or a capture) a batch reuses an already prepared size
@@ -157,6 +158,11 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         on["compile"] = True  # freezing is a compile setting: asking for it asks for the compile
     elif on["freeze"] and not on["compile"]:
         raise BadValue("freeze=True compiles the U-Net; got compile=False")
+    if on["freeze"] and model is not None and not isinstance(model, torch.nn.Module):
+        raise BadValue(
+            "freeze=True needs a torch.nn.Module (its weights are hashed to see them change); "
+            f"got {type(model).__name__}"
+        )
     if "compile" not in opts and model is not None and not on["freeze"]:
         on["compile"] = compile_pays(model, plan)
     mode = opts.get("compile_mode")
@@ -443,7 +449,8 @@ class _Compiled:
 
 class _Frozen:
     """The U-Net compiled with inductor's freezing (CPU): its weights become constants of the graph, prepacked
-    for oneDNN once instead of at every call (the cifar10 U-Net's bf16 forward alone: 1.12x eager at batch 8 and 32).
+    for oneDNN once instead of at every call (the cifar10 U-Net's bf16 forward alone: 1.12x eager at batch 8
+    and 32).
 
     The constants are the weights of the first run. `check()`, before every run, hashes the caller's weights in
     full (`weights.model_digest`: sha256, about 0.1 s for the cifar10 U-Net's 143 MB, under one batch-8 step)
@@ -465,8 +472,9 @@ class _Frozen:
     def check(self) -> None:
         if self.thawed:
             return
-        source = self.call.source
-        digest = model_digest(source) if isinstance(source, torch.nn.Module) else None
+        digest = model_digest(
+            self.call.source
+        )  # a Module: resolve_options refuses freeze for another callable
         if self.digest is None:
             self.digest = digest
         elif digest != self.digest:

@@ -390,6 +390,9 @@ def test_freeze_option_is_a_compile_setting():
         plan = make_plan(lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), device="cpu", options=bad)
         with pytest.raises(exc, match=match):
             engine.resolve_options(plan)
+    plan = make_plan(lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), options={"freeze": True})
+    with pytest.raises(ValueError, match="^freeze=True needs a torch.nn.Module .*; got function$"):
+        engine.resolve_options(plan, model=lambda x, t: x)
 
 
 # ---------------------------------------------------------------------------------------------- switches
