@@ -137,7 +137,9 @@ def session(m: OnnxModel, precision: str, threads: int) -> _Session:
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time, every thread on it
         }
         split = None
-        if m.kind == "eps" and threads >= STREAMS:
+        if (
+            m.kind == "eps" and threads >= STREAMS and m.inputs["x"][1][:1] == [None]
+        ):  # a batch that can be cut
             split = core.compile_model(
                 graph, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": STREAMS}
             )
