@@ -24,7 +24,7 @@ Options (keyword arguments of `df.sample(..., backend="fast")`; environment vari
                          prepacked for oneDNN; implies compile). A change of the caller's weights is found at
                          the next run (their sha256, in full) and thaws the forward to the ordinary compiled
                          one (`_Frozen`). Off by default: it sped up the forward alone, not a whole step
-                         (the numbers are in resolve_options)
+                         (the numbers are in `_Frozen`)
     buckets=None         batch sizes to capture; a batch runs in the smallest bucket that holds it, larger
                          batches are split at the largest. None: when compiling or capturing (where a
                          new size costs a compile or a capture) a batch reuses an already prepared size
@@ -153,16 +153,7 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         raise BadType(f"backend='fast' got unknown option(s) {unknown}; known: {list(OPTION_NAMES)}")
     dev = plan.device.type
     on = {name: _bool_option(opts, name) for name in ("compile", "cuda_graph", "triton", "channels_last")}
-    on["freeze"] = _bool_option(opts, "freeze", default=False)
-    if on["freeze"] and "compile" not in opts:
-        on["compile"] = True  # freezing is a compile setting: asking for it asks for the compile
-    elif on["freeze"] and not on["compile"]:
-        raise BadValue("freeze=True compiles the U-Net; got compile=False")
-    if on["freeze"] and model is not None and not isinstance(model, torch.nn.Module):
-        raise BadValue(
-            "freeze=True needs a torch.nn.Module (its weights are hashed to see them change); "
-            f"got {type(model).__name__}"
-        )
+    on["freeze"] = _freeze_asked(opts, on, model)
     if "compile" not in opts and model is not None and not on["freeze"]:
         on["compile"] = compile_pays(model, plan)
     mode = opts.get("compile_mode")
@@ -172,11 +163,6 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         raise BadValue(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
     if on["freeze"] and mode != "default":
         raise BadValue(f"freeze=True compiles with compile_mode='default'; got {mode!r}")
-    # freeze: cifar10 U-Net, bf16, 2-core EPYC (avx512_bf16). The forward alone, ms and fraction of the bf16
-    # GEMM peak measured in the same process: batch 8 eager (weights cast once) 302.9 (0.77), frozen 270.9
-    # (0.86), frozen + channels_last 319.2 (0.73); batch 32 eager 1182.5 (0.80), frozen 1043.6 (0.91). Whole
-    # sampling steps (`ddpm-fast bench`, and three alternating rounds of 8 steps): batch 8 312.3 eager vs
-    # 338.5 frozen, rounds 306 vs 322; batch 32 1210.4 vs 1209.6. So it stays an option, off by default.
     buckets = opts.get("buckets")
     if buckets is not None:
         try:
@@ -232,6 +218,21 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         buckets=buckets,
         freeze=on["freeze"],
     )
+
+
+def _freeze_asked(opts: dict, on: dict, model) -> bool:
+    """The `freeze` option, checked; asking for it turns on the compile it is a setting of (`on`)."""
+    freeze = _bool_option(opts, "freeze", default=False)
+    if freeze and "compile" not in opts:
+        on["compile"] = True
+    elif freeze and not on["compile"]:
+        raise BadValue("freeze=True compiles the U-Net; got compile=False")
+    if freeze and model is not None and not isinstance(model, torch.nn.Module):
+        raise BadValue(
+            "freeze=True needs a torch.nn.Module (its weights are hashed to see them change); "
+            f"got {type(model).__name__}"
+        )
+    return freeze
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -449,8 +450,12 @@ class _Compiled:
 
 class _Frozen:
     """The U-Net compiled with inductor's freezing (CPU): its weights become constants of the graph, prepacked
-    for oneDNN once instead of at every call (the cifar10 U-Net's bf16 forward alone: 1.12x eager at batch 8
-    and 32).
+    for oneDNN once instead of at every call. cifar10 U-Net, bf16, 2-core EPYC (avx512_bf16): the forward
+    alone, ms and fraction of the bf16 GEMM peak measured in the same process, batch 8 eager (weights cast
+    once) 302.9 (0.77), frozen 270.9 (0.86), frozen + channels_last 319.2 (0.73); batch 32 eager 1182.5
+    (0.80), frozen 1043.6 (0.91). Whole sampling steps (`ddpm-fast bench`, and three alternating rounds of 8
+    steps): batch 8 312.3 eager vs 338.5 frozen, rounds 306 vs 322; batch 32 1210.4 vs 1209.6. Hence an
+    option, off by default.
 
     The constants are the weights of the first run. `check()`, before every run, hashes the caller's weights in
     full (`weights.model_digest`: sha256, about 0.1 s for the cifar10 U-Net's 143 MB, under one batch-8 step)
