@@ -78,9 +78,7 @@ class StepArgs:
     start_index: int | torch.Tensor
     clip_range: float | None  # None: no clamp (also what an infinite range becomes)
     learned: bool  # model_out carries a variance half v (learned_range)
-    history: (
-        torch.Tensor | None
-    )  # float32 [K, *shape]: the K previous steps' x0 (or eps_hat), shifted in place
+    history: torch.Tensor | None  # float32 [K, *shape]: the K last steps' x0 (or eps_hat), shifted
     eps_history: bool  # history keeps eps_hat instead of x0 (StepTable.history_of == "eps"); False when K = 0
     shape: tuple[int, ...]  # the x every step of the run takes
     device: torch.device
