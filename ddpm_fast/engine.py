@@ -60,7 +60,7 @@ from ddpm_fast import kernels, noise
 from ddpm_fast.errors import BadType, BadValue
 from ddpm_fast.plan import Plan, check_model_output
 from ddpm_fast.progress import progress_bar
-from ddpm_fast.weights import model_digest
+from ddpm_fast.weights import tensors_digest
 
 __all__ = [
     "run",
@@ -161,7 +161,7 @@ def resolve_options(plan: Plan, model=None) -> EngineOptions:
         mode = DEFAULT_COMPILE_MODE.get(dev, "default")
     if mode not in COMPILE_MODES:
         raise BadValue(f"compile_mode must be one of {COMPILE_MODES}; got {mode!r}")
-    if on["freeze"] and mode != "default":
+    if on["freeze"] and dev == "cpu" and mode != "default":
         raise BadValue(f"freeze=True compiles with compile_mode='default'; got {mode!r}")
     buckets = opts.get("buckets")
     if buckets is not None:
@@ -458,7 +458,7 @@ class _Frozen:
     option, off by default.
 
     The constants are the weights of the first run. `check()`, before every run, hashes the caller's weights in
-    full (`weights.model_digest`: sha256, about 0.1 s for the cifar10 U-Net's 143 MB, under one batch-8 step)
+    full (`weights.tensors_digest`: sha256, about 0.1 s for the cifar10 U-Net's 143 MB, under one batch-8 step)
     and, once they differ, thaws: from then on the ordinary compiled forward runs, which reads the weights
     `_UNetCall.refresh()` copies in. Not a new frozen compile: inductor keeps every compiled module, and so a
     copy of the weights, for the process's life, and a model that changed once is likely to change again (a
@@ -477,9 +477,9 @@ class _Frozen:
     def check(self) -> None:
         if self.thawed:
             return
-        digest = model_digest(
-            self.call.source
-        )  # a Module: resolve_options refuses freeze for another callable
+        # every parameter and buffer, persistent or not: what refresh() copies and the freeze folds in (the
+        # source is a Module: resolve_options refuses freeze for any other callable)
+        digest = tensors_digest(_state_tensors(self.call.source))
         if self.digest is None:
             self.digest = digest
         elif digest != self.digest:

@@ -143,8 +143,19 @@ def _hash_state(cfg_text, state) -> str:
     h = hashlib.sha256()
     if cfg_text is not None:
         h.update(cfg_text.encode())
-    for name, t in state:
+    _hash_tensors(h, state)
+    return h.hexdigest()
+
+
+def _hash_tensors(h, named) -> None:
+    for name, t in named:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensors_digest(named) -> str:
+    """sha256 of (name, tensor) pairs: each name, dtype, shape and bytes, in the order given."""
+    h = hashlib.sha256()
+    _hash_tensors(h, named)
     return h.hexdigest()

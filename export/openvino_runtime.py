@@ -88,26 +88,35 @@ STREAMS = 2
 
 class _Session:
     """A compiled model behind the one method of an onnxruntime session that `runtime.sample_session`'s CPU
-    loops call: run(output names, {input name: numpy array}) -> [numpy arrays]. With `split` (an eps graph,
-    whose every input and output is batch-first), a batch of STREAMS or more rows runs in STREAMS parts at
-    once on that compiled model's streams; fewer rows run on `compiled`, every thread on one request."""
+    loops call: run(output names, {input name: numpy array}) -> [numpy arrays]. With `compile_split` (an eps
+    graph, whose every input and output is batch-first), a batch of STREAMS or more rows runs in STREAMS parts
+    at once on the streams of the model it compiles on first use; fewer rows run on `compiled`, every thread on
+    one request."""
 
-    def __init__(self, compiled, split=None):
+    def __init__(self, compiled, compile_split=None):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.outputs = {name: o for o in compiled.outputs for name in o.get_names()}  # every tensor name
-        self.split = [] if split is None else [split.create_infer_request() for _ in range(STREAMS)]
-        self.split_outputs = None if split is None else {n: o for o in split.outputs for n in o.get_names()}
+        self.compile_split = compile_split
+        self.split = []  # STREAMS requests, made with the first batch that is cut
+        self.split_outputs = None
+
+    def _split_requests(self) -> list:
+        if not self.split:
+            split = self.compile_split()
+            self.split = [split.create_infer_request() for _ in range(STREAMS)]
+            self.split_outputs = {n: o for o in split.outputs for n in o.get_names()}
+        return self.split
 
     def run(self, names, feeds):
         names = names or [o.get_any_name() for o in self.compiled.outputs]
         rows = len(next(iter(feeds.values())))
-        if not self.split or rows < STREAMS:
+        if self.compile_split is None or rows < STREAMS:
             # share_inputs: the request reads the numpy views in place (infer is synchronous); outputs are copies
             res = self.request.infer(feeds, share_inputs=True)
             return [res[self.outputs[n]] for n in names]
         bounds = [rows * k // STREAMS for k in range(STREAMS + 1)]
-        for k, request in enumerate(self.split):
+        for k, request in enumerate(self._split_requests()):
             part = {name: a[bounds[k] : bounds[k + 1]] for name, a in feeds.items()}
             request.start_async(part, share_inputs=True)
         for request in self.split:
@@ -137,12 +146,10 @@ def session(m: OnnxModel, precision: str, threads: int) -> _Session:
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time, every thread on it
         }
         split = None
-        if (
-            m.kind == "eps" and threads >= STREAMS and m.inputs["x"][1][:1] == [None]
-        ):  # a batch that can be cut
-            split = core.compile_model(
-                graph, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": STREAMS}
-            )
+        cut = m.inputs["x"][1][:1] == [None]  # a dynamic batch: its rows can run in parts
+        if m.kind == "eps" and threads >= STREAMS and cut:
+            streams = {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": STREAMS}
+            split = functools.partial(core.compile_model, graph, "CPU", streams)
         sess = _Session(core.compile_model(graph, "CPU", config), split)
         _COMPILED[key] = sess
     return sess

@@ -530,8 +530,8 @@ def sample_session(m: OnnxModel, sess, plan, backend: str) -> torch.Tensor:
 
 
 def _eps_loop(m: OnnxModel, sess, plan, x, coefs, timesteps, backend) -> torch.Tensor:
-    """The runtime computes eps; the posterior step (kernels.posterior_step: the fused Triton kernel on CUDA, the
-    torch twin on CPU) updates x in place."""
+    """The runtime computes eps; the posterior step (kernels.posterior_step: the fused Triton kernel on CUDA or
+    under TRITON_INTERPRET=1, else the torch twin) updates x in place."""
     B = plan.shape[0]
     ts = plan.table.timesteps.tolist()
     eps = torch.empty((B, plan.out_channels, *plan.shape[2:]), device=x.device)

@@ -369,6 +369,30 @@ def test_frozen_forward_thaws_when_weights_change(caplog):
     assert_twin(b, reference(model, s, shape, **kw), model, s, shape, truth, engine_minus_eager(model), **kw)
 
 
+def test_a_frozen_forward_sees_every_buffer_change():
+    """The weights a frozen graph folds in are every parameter and buffer, persistent or not (what refresh()
+    copies): a change of any of them thaws the forward. No compile runs: check() only hashes and decides."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            self.register_buffer("scale", torch.ones(1), persistent=False)
+
+        def forward(self, x, t):
+            return self.conv(x) * self.scale
+
+    model = Scaled()
+    fwd = engine._Frozen(engine._UNetCall(model, None, False, "cpu"), "default")
+    fwd.check()
+    fwd.check()
+    assert not fwd.thawed
+    with torch.no_grad():
+        model.scale.fill_(2.0)
+    fwd.check()
+    assert fwd.thawed
+
+
 def test_freeze_option_is_a_compile_setting():
     plan = make_plan(
         lambda x, t: x, df.Schedule.linear(10), (1, 1, 2, 2), device="cpu", options={"freeze": True}

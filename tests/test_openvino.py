@@ -116,7 +116,7 @@ class _Spy:
 
 def test_two_streams_split_the_batch_and_one_row_takes_one_request(eps_file, monkeypatch):
     sess = ovr.session(OnnxModel.load(eps_file), "f32", 2)
-    assert len(sess.split) == ovr.STREAMS == 2
+    assert len(sess._split_requests()) == ovr.STREAMS == 2  # compiled with the first cut batch, here
     assert sess.split[0].get_compiled_model().get_property("NUM_STREAMS") == 2
     calls = []
     monkeypatch.setattr(sess, "request", _Spy(sess.request, "one", calls))
@@ -127,7 +127,7 @@ def test_two_streams_split_the_batch_and_one_row_takes_one_request(eps_file, mon
     calls.clear()
     assert sess.run(["eps"], {"x": x[:1].numpy(), "t": t[:1].numpy()})[0].shape == (1, 3, 16, 16)
     assert calls == [("one", 1)]
-    assert ovr.session(OnnxModel.load(eps_file), "f32", 1).split == []  # one thread: no streams
+    assert ovr.session(OnnxModel.load(eps_file), "f32", 1).compile_split is None  # one thread: no streams
 
 
 @pytest.mark.parametrize(
